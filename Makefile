@@ -1,0 +1,38 @@
+# The few commands people type. `make demo` and `make test` install first (into the current Python).
+PYTHON ?= python3
+# The CPU wheel of torch on CPU machines (an unpinned torch pulls a multi-GB CUDA build).
+# On a GPU machine pick the CUDA build you want, e.g. `make install TORCH="torch==2.13.0"` from the CUDA index.
+TORCH ?= torch==2.13.0
+STAMP := .make/installed
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install --quiet "$(TORCH)"
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+	@mkdir -p .make && touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	perfusion-batch demo
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q
+
+lint: $(STAMP)
+	ruff check perfusion pipeline tests benchmarks
+	ruff format --check perfusion pipeline tests benchmarks
+	mypy
+
+format: $(STAMP)
+	ruff format perfusion pipeline tests benchmarks
+	ruff check --fix perfusion pipeline tests benchmarks
+
+bench: $(STAMP)
+	$(PYTHON) benchmarks/concept_size.py
+	$(PYTHON) benchmarks/attention_overhead.py
+	$(PYTHON) benchmarks/training_step.py
+
+clean:
+	rm -rf .make build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-output

@@ -1,0 +1,207 @@
+"""The Perfusion cross-attention processor (diffusers' processor seam, attn2 only).
+
+Installed on every cross-attention layer, it computes queries, keys and values as diffusers'
+AttnProcessor2_0 does, then applies the gated rank-1 edit (perfusion/rank1.py) to K and V:
+    K = W_K e_perp + sum_k gate_k o*_K,k      o*_K,k = W_K i_super,k   (key locking: never trained)
+    V = W_V e_perp + sum_k gate_k o*_V,k      o*_V,k learned per layer
+Local locking (default): K and V both see the concept prompt's encodings. Global locking: the K path,
+gate included, sees the encodings of the same prompt with each concept word replaced by its superclass
+(aligned to the concept prompt's positions, see tokens.substitute_superclass).
+
+Per-call state travels in `cross_attention_kwargs={"perfusion": PerfusionCall}`: which concepts each batch
+row uses, and the per-row basis shared by all layers. No call state -> the unedited layer, exactly.
+Self-attention (attn1) receives the same kwargs from the UNet, so its processor is wrapped to drop the
+`perfusion` entry (otherwise diffusers logs a warning on every call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from perfusion.concept import Concept
+from perfusion.covariance import Covariance
+from perfusion.errors import RenderError
+from perfusion.models import cross_attention_layers
+from perfusion.rank1 import EditBasis, build_edit_basis, edit_projection
+
+GateOverrides = Mapping[str, tuple[float, float]]  # concept token -> (beta, tau)
+
+
+@dataclass
+class PerfusionCall:
+    """State of one UNet forward: concepts per batch row, in the UNet's batch order (with classifier-free
+    guidance, diffusers stacks [negative rows, positive rows]; both halves carry the row's concepts,
+    because the edited layer is the model for that row)."""
+
+    concepts: list[Concept]  # the distinct concepts used in this call
+    slots: torch.Tensor  # (b, j) index into `concepts` for each row's slot; padded slots point at 0
+    basis: EditBasis  # per-row quantities shared by every layer
+    key_encodings: torch.Tensor | None = None  # (b, m, d): global locking's K-path input; None = local
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.slots.shape[0])
+
+    @classmethod
+    def build(
+        cls,
+        rows: Sequence[Sequence[Concept]],
+        covariance: Covariance,
+        *,
+        overrides: Sequence[GateOverrides] | None = None,
+        exact: bool = True,
+        key_encodings: torch.Tensor | None = None,
+        device: torch.device | str = "cpu",
+    ) -> PerfusionCall:
+        """rows[b]: the concepts active in batch row b (possibly none); overrides[b]: per-row beta/tau."""
+        concepts: list[Concept] = []
+        index: dict[int, int] = {}
+        for row in rows:
+            for concept in row:
+                if id(concept) not in index:
+                    index[id(concept)] = len(concepts)
+                    concepts.append(concept)
+        width = max((len(row) for row in rows), default=0)
+        slots = torch.zeros(len(rows), width, dtype=torch.long)
+        gated_rows = []
+        for b, row in enumerate(rows):
+            row_overrides = overrides[b] if overrides is not None else {}
+            slots[b, : len(row)] = torch.tensor([index[id(c)] for c in row], dtype=torch.long)
+            gated_rows.append([(c.target_input, *row_overrides.get(c.token, (c.beta, c.tau))) for c in row])
+        basis = build_edit_basis(gated_rows, covariance.c_inv, covariance.cholesky, exact=exact)
+        return cls(
+            concepts=concepts,
+            slots=slots.to(device),
+            basis=basis.to(device),
+            key_encodings=key_encodings.to(device) if key_encodings is not None else None,
+        )
+
+
+class PerfusionAttnProcessor:
+    """AttnProcessor2_0 plus the gated rank-1 edit of K and V. Stateless apart from its layer name:
+    concept tensors arrive with each call, so one installed UNet serves any mix of concepts."""
+
+    def __init__(self, layer_name: str) -> None:
+        self.layer_name = layer_name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        perfusion: PerfusionCall | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        if encoder_hidden_states is None:
+            raise RuntimeError(f"{self.layer_name}: PerfusionAttnProcessor is for cross-attention (attn2) only")
+        batch_size, sequence_length, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            # (batch, heads, query_len, key_len) for scaled_dot_product_attention
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key_input = encoder_hidden_states
+        if perfusion is not None and perfusion.key_encodings is not None:
+            key_input = perfusion.key_encodings.to(encoder_hidden_states.dtype)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key_input = attn.norm_encoder_hidden_states(key_input)
+        key = attn.to_k(key_input)  # (b, m, inner)
+        value = attn.to_v(encoder_hidden_states)  # (b, m, inner)
+        if perfusion is not None and perfusion.concepts:
+            if perfusion.batch_size != batch_size:
+                raise RenderError(
+                    f"the Perfusion call describes {perfusion.batch_size} rows but the UNet batch has "
+                    f"{batch_size}; build the call for the batch the UNet sees (guidance doubles it)"
+                )
+            key = edit_projection(key_input, key, attn.to_k.weight, perfusion.basis, self._key_targets(attn, perfusion))
+            value = edit_projection(
+                encoder_hidden_states, value, attn.to_v.weight, perfusion.basis, self._value_targets(perfusion)
+            )
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (b, heads, n, head_dim)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (b, heads, m, head_dim)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)  # linear
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _value_targets(self, call: PerfusionCall) -> torch.Tensor:
+        """o*_V for each row's slots: (b, j, out). Gathered from one (n_concepts, out) table."""
+        table = torch.stack([c.value_targets[self.layer_name] for c in call.concepts])
+        return table.to(call.slots.device)[call.slots]
+
+    def _key_targets(self, attn: Attention, call: PerfusionCall) -> torch.Tensor:
+        """o*_K for each row's slots: (b, j, out). Key locking: W_K i_super, recomputed from the frozen W_K
+        (so it can never drift or be trained); a concept trained without locking carries its own."""
+        weight = attn.to_k.weight.float()
+        rows = [
+            c.key_targets[self.layer_name] if c.key_targets is not None else weight @ c.superclass_input.to(weight)
+            for c in call.concepts
+        ]
+        return torch.stack(rows).to(call.slots.device)[call.slots]
+
+
+class SelfAttentionPassthrough:
+    """Wraps an attn1 processor so the UNet's `perfusion` kwarg is accepted and dropped."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        perfusion: PerfusionCall | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # type: ignore[operator]
+
+
+def install_processors(unet: torch.nn.Module) -> dict[str, PerfusionAttnProcessor]:
+    """Put PerfusionAttnProcessor on every attn2 (and the passthrough on attn1). Idempotent."""
+    installed: dict[str, PerfusionAttnProcessor] = {}
+    for name, layer in cross_attention_layers(unet).items():
+        if not isinstance(layer.processor, PerfusionAttnProcessor):
+            layer.set_processor(PerfusionAttnProcessor(name))
+        installed[name] = layer.processor
+    for name, module in unet.named_modules():
+        if (
+            name.endswith("attn1")
+            and isinstance(module, Attention)
+            and not isinstance(module.processor, SelfAttentionPassthrough)
+        ):
+            module.set_processor(SelfAttentionPassthrough(module.processor or AttnProcessor2_0()))
+    return installed

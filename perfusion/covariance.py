@@ -1,0 +1,125 @@
+"""The uncentered second moment C of text-encoder outputs, and its inverse (PERFUSION.md, "The covariance").
+
+C = sum over prompts and real tokens (BOS .. EOS, never padding) of e e^T, divided by the token count
+(the scale cancels in s(e) and in the projection). Accumulated in float64, inverted in float64 after a
+tiny ridge (eps * mean eigenvalue * I). One C per text encoder, so it is keyed by the base fingerprint
+and stored once, never inside concept files. On disk we keep C itself (safetensors, float64) and invert
+at load: a (d x d) inverse costs milliseconds and the ridge stays a load-time choice.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from perfusion.corpus import builtin_prompts
+from perfusion.errors import CovarianceError
+from perfusion.models import BaseModel
+
+DEFAULT_RIDGE = 1e-6
+
+
+@dataclass(frozen=True)
+class Covariance:
+    second_moment: torch.Tensor  # C (d, d) float64
+    c_inv: torch.Tensor  # C^-1 (d, d) float64, ridge included
+    cholesky: torch.Tensor  # L (d, d) float64, lower-triangular, C^-1 = L L^T
+    fingerprint: str  # base model it belongs to
+    token_count: int
+    ridge: float
+
+    @classmethod
+    def from_second_moment(
+        cls, second_moment: torch.Tensor, fingerprint: str, token_count: int, ridge: float = DEFAULT_RIDGE
+    ) -> Covariance:
+        moment = second_moment.to(torch.float64)
+        dim = moment.shape[0]
+        regularised = moment + ridge * (torch.trace(moment) / dim) * torch.eye(dim, dtype=torch.float64)
+        try:
+            c_inv = torch.cholesky_inverse(torch.linalg.cholesky(regularised))
+            c_inv = (c_inv + c_inv.T) / 2  # exact symmetry for the Cholesky below
+            cholesky = torch.linalg.cholesky(c_inv)
+        except torch.linalg.LinAlgError as error:
+            raise CovarianceError(
+                f"the covariance (d={dim}, {token_count} tokens) is not positive definite: {error}. "
+                "Use more prompts, or a larger ridge."
+            ) from error
+        return cls(moment, c_inv, cholesky, fingerprint, token_count, ridge)
+
+    def condition_number(self) -> float:
+        eigenvalues = torch.linalg.eigvalsh(self.second_moment)
+        return float(eigenvalues.max() / eigenvalues.min().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def estimate_covariance(
+    base: BaseModel,
+    prompts: Sequence[str] | None = None,
+    *,
+    batch_size: int = 64,
+    ridge: float = DEFAULT_RIDGE,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Covariance:
+    """C from `prompts` (default: the built-in generated corpus of thousands of captions)."""
+    prompts = list(prompts) if prompts is not None else builtin_prompts()
+    if not prompts:
+        raise CovarianceError("no prompts to estimate the covariance from: pass at least one caption")
+    tokenizer, text_encoder = base.tokenizer, base.text_encoder
+    dim = text_encoder.config.hidden_size
+    moment = torch.zeros(dim, dim, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(
+            prompts[start : start + batch_size],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        encodings = text_encoder(batch.input_ids.to(text_encoder.device))[0]  # (b, m, d)
+        real = batch.attention_mask.bool().to(encodings.device)  # (b, m): BOS..EOS, not padding
+        tokens = encodings[real].to(torch.float64).cpu()  # (n, d)
+        moment += tokens.T @ tokens
+        count += tokens.shape[0]
+        if on_progress is not None:
+            on_progress(min(start + batch_size, len(prompts)), len(prompts))
+    return Covariance.from_second_moment(moment / count, base.fingerprint, count, ridge)
+
+
+def save_covariance(covariance: Covariance, path: str | os.PathLike[str]) -> None:
+    save_file(
+        {"second_moment": covariance.second_moment.contiguous()},
+        str(path),
+        metadata={
+            "format": "perfusion-covariance",
+            "fingerprint": covariance.fingerprint,
+            "token_count": str(covariance.token_count),
+        },
+    )
+
+
+def load_covariance(
+    path: str | os.PathLike[str], expected_fingerprint: str | None = None, ridge: float = DEFAULT_RIDGE
+) -> Covariance:
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (OSError, SafetensorError) as error:
+        raise CovarianceError(f"{path} is not a readable covariance file: {error}") from error
+    if metadata.get("format") != "perfusion-covariance" or "second_moment" not in tensors:
+        raise CovarianceError(f"{path} is not a perfusion covariance file (no 'second_moment' tensor)")
+    fingerprint = metadata.get("fingerprint", "")
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise CovarianceError(
+            f"{path} belongs to base model {fingerprint}, not {expected_fingerprint}: estimate the covariance "
+            "of this base model instead (estimate_covariance)."
+        )
+    return Covariance.from_second_moment(
+        tensors["second_moment"], fingerprint, int(metadata.get("token_count", "0")), ridge
+    )

@@ -1,0 +1,291 @@
+"""Base models: what a concept is trained on and rendered with.
+
+`load_base(spec)` accepts
+- "tiny": a small Stable-Diffusion-shaped pipeline built from config with a fixed seed (random weights,
+  for unit tests; builds in well under a second on CPU), with the project's generated BPE tokenizer;
+- a local diffusers folder (SD 1.x / 2.x; has model_index.json);
+- a local single-file checkpoint (.safetensors; pass `config=` a diffusers folder of the same architecture,
+  since the architecture config otherwise comes from the Hub);
+- a Hub id ("org/name"): found in the local Hugging Face cache, or fetched only when the Hub answers;
+  otherwise it fails fast and asks for a local path. Nothing is ever downloaded at import time.
+
+The fingerprint identifies what a concept depends on: the text encoder (its weights and the tokenizer's
+vocabulary) and every cross-attention K/V projection with the layer names. Weights are hashed as float16
+bytes so the same model loaded in fp32 on CPU and fp16 on GPU has one fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import Attention
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from perfusion.errors import BaseModelError
+from perfusion.vocab import load_tiny_tokenizer
+
+TINY_SEED = 0
+
+
+@dataclass
+class BaseModel:
+    """A loaded diffusers pipeline plus the identity of its weights."""
+
+    pipeline: StableDiffusionPipeline
+    source: str  # what the user asked for: "tiny", a path, or a Hub id
+    fingerprint: str
+
+    @property
+    def tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.pipeline.tokenizer
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.pipeline.text_encoder
+
+    @property
+    def unet(self) -> UNet2DConditionModel:
+        return self.pipeline.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
+
+    @property
+    def resolution(self) -> int:
+        """Native image size in pixels (latent size x VAE factor)."""
+        return int(self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor)
+
+    def cross_attention_layers(self) -> dict[str, Attention]:
+        return cross_attention_layers(self.pipeline.unet)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> BaseModel:
+        self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
+        return self
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
+    """Every cross-attention module (diffusers names them attn2), by module path, in UNet order."""
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if name.endswith("attn2") and isinstance(module, Attention) and module.is_cross_attention
+    }
+
+
+def load_base(
+    spec: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: str | os.PathLike[str] | None = None,
+) -> BaseModel:
+    """Load a base model by name, local path or Hub id (see the module docstring)."""
+    spec = str(spec)
+    if spec == "tiny":
+        pipeline = build_tiny_pipeline()
+    elif os.path.isdir(spec):
+        pipeline = _load_folder(spec, dtype)
+    elif os.path.isfile(spec):
+        pipeline = _load_single_file(spec, dtype, config)
+    elif _looks_like_hub_id(spec):
+        pipeline = _load_hub(spec, dtype)
+    else:
+        raise BaseModelError(
+            f"base model {spec!r} not found: pass 'tiny', a local diffusers folder (with model_index.json), "
+            "a local .safetensors checkpoint, or a Hugging Face Hub id such as 'org/name'."
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device, dtype) if dtype is not None else pipeline.to(device)
+    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(pipeline=pipeline, source=spec, fingerprint=fingerprint(pipeline))
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
+    """SD-shaped and small: 32x32 images, 16x16x4 latents, 7 cross-attention layers, text dim 32."""
+    tokenizer = load_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=32,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        # A freshly initialised LayerNorm (gamma 1, beta 0) makes every encoding sum to zero, so C would be
+        # singular; a trained encoder's learned affine does not. Randomise it like a trained one.
+        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        final_norm.weight.data = 1.0 + 0.2 * torch.randn_like(final_norm.weight)
+        final_norm.bias.data = 0.2 * torch.randn_like(final_norm.bias)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def fingerprint(pipeline: StableDiffusionPipeline) -> str:
+    """sha256 (first 32 hex digits) of everything a concept depends on; see the module docstring."""
+    digest = hashlib.sha256()
+    vocab = pipeline.tokenizer.get_vocab()
+    digest.update(json.dumps(sorted(vocab.items())).encode())
+    # Only the base vocabulary rows: concept tokens added later must not change the identity.
+    for name, tensor in sorted(pipeline.text_encoder.state_dict().items()):
+        _hash_tensor(digest, name, tensor)
+    for name, layer in cross_attention_layers(pipeline.unet).items():
+        _hash_tensor(digest, f"{name}.to_k", layer.to_k.weight)
+        _hash_tensor(digest, f"{name}.to_v", layer.to_v.weight)
+    digest.update(str(pipeline.unet.config.cross_attention_dim).encode())
+    return digest.hexdigest()[:32]
+
+
+def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None:
+    if name.endswith("concept_vectors") or name.endswith("position_ids"):
+        return  # added concept rows, and a non-persistent index buffer
+    digest.update(name.encode())
+    digest.update(str(tuple(tensor.shape)).encode())
+    half = tensor.detach().to("cpu", torch.float16).contiguous()
+    digest.update(half.view(torch.uint8).numpy().tobytes())
+
+
+def _load_folder(path: str, dtype: torch.dtype | None) -> StableDiffusionPipeline:
+    if not (Path(path) / "model_index.json").is_file():
+        raise BaseModelError(
+            f"{path} is a folder but not a diffusers pipeline (no model_index.json). Pass the folder that "
+            "holds model_index.json, unet/, text_encoder/, tokenizer/, vae/ and scheduler/."
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            path,
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            torch_dtype=dtype,
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise BaseModelError(f"could not load the diffusers folder {path}: {error}") from error
+
+
+def _load_single_file(
+    path: str, dtype: torch.dtype | None, config: str | os.PathLike[str] | None
+) -> StableDiffusionPipeline:
+    if not path.endswith(".safetensors"):
+        raise BaseModelError(
+            f"{path}: only .safetensors checkpoints are loaded (pickle-based .ckpt/.bin files can run "
+            "arbitrary code). Convert it to safetensors first."
+        )
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            path,
+            config=str(config) if config is not None else None,
+            local_files_only=True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            torch_dtype=dtype,
+        )
+    except Exception as error:  # diffusers raises many types here; all mean "cannot load this file"
+        hint = (
+            ""
+            if config is not None
+            else " A single-file checkpoint needs its architecture config: pass config=<a local diffusers "
+            "folder of the same architecture> (CLI: --base-config)."
+        )
+        raise BaseModelError(f"could not load the checkpoint {path}: {error}.{hint}") from error
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype | None) -> StableDiffusionPipeline:
+    kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": dtype}
+    try:  # the local Hugging Face cache first: no network needed
+        return StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise BaseModelError(
+            f"base model {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached. "
+            "Download it where you have network (e.g. `hf download {repo_id} --local-dir DIR`) and pass the "
+            "local folder instead."
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(repo_id, **kwargs)
+    except (OSError, ValueError) as error:
+        raise BaseModelError(f"could not load {repo_id!r} from the Hub: {error}") from error
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connect to the Hub endpoint: fail in seconds rather than after long HTTP retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False

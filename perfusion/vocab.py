@@ -1,0 +1,97 @@
+"""The tiny models' CLIP-style BPE tokenizer: generated from the project's corpus, shipped as data.
+
+CLIP's real vocabulary (49,408 tokens) would need a download. Instead we train a byte-level BPE with
+CLIP's conventions (`</w>` end-of-word suffix, `<|startoftext|>` / `<|endoftext|>`, lower-casing) on
+perfusion/corpus.py, and ship vocab.json + merges.txt under perfusion/assets/tokenizer/. Every corpus word
+becomes one token; any other text still tokenizes through the byte alphabet.
+
+Regenerate with `python -m perfusion.vocab` (a test checks the shipped files match a fresh build).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+from perfusion.corpus import NEUTRAL_TEMPLATES, builtin_prompts
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+VOCAB_SIZE = 1024  # 512 byte symbols (with and without </w>) + 510 merges + 2 specials
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77  # CLIP's context length; the tiny text encoder has 77 positions too
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table (the 256 base symbols)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    extra = 0
+    codes = []
+    for byte in range(256):
+        if byte in printable:
+            codes.append(byte)
+        else:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def build_vocab() -> tuple[dict[str, int], list[str]]:
+    """Train the BPE on the corpus. Deterministic: same corpus -> same vocab and merges."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    alphabet = _byte_alphabet()
+    tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - 2,
+        min_frequency=1,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+        special_tokens=[],
+    )
+    corpus = [p.lower() for p in builtin_prompts()] + [t.format("") for t in NEUTRAL_TEMPLATES]
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    trained = json.loads(tokenizer.to_str())["model"]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in trained["merges"]]
+
+    # CLIP's layout: bytes, bytes + </w>, then one entry per merge, then the two specials.
+    vocab_list = alphabet + [a + "</w>" for a in alphabet]
+    for merge in merges:
+        merged = merge.replace(" ", "")
+        if merged not in vocab_list:
+            vocab_list.append(merged)
+    vocab_list += [BOS, EOS]
+    return {token: index for index, token in enumerate(vocab_list)}, merges
+
+
+def write_tokenizer_files(out_dir: Path = TOKENIZER_DIR) -> None:
+    vocab, merges = build_vocab()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0) + "\n")
+    (out_dir / "merges.txt").write_text("#version: perfusion-batch tiny\n" + "\n".join(merges) + "\n")
+
+
+def load_tiny_tokenizer(directory: Path = TOKENIZER_DIR) -> CLIPTokenizer:
+    """The shipped tokenizer. Built from in-memory vocab/merges: on transformers 5.x,
+    CLIPTokenizer(vocab_file=..., merges_file=...) silently builds a 2-token tokenizer."""
+    vocab = json.loads((directory / "vocab.json").read_text())
+    lines = (directory / "merges.txt").read_text().splitlines()
+    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=MAX_LENGTH,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+    )
+
+
+if __name__ == "__main__":
+    write_tokenizer_files()
+    print(f"wrote {TOKENIZER_DIR}")

@@ -1,0 +1,135 @@
+"""The embedded demo: train two concepts on the tiny model, save them, reload them into a fresh pipeline
+and render prompts that use one and both, with a contact sheet to look at.
+
+Runs on a CPU in well under a minute with no downloads. The tiny model has random weights, so its
+pictures are texture, not products: the demo shows the whole path works (train -> file -> load ->
+multi-concept render); the toy world model replaces it for pictures worth looking at.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+import perfusion
+
+
+@dataclass(frozen=True)
+class DemoProduct:
+    token: str
+    superclass: str
+    color: tuple[int, int, int]
+    stripes: int  # the product's visual identity: a colored disc with this many stripes
+
+
+PRODUCTS = (
+    DemoProduct("<demo-mug>", "mug", (200, 40, 40), 3),
+    DemoProduct("<demo-bag>", "bag", (40, 90, 200), 5),
+)
+PROMPTS = (
+    "a photo of <demo-mug>",
+    "a photo of <demo-mug> on the beach",
+    "a photo of <demo-bag> in a kitchen",
+    "<demo-mug> next to <demo-bag> on a wooden table",
+)
+
+
+def product_images(product: DemoProduct, count: int = 4, size: int = 32, seed: int = 0) -> list[Image.Image]:
+    """A few photos of one procedural product: same object, varied background, position and scale."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        background = tuple(int(c) for c in rng.integers(120, 255, 3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        radius = int(rng.integers(size // 4, size // 3 + 1))
+        cx, cy = (int(v) for v in rng.integers(radius, size - radius, 2))
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=product.color)
+        for k in range(product.stripes):
+            y = cy - radius + (2 * k + 1) * radius // product.stripes
+            draw.line((cx - radius + 2, y, cx + radius - 2, y), fill=(250, 250, 250), width=1)
+        images.append(image)
+    return images
+
+
+def run_demo(
+    out_dir: Path,
+    steps: int = 60,
+    log: Callable[[str], None] = print,
+    on_step: Callable[[str, perfusion.StepInfo], None] | None = None,
+) -> dict[str, object]:
+    """Train, save, reload, render. Returns a summary (also written to out_dir/summary.json)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "concepts").mkdir(exist_ok=True)
+    (out_dir / "renders").mkdir(exist_ok=True)
+    base = perfusion.load_base("tiny")
+    log(f"base model 'tiny' loaded (fingerprint {base.fingerprint})")
+    covariance = perfusion.estimate_covariance(base)
+    log(f"covariance estimated from {covariance.token_count} tokens of the built-in corpus")
+    config = perfusion.TrainConfig(steps=steps, batch_size=4)
+
+    files = {}
+    for index, product in enumerate(PRODUCTS):
+        images = product_images(product, seed=index)
+        for i, image in enumerate(images):
+            image.resize((128, 128), Image.Resampling.NEAREST).save(out_dir / f"train-{product.superclass}-{i}.png")
+        concept = perfusion.train_concept(
+            base,
+            images,
+            product.token,
+            product.superclass,
+            config,
+            covariance=covariance,
+            on_step=(lambda info, token=product.token: on_step(token, info)) if on_step else None,
+        )
+        path = out_dir / "concepts" / f"{product.token.strip('<>')}.safetensors"
+        size = concept.save(path)
+        files[product.token] = path
+        loss = concept.metadata["loss"]
+        log(
+            f"trained {product.token} ({product.superclass}): loss {loss['first']:.3f} -> {loss['last']:.3f}, "
+            f"{size:,} bytes -> {path}"
+        )
+
+    # A fresh pipeline, as a downstream app would have: concepts come only from their files.
+    fresh = perfusion.load_base("tiny")
+    renderer = perfusion.ConceptRenderer(fresh, covariance)
+    for path in files.values():
+        renderer.attach(perfusion.load_concept(path, fresh))
+    requests = [perfusion.RenderRequest(prompt, seed=seed) for prompt in PROMPTS for seed in (0, 1)]
+    images = renderer.render(requests, perfusion.RenderSettings(steps=20))
+    for number, image in enumerate(images):
+        image.save(out_dir / "renders" / f"{number:02d}.png")
+    sheet = contact_sheet([(r.prompt, r.seed) for r in requests], images)
+    sheet.save(out_dir / "contact_sheet.png")
+    log(f"rendered {len(images)} images -> {out_dir / 'renders'}; contact sheet {out_dir / 'contact_sheet.png'}")
+    summary = {
+        "concepts": {token: str(path) for token, path in files.items()},
+        "renders": len(images),
+        "contact_sheet": str(out_dir / "contact_sheet.png"),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def contact_sheet(captions: list[tuple[str, int]], images: list[Image.Image], cell: int = 128) -> Image.Image:
+    """A grid: one row per prompt, one column per seed, captioned."""
+    prompts = list(dict.fromkeys(prompt for prompt, _ in captions))
+    seeds = list(dict.fromkeys(seed for _, seed in captions))
+    label_width = 330
+    sheet = Image.new("RGB", (label_width + cell * len(seeds), 20 + cell * len(prompts)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, seed in enumerate(seeds):
+        draw.text((label_width + column * cell + 4, 4), f"seed {seed}", fill="black")
+    for (prompt, seed), image in zip(captions, images, strict=True):
+        row, column = prompts.index(prompt), seeds.index(seed)
+        draw.text((4, 20 + row * cell + cell // 2 - 6), prompt, fill="black")
+        sheet.paste(
+            image.resize((cell, cell), Image.Resampling.NEAREST), (label_width + column * cell, 20 + row * cell)
+        )
+    return sheet
