@@ -189,9 +189,10 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
 def fingerprint(pipeline: StableDiffusionPipeline) -> str:
     """sha256 (first 32 hex digits) of everything a concept depends on; see the module docstring."""
     digest = hashlib.sha256()
-    vocab = pipeline.tokenizer.get_vocab()
-    digest.update(json.dumps(sorted(vocab.items())).encode())
-    # Only the base vocabulary rows: concept tokens added later must not change the identity.
+    # Only the base vocabulary: concept tokens added later must not change the identity.
+    base_size = pipeline.tokenizer.vocab_size
+    vocab = sorted((word, index) for word, index in pipeline.tokenizer.get_vocab().items() if index < base_size)
+    digest.update(json.dumps(vocab).encode())
     for name, tensor in sorted(pipeline.text_encoder.state_dict().items()):
         _hash_tensor(digest, name, tensor)
     for name, layer in cross_attention_layers(pipeline.unet).items():

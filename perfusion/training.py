@@ -128,111 +128,113 @@ def train_concept(
     if weights is not None:
         weights = _mask_weights(weights, latent_size).to(device)  # (n, 1, h, w), max 1 per image
 
-    superclass_token_ids(base.tokenizer, superclass)  # fail early on an empty superclass
+    state = initial_concept(base, token, superclass, config)  # fails early on an unusable superclass
     install_processors(base.unet)
-    init_embedding = superclass_embedding(base.tokenizer, base.text_encoder, superclass).to(device)
-    token_id = add_concept_token(base.tokenizer, base.text_encoder, token, init_embedding)
+    token_id = add_concept_token(base.tokenizer, base.text_encoder, token, state.embedding)
     try:
-        return _train(base, config, covariance, token, token_id, superclass, latents, weights, on_step, scorer)
+        return _train(base, config, covariance, state, token_id, latents, weights, on_step, scorer)
     finally:
         remove_concept_token(base.tokenizer, base.text_encoder, token)
+
+
+def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainConfig = TrainConfig()) -> Concept:
+    """The concept before step 1: embedding = superclass embedding, i* = i_super, o*_V = W_V i_super
+    (and o*_K = W_K i_super, trained only when config.lock_keys is False). float32 on the base's device."""
+    i_super = superclass_input(base, superclass, config.templates)  # (d,)
+    layers = base.cross_attention_layers()
+    return Concept(
+        token=token,
+        superclass=superclass,
+        embedding=superclass_embedding(base.tokenizer, base.text_encoder, superclass).to(base.device),
+        target_input=i_super.clone(),
+        superclass_input=i_super,
+        value_targets={name: (layer.to_v.weight.float() @ i_super).detach() for name, layer in layers.items()},
+        key_targets=None
+        if config.lock_keys
+        else {name: (layer.to_k.weight.float() @ i_super).detach() for name, layer in layers.items()},
+        fingerprint=base.fingerprint,
+        beta=config.inference_beta,
+        tau=config.inference_tau,
+    )
 
 
 def _train(
     base: BaseModel,
     config: TrainConfig,
     covariance: Covariance,
-    token: str,
+    state: Concept,
     token_id: int,
-    superclass: str,
     latents: tuple[torch.Tensor, torch.Tensor],
     weights: torch.Tensor | None,
     on_step: Callable[[StepInfo], None] | None,
     scorer: Scorer | None,
 ) -> Concept:
-    device, unet, text_encoder = base.device, base.unet, base.text_encoder
-    layers = base.cross_attention_layers()
-    i_super = superclass_input(base, superclass, config.templates)  # (d,)
-
-    # The trainable state, held in a Concept so the processor reads exactly what will be saved.
-    embedding = torch.nn.Parameter(concept_embedding_table(text_encoder).concept_vectors[token_id].clone())
-    concept_embedding_table(text_encoder).concept_vectors[token_id] = embedding
-    values = {n: torch.nn.Parameter((layer.to_v.weight.float() @ i_super).detach()) for n, layer in layers.items()}
-    keys = None
-    if not config.lock_keys:
-        keys = {n: torch.nn.Parameter((layer.to_k.weight.float() @ i_super).detach()) for n, layer in layers.items()}
-    state = Concept(
-        token=token,
-        superclass=superclass,
-        embedding=embedding,
-        target_input=i_super.clone(),  # i* starts at i_super (eq. EMA below)
-        superclass_input=i_super,
-        value_targets=values,
-        key_targets=keys,
-        fingerprint=base.fingerprint,
-        beta=config.inference_beta,
-        tau=config.inference_tau,
-    )
-    groups = [{"params": list(values.values()), "lr": config.lr_value}]
-    groups.append({"params": [embedding], "lr": config.lr_embedding})
-    if keys is not None:
-        groups.append({"params": list(keys.values()), "lr": config.lr_value})
+    device, unet, text_encoder, scheduler = base.device, base.unet, base.text_encoder, base.pipeline.scheduler
+    # The trainable tensors live inside `state`, so the processor reads exactly what will be saved.
+    # Trainable: the embedding row and o*_V (and o*_K only in the trained-keys ablation). Nothing else.
+    state.embedding = torch.nn.Parameter(state.embedding.clone())
+    concept_embedding_table(text_encoder).concept_vectors[token_id] = state.embedding
+    state.value_targets = {n: torch.nn.Parameter(v.clone()) for n, v in state.value_targets.items()}
+    groups = [
+        {"params": list(state.value_targets.values()), "lr": config.lr_value},
+        {"params": [state.embedding], "lr": config.lr_embedding},
+    ]
+    if state.key_targets is not None:
+        state.key_targets = {n: torch.nn.Parameter(k.clone()) for n, k in state.key_targets.items()}
+        groups.append({"params": list(state.key_targets.values()), "lr": config.lr_value})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
     rng = random.Random(config.seed)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    micro_batch = config.batch_size // config.grad_accumulation
-    gate = {token: (config.train_beta, config.train_tau)}
-    scheduler = base.pipeline.scheduler
+    batch, micro = config.batch_size, config.batch_size // config.grad_accumulation
+    gate = {state.token: (config.train_beta, config.train_tau)}
     autocast = _autocast(device, config.mixed_precision)
+    originals = len(latents[0]) // 2  # latents hold [originals, flipped originals]
     losses: list[float] = []
     best: tuple[float, int, Concept] | None = None
     started = time.perf_counter()
 
     for step in range(1, config.steps + 1):
+        # All randomness of the step is drawn for the full batch, then split into micro-batches, so
+        # gradient accumulation computes the same update as one big batch.
+        picks = [rng.randrange(originals) for _ in range(batch)]
+        flips = [rng.random() < config.flip_probability for _ in range(batch)]
+        prompts = [rng.choice(config.templates).format(state.token) for _ in range(batch)]
+        rows = torch.tensor([p + (originals if f else 0) for p, f in zip(picks, flips, strict=True)])
+        mean, std = latents[0][rows], latents[1][rows]  # (batch, c, h, w)
+        clean = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * _scaling(base)
+        noise = torch.randn(clean.shape, generator=generator, device=device)  # Gaussian, never uniform
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        target = _denoising_target(scheduler, clean, noise, timesteps)
+        pixel_weights = _pick_weights(weights, picks, flips) if weights is not None else None  # (batch, 1, h, w)
+        ids = _tokenize(base, prompts).to(device)  # (batch, m)
+
         optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for _ in range(config.grad_accumulation):
-            picks = [rng.randrange(len(latents[0]) // 2) for _ in range(micro_batch)]
-            flips = [rng.random() < config.flip_probability for _ in range(micro_batch)]
-            rows = torch.tensor([p + (len(latents[0]) // 2 if f else 0) for p, f in zip(picks, flips, strict=True)])
-            mean, std = latents[0][rows], latents[1][rows]
-            clean = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * _scaling(base)
-            noise = torch.randn(clean.shape, generator=generator, device=device)  # Gaussian (eq. of DDPM)
-            timesteps = torch.randint(
-                0, scheduler.config.num_train_timesteps, (micro_batch,), generator=generator, device=device
-            )
-            noisy = scheduler.add_noise(clean, noise, timesteps)
-            prompts = [rng.choice(config.templates).format(token) for _ in range(micro_batch)]
-            ids = base.tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=base.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(device)
+        step_loss, concept_encodings = 0.0, []
+        for part in torch.arange(batch).split(micro):
             with autocast:
-                encodings = text_encoder(ids)[0]  # (b, m, d), grad flows to the embedding row only
+                encodings = text_encoder(ids[part])[0]  # (micro, m, d); grad reaches the embedding row only
                 call = PerfusionCall.build(
-                    [[state]] * micro_batch, covariance, overrides=[gate] * micro_batch, device=device
+                    [[state]] * len(part), covariance, overrides=[gate] * len(part), device=device
                 )
-                prediction = unet(noisy, timesteps, encodings, cross_attention_kwargs={"perfusion": call}).sample
-            target = (
-                noise
-                if scheduler.config.prediction_type == "epsilon"
-                else scheduler.get_velocity(clean, noise, timesteps)
-            )
-            squared = (prediction.float() - target.float()) ** 2  # (b, c, h, w)
-            if weights is not None:
-                squared = squared * _pick_weights(weights, picks, flips)  # (b, 1, h, w) soft mask
-            loss = squared.mean() / config.grad_accumulation
+                prediction = unet(
+                    noisy[part], timesteps[part], encodings, cross_attention_kwargs={"perfusion": call}
+                ).sample
+            squared = (prediction.float() - target[part].float()) ** 2  # (micro, c, h, w)
+            if pixel_weights is not None:
+                squared = squared * pixel_weights[part]  # soft foreground mask, max 1 per image
+            loss = squared.mean() * (len(part) / batch)  # parts sum to the full-batch mean
             loss.backward()
             step_loss += float(loss.detach())
-            _update_target_input(state, encodings.detach(), ids, token_id, config.ema_decay)
+            concept_encodings.append(encodings.detach()[ids[part] == token_id].float())
         optimizer.step()
+        _update_target_input(state, torch.cat(concept_encodings), config.ema_decay)
         losses.append(step_loss)
         if not math.isfinite(step_loss):
-            raise TrainingError(f"concept {token!r}: loss became {step_loss} at step {step}; lower the learning rates")
+            raise TrainingError(
+                f"concept {state.token!r}: loss became {step_loss} at step {step}; lower the learning rates"
+            )
         if on_step is not None:
             on_step(StepInfo(step, config.steps, step_loss, time.perf_counter() - started))
         if scorer is not None and (step % config.select_every == 0 or step == config.steps):
@@ -252,19 +254,29 @@ def _train(
     return result
 
 
+def _denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """What the UNet predicts: the noise (epsilon) or the velocity (v-prediction, SD2.x 768)."""
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    raise TrainingError(f"prediction_type {scheduler.config.prediction_type!r} is not supported")
+
+
+def _tokenize(base: BaseModel, prompts: list[str]) -> torch.Tensor:
+    tokenizer = base.tokenizer
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 @torch.no_grad()
 def superclass_input(base: BaseModel, superclass: str, templates: Sequence[str]) -> torch.Tensor:
     """i_super (d,): the text-encoder output at the superclass phrase's last token, averaged over the
     neutral templates filled with the superclass ("a photo of a backpack", ...)."""
     phrase = superclass_token_ids(base.tokenizer, superclass)
     prompts = [t.format(superclass) for t in templates]
-    ids = base.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=base.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    ids = _tokenize(base, prompts)
     encodings = base.text_encoder(ids.to(base.device))[0].float()  # (n, m, d)
     picked = []
     for row, prompt_ids in enumerate(ids.tolist()):
@@ -284,13 +296,11 @@ def _last_occurrence(sequence: list[int], phrase: list[int]) -> int | None:
     return None
 
 
-def _update_target_input(
-    state: Concept, encodings: torch.Tensor, ids: torch.Tensor, token_id: int, decay: float
-) -> None:
-    """EMA of i* (paper sec. 4.4): i* <- decay * i* + (1 - decay) * mean_b(e_concept[b]). No gradient."""
-    at_token = ids == token_id  # (b, m)
-    if bool(at_token.any()):
-        mean = encodings[at_token].float().mean(0).to(state.target_input.device)  # (d,)
+def _update_target_input(state: Concept, concept_encodings: torch.Tensor, decay: float) -> None:
+    """EMA of i* (paper sec. 4.4): i* <- decay * i* + (1 - decay) * mean_b(e_concept[b]). No gradient.
+    concept_encodings (n, d): the encoder outputs at the concept token across the step's batch."""
+    if len(concept_encodings):
+        mean = concept_encodings.mean(0).to(state.target_input.device)
         state.target_input = decay * state.target_input + (1 - decay) * mean
 
 
@@ -424,22 +434,14 @@ def denoising_loss(
         0, scheduler.config.num_train_timesteps, (samples,), generator=generator, device=base.device
     )
     install_processors(base.unet)
-    token_id = add_concept_token(base.tokenizer, base.text_encoder, concept.token, concept.embedding.to(base.device))
+    add_concept_token(base.tokenizer, base.text_encoder, concept.token, concept.embedding.to(base.device))
     try:
-        ids = base.tokenizer(
-            [template.format(concept.token)] * samples,
-            padding="max_length",
-            max_length=base.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
+        ids = _tokenize(base, [template.format(concept.token)] * samples)
         encodings = base.text_encoder(ids.to(base.device))[0]
         call = PerfusionCall.build([[concept]] * samples, covariance, device=base.device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = base.unet(noisy, timesteps, encodings, cross_attention_kwargs={"perfusion": call}).sample
-        target = (
-            noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(clean, noise, timesteps)
-        )
-        del token_id
+        target = _denoising_target(scheduler, clean, noise, timesteps)
         return float(F.mse_loss(prediction.float(), target.float()))
     finally:
         remove_concept_token(base.tokenizer, base.text_encoder, concept.token)
