@@ -70,14 +70,14 @@ def test_local_diffusers_folder_round_trip(base, tmp_path):
 
 
 def test_folder_without_model_index_is_rejected(tmp_path):
-    with pytest.raises(BaseModelError, match="model_index.json"):
+    with pytest.raises(BaseModelError, match=r"model_index\.json"):
         perfusion.load_base(str(tmp_path))
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
     checkpoint = tmp_path / "model.ckpt"
     checkpoint.write_bytes(b"not loaded")
-    with pytest.raises(BaseModelError, match="only .safetensors"):
+    with pytest.raises(BaseModelError, match=r"only \.safetensors"):
         perfusion.load_base(str(checkpoint))
 
 
@@ -97,6 +97,6 @@ def test_hub_id_fails_fast_offline_with_a_local_path_hint(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     started = time.perf_counter()
-    with pytest.raises(BaseModelError, match="pass the\\s+local folder"):
+    with pytest.raises(BaseModelError, match=r"pass the\s+local folder"):
         perfusion.load_base("someone/some-model")
     assert time.perf_counter() - started < 30  # generous: the point is no long HTTP retries

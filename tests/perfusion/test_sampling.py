@@ -1,0 +1,115 @@
+"""Rendering with per-row concept sets through the stock diffusers pipeline."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import perfusion
+from perfusion.errors import RenderError
+
+SETTINGS = perfusion.RenderSettings(steps=8, batch_size=8)
+MIXED_TOLERANCE = 1e-5  # max abs pixel difference ([0, 1] scale) between a mixed batch and rows alone
+
+
+@pytest.fixture
+def renderer(base, covariance, trained_pair) -> perfusion.ConceptRenderer:
+    renderer = perfusion.ConceptRenderer(base, covariance)
+    for concept in trained_pair:
+        renderer.attach(concept)
+    return renderer
+
+
+MIXED = [
+    perfusion.RenderRequest("a photo of <mug-1>", seed=1),
+    perfusion.RenderRequest("a photo of a dog on the beach", seed=2),
+    perfusion.RenderRequest("<mug-1> next to <bag-1> on a wooden table", seed=3, gates={"<bag-1>": (0.6, 0.15)}),
+    perfusion.RenderRequest("a photo of <bag-1> in a kitchen", seed=4),
+    perfusion.RenderRequest("a photo of <mug-1>", seed=5, gates={"<mug-1>": (0.5, 0.2)}),
+]
+
+
+@pytest.mark.parametrize("lock", ["local", "global"])
+def test_a_mixed_batch_equals_rendering_each_row_alone(renderer, lock):
+    settings = perfusion.RenderSettings(steps=8, batch_size=8, lock=lock)
+    mixed = renderer.render(MIXED, settings, output="np")
+    alone = np.concatenate([renderer.render([request], settings, output="np") for request in MIXED])
+    assert mixed.shape == (5, 32, 32, 3)
+    assert np.abs(mixed - alone).max() < MIXED_TOLERANCE
+
+
+def test_a_prompt_without_concept_tokens_renders_like_the_base_model(renderer):
+    plain = perfusion.load_base("tiny")  # stock processors, no concepts anywhere
+    prompt = "a photo of a dog on the beach"
+    expected = plain.pipeline(
+        prompt=prompt,
+        num_inference_steps=8,
+        guidance_scale=SETTINGS.guidance_scale,
+        generator=[torch.Generator().manual_seed(2)],
+        output_type="np",
+    ).images
+    rendered = renderer.render(MIXED, SETTINGS, output="np")[1]  # in a batch with concept rows
+    assert np.abs(rendered - expected[0]).max() < MIXED_TOLERANCE
+
+
+def test_concepts_change_the_image_and_gates_control_the_strength(renderer):
+    prompt = "a photo of <mug-1>"
+    requests = [
+        perfusion.RenderRequest(prompt, seed=1),
+        perfusion.RenderRequest(prompt, seed=1, gates={"<mug-1>": (50.0, 0.15)}),  # gate shut
+        perfusion.RenderRequest(prompt, seed=1),
+        perfusion.RenderRequest("a photo of a mug", seed=1),
+    ]
+    default, shut, again, superclass = renderer.render(requests, SETTINGS, output="np")
+    assert np.array_equal(default, again)
+    assert np.abs(default - shut).max() > 1e-3
+    assert np.abs(default - superclass).max() > 1e-3
+
+
+def test_exact_and_approximate_projections_agree_for_one_concept(renderer):
+    request = [perfusion.RenderRequest("a photo of <mug-1>", seed=1)]
+    exact = renderer.render(request, SETTINGS, output="np")
+    approx = renderer.render(request, perfusion.RenderSettings(steps=8, exact_projection=False), output="np")
+    assert np.abs(exact - approx).max() < 1e-4
+
+
+def test_explicit_concept_sets_and_pil_output(renderer):
+    images = renderer.render([perfusion.RenderRequest("a photo of a cup", seed=0, concepts=("<mug-1>",))], SETTINGS)
+    assert images[0].size == (32, 32) and images[0].mode == "RGB"
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (perfusion.RenderRequest("a photo of a mug", concepts=("<nope>",)), r"not attached"),
+        (perfusion.RenderRequest("a photo of <mug-1>", gates={"<bag-1>": (0.5, 0.1)}), "does not use"),
+    ],
+)
+def test_bad_requests_fail_before_rendering(renderer, request_, message):
+    with pytest.raises(RenderError, match=message):
+        renderer.render([MIXED[0], request_], SETTINGS)
+
+
+def test_a_prompt_with_an_unattached_concept_token(renderer):
+    renderer.detach("<bag-1>")
+    with pytest.raises(RenderError, match=r"\['<bag-1>'\] that are not attached"):
+        renderer.render([perfusion.RenderRequest("a photo of <bag-1>")], SETTINGS)
+
+
+def test_long_prompts_are_truncated_with_a_warning(renderer, caplog):
+    prompt = "a photo of <mug-1> " + " ".join(["on a marble counter"] * 30)
+    with caplog.at_level(logging.WARNING, logger="perfusion.sampling"):
+        images = renderer.render([perfusion.RenderRequest(prompt)], SETTINGS, output="np")
+    assert images.shape == (1, 32, 32, 3)
+    assert any("truncated" in record.getMessage() for record in caplog.records)
+
+
+def test_settings_and_covariance_are_checked(base, covariance):
+    with pytest.raises(RenderError, match="lock must be 'local' or 'global'"):
+        perfusion.RenderSettings(lock="sideways")
+    wrong = perfusion.Covariance.from_second_moment(covariance.second_moment, "0" * 32, 10)
+    with pytest.raises(RenderError, match="covariance belongs to base model"):
+        perfusion.ConceptRenderer(base, wrong)
