@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	perfusion-batch demo
+	$(PYTHON) -m pipeline demo
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

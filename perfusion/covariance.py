@@ -44,7 +44,7 @@ class Covariance:
             c_inv = torch.cholesky_inverse(torch.linalg.cholesky(regularised))
             c_inv = (c_inv + c_inv.T) / 2  # exact symmetry for the Cholesky below
             cholesky = torch.linalg.cholesky(c_inv)
-        except torch.linalg.LinAlgError as error:
+        except RuntimeError as error:  # torch.linalg.LinAlgError is a RuntimeError
             raise CovarianceError(
                 f"the covariance (d={dim}, {token_count} tokens) is not positive definite: {error}. "
                 "Use more prompts, or a larger ridge."

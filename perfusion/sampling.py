@@ -93,18 +93,24 @@ class ConceptRenderer:
         remove_concept_token(self.base.tokenizer, self.base.text_encoder, token)
 
     def render(
-        self, requests: Sequence[RenderRequest], settings: RenderSettings = RenderSettings(), output: str = "pil"
-    ) -> list[Image.Image] | np.ndarray:
-        """Render every request (batched by settings.batch_size). output "pil" or "np" ((n, h, w, 3) in [0, 1])."""
-        rows = [self.concepts_for(request) for request in requests]  # validates before any work
+        self, requests: Sequence[RenderRequest], settings: RenderSettings = RenderSettings()
+    ) -> list[Image.Image]:
+        """Render every request (batched by settings.batch_size) as PIL images, in request order."""
+        arrays = self.render_arrays(requests, settings)
+        return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in arrays]
+
+    def render_arrays(
+        self, requests: Sequence[RenderRequest], settings: RenderSettings = RenderSettings()
+    ) -> np.ndarray:
+        """Render every request as float pixels: (n, h, w, 3) in [0, 1]."""
+        rows = [self.concepts_for(request) for request in requests]  # validates everything before any work
         arrays = []
         for start in range(0, len(requests), settings.batch_size):
             stop = start + settings.batch_size
             arrays.append(self._render_batch(requests[start:stop], rows[start:stop], settings))
-        images = np.concatenate(arrays) if arrays else np.zeros((0, 0, 0, 3), dtype=np.float32)
-        if output == "np":
-            return images
-        return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+        if not arrays:
+            return np.zeros((0, 0, 0, 3), dtype=np.float32)
+        return np.concatenate(arrays)
 
     def concepts_for(self, request: RenderRequest) -> list[Concept]:
         """The concepts a request uses, checked against what is attached."""

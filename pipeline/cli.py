@@ -49,7 +49,7 @@ def demo(
 
     Example: perfusion-batch demo --out demo-output --steps 60
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     import perfusion
     from pipeline.demo import run_demo
@@ -61,7 +61,7 @@ def demo(
         TimeElapsedColumn(),
         transient=False,
     ) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def on_step(token: str, info: perfusion.StepInfo) -> None:
             if token not in tasks:

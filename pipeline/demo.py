@@ -85,7 +85,7 @@ def run_demo(
             product.superclass,
             config,
             covariance=covariance,
-            on_step=(lambda info, token=product.token: on_step(token, info)) if on_step else None,
+            on_step=_tagged(on_step, product.token),
         )
         path = out_dir / "concepts" / f"{product.token.strip('<>')}.safetensors"
         size = concept.save(path)
@@ -115,6 +115,15 @@ def run_demo(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _tagged(
+    on_step: Callable[[str, perfusion.StepInfo], None] | None, token: str
+) -> Callable[[perfusion.StepInfo], None] | None:
+    """Bind a concept's token to the progress callback."""
+    if on_step is None:
+        return None
+    return lambda info: on_step(token, info)
 
 
 def contact_sheet(captions: list[tuple[str, int]], images: list[Image.Image], cell: int = 128) -> Image.Image:

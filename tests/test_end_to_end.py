@@ -33,7 +33,7 @@ def test_train_save_load_and_render_with_a_second_concept(covariance, trained_pa
         perfusion.RenderRequest("a photo of <lamp-7> on the beach", seed=11),
         perfusion.RenderRequest("<lamp-7> next to <bag-1> in a kitchen", seed=11),
     ]
-    images = renderer.render(requests, perfusion.RenderSettings(steps=10), output="np")
+    images = renderer.render_arrays(requests, perfusion.RenderSettings(steps=10))
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
     assert images.min() >= 0.0 and images.max() <= 1.0
     assert np.abs(images[0] - images[1]).mean() > 1e-3  # the second concept and scene changed the picture

@@ -118,14 +118,14 @@ def test_global_locking_equals_local_when_the_concept_word_encodes_like_its_supe
     concept = initial_concept(base, "<c-1>", "mug")
     renderer = perfusion_renderer(base, covariance, concept)
     request = [perfusion_request("a photo of <c-1> on the beach")]
-    local = renderer.render(request, settings(lock="local"), output="np")
-    global_ = renderer.render(request, settings(lock="global"), output="np")
+    local = renderer.render_arrays(request, settings(lock="local"))
+    global_ = renderer.render_arrays(request, settings(lock="global"))
     assert abs(local - global_).max() < 1e-6
     renderer.attach(
         dataclasses.replace(concept, embedding=concept.embedding + 0.5 * torch.randn_like(concept.embedding))
     )
-    local = renderer.render(request, settings(lock="local"), output="np")
-    global_ = renderer.render(request, settings(lock="global"), output="np")
+    local = renderer.render_arrays(request, settings(lock="local"))
+    global_ = renderer.render_arrays(request, settings(lock="global"))
     assert abs(local - global_).max() > 1e-3
 
 

@@ -22,7 +22,7 @@ REQUEST = [perfusion.RenderRequest("a photo of <mug-1> on the beach", seed=3)]
 def _render(base, covariance, concept) -> np.ndarray:
     renderer = perfusion.ConceptRenderer(base, covariance)
     renderer.attach(concept)
-    return renderer.render(REQUEST, SETTINGS, output="np")
+    return renderer.render_arrays(REQUEST, SETTINGS)
 
 
 def test_fp32_round_trip_is_exact(trained_pair, covariance, tmp_path):

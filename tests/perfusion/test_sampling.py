@@ -35,8 +35,8 @@ MIXED = [
 @pytest.mark.parametrize("lock", ["local", "global"])
 def test_a_mixed_batch_equals_rendering_each_row_alone(renderer, lock):
     settings = perfusion.RenderSettings(steps=8, batch_size=8, lock=lock)
-    mixed = renderer.render(MIXED, settings, output="np")
-    alone = np.concatenate([renderer.render([request], settings, output="np") for request in MIXED])
+    mixed = renderer.render_arrays(MIXED, settings)
+    alone = np.concatenate([renderer.render_arrays([request], settings) for request in MIXED])
     assert mixed.shape == (5, 32, 32, 3)
     assert np.abs(mixed - alone).max() < MIXED_TOLERANCE
 
@@ -51,7 +51,7 @@ def test_a_prompt_without_concept_tokens_renders_like_the_base_model(renderer):
         generator=[torch.Generator().manual_seed(2)],
         output_type="np",
     ).images
-    rendered = renderer.render(MIXED, SETTINGS, output="np")[1]  # in a batch with concept rows
+    rendered = renderer.render_arrays(MIXED, SETTINGS)[1]  # in a batch with concept rows
     assert np.abs(rendered - expected[0]).max() < MIXED_TOLERANCE
 
 
@@ -63,7 +63,7 @@ def test_concepts_change_the_image_and_gates_control_the_strength(renderer):
         perfusion.RenderRequest(prompt, seed=1),
         perfusion.RenderRequest("a photo of a mug", seed=1),
     ]
-    default, shut, again, superclass = renderer.render(requests, SETTINGS, output="np")
+    default, shut, again, superclass = renderer.render_arrays(requests, SETTINGS)
     assert np.array_equal(default, again)
     assert np.abs(default - shut).max() > 1e-3
     assert np.abs(default - superclass).max() > 1e-3
@@ -71,8 +71,8 @@ def test_concepts_change_the_image_and_gates_control_the_strength(renderer):
 
 def test_exact_and_approximate_projections_agree_for_one_concept(renderer):
     request = [perfusion.RenderRequest("a photo of <mug-1>", seed=1)]
-    exact = renderer.render(request, SETTINGS, output="np")
-    approx = renderer.render(request, perfusion.RenderSettings(steps=8, exact_projection=False), output="np")
+    exact = renderer.render_arrays(request, SETTINGS)
+    approx = renderer.render_arrays(request, perfusion.RenderSettings(steps=8, exact_projection=False))
     assert np.abs(exact - approx).max() < 1e-4
 
 
@@ -102,7 +102,7 @@ def test_a_prompt_with_an_unattached_concept_token(renderer):
 def test_long_prompts_are_truncated_with_a_warning(renderer, caplog):
     prompt = "a photo of <mug-1> " + " ".join(["on a marble counter"] * 30)
     with caplog.at_level(logging.WARNING, logger="perfusion.sampling"):
-        images = renderer.render([perfusion.RenderRequest(prompt)], SETTINGS, output="np")
+        images = renderer.render_arrays([perfusion.RenderRequest(prompt)], SETTINGS)
     assert images.shape == (1, 32, 32, 3)
     assert any("truncated" in record.getMessage() for record in caplog.records)
 
