@@ -11,7 +11,13 @@ The method only: torch, diffusers, transformers and safetensors. Usable from a n
 
 from perfusion.attention import PerfusionAttnProcessor, PerfusionCall, install_processors
 from perfusion.concept import Concept, check_compatible, load_concept
-from perfusion.covariance import Covariance, estimate_covariance, load_covariance, save_covariance
+from perfusion.covariance import (
+    Covariance,
+    cached_covariance,
+    estimate_covariance,
+    load_covariance,
+    save_covariance,
+)
 from perfusion.errors import (
     BaseModelError,
     ConceptFileError,
@@ -48,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "TrainingError",
     "__version__",
+    "cached_covariance",
     "check_compatible",
     "denoising_loss",
     "estimate_covariance",

@@ -29,7 +29,7 @@ from safetensors.torch import save as save_tensors
 
 from perfusion.errors import ConceptFileError, ConceptTokenError
 from perfusion.models import BaseModel
-from perfusion.tokens import validate_token
+from perfusion.tokens import TOKEN_PATTERN, validate_token
 
 FORMAT = "perfusion-concept"
 FORMAT_VERSION = 1
@@ -186,6 +186,8 @@ def _concept_from(tensors: dict[str, torch.Tensor], meta: dict[str, str], label:
         extra = json.loads(meta.get("metadata", "{}"))
     except (KeyError, ValueError) as error:
         raise ConceptFileError(f"{label}: metadata field {error} is missing or malformed") from error
+    if not TOKEN_PATTERN.match(token):
+        raise ConceptFileError(f"{label}: token {token!r} is not a valid concept token; the file is damaged")
     required = ["embedding", "target_input", "superclass_input"] + [VALUE_PREFIX + name for name in layers]
     if not key_locked:
         required += [KEY_PREFIX + name for name in layers]

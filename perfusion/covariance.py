@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -123,3 +124,24 @@ def load_covariance(
     return Covariance.from_second_moment(
         tensors["second_moment"], fingerprint, int(metadata.get("token_count", "0")), ridge
     )
+
+
+def cached_covariance(
+    base: BaseModel,
+    directory: str | os.PathLike[str],
+    prompts: Sequence[str] | None = None,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Covariance:
+    """The covariance of `base`, keyed by its fingerprint: load `{directory}/{fingerprint}.safetensors`,
+    or estimate it once and save it there (written to a temporary name, then renamed: never half a file)."""
+    folder = Path(directory)
+    path = folder / f"{base.fingerprint}.safetensors"
+    if path.is_file():
+        return load_covariance(path, expected_fingerprint=base.fingerprint)
+    covariance = estimate_covariance(base, prompts, on_progress=on_progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    save_covariance(covariance, partial)
+    os.replace(partial, path)
+    return covariance

@@ -10,8 +10,8 @@ Single concept, eq. (3):
     gate(e) = sigmoid((s(e) - beta) / tau)
     h(e) = W (e - s(e) i*) + gate(e) o*
 
-Several concepts (sec. 4.3, appendix B), exact: let U = [u_1..u_J] be a C^-1-orthonormal basis of
-span(i*_1..i*_J) (C^-1 = L L^T, Q = QR(L^T I), U = L^-T Q). Then
+Several concepts (sec. 4.3, appendix B), exact: let U = [u_1..u_r] be a C^-1-orthonormal basis of
+span(i*_1..i*_J) (C^-1 = L L^T, Q an orthonormal basis of L^T I, U = L^-T Q). Then
     e_perp = e - sum_k u_k (u_k^T C^-1 e)
     h(e)   = W e_perp + sum_k gate_k(e) o*_k            gate_k with that concept's own beta_k, tau_k
 Approximation (endorsed by the first author): e_perp ~ e - sum_k s_k(e) i*_k.
@@ -56,17 +56,19 @@ def single_concept_edit(
 
 
 def orthonormal_basis(target_inputs: torch.Tensor, c_inv_cholesky: torch.Tensor) -> torch.Tensor:
-    """U (j, d): rows u_k orthonormal in the C^-1 metric (U C^-1 U^T = I), spanning the i*_k.
+    """U (r, d): rows u_k orthonormal in the C^-1 metric (U C^-1 U^T = I), spanning the i*_k (r = rank).
 
     target_inputs (j, d); c_inv_cholesky L (d, d) lower-triangular with C^-1 = L L^T.
-    Q = QR(L^T I^T); U^T = L^-T Q, so U C^-1 U^T = Q^T L^-1 L L^T L^-T Q = Q^T Q = I.
+    PERFUSION.md writes Q = QR(L^T I^T), U^T = L^-T Q. We take Q from an SVD instead: the same subspace,
+    hence the same projector e - U^T U C^-1 e, but it also handles concepts whose i* coincide or nearly do
+    (two untrained products of one superclass start at the same i_super): their shared direction is
+    removed once instead of failing.
     """
     lower = c_inv_cholesky.to(torch.float64)
     whitened = lower.T @ target_inputs.to(torch.float64).T  # (d, j)
-    q, r = torch.linalg.qr(whitened)  # q (d, j)
-    if bool((r.diagonal().abs() < 1e-9 * r.diagonal().abs().max()).any()):
-        raise ValueError("concept target inputs are linearly dependent; their edits cannot be separated")
-    basis_t = torch.linalg.solve_triangular(lower.T, q, upper=True)  # (d, j) = L^-T Q
+    q, singular, _ = torch.linalg.svd(whitened, full_matrices=False)  # q (d, j)
+    rank = int((singular > 1e-9 * singular.max()).sum())
+    basis_t = torch.linalg.solve_triangular(lower.T, q[:, :rank], upper=True)  # (d, r) = L^-T Q
     return basis_t.T
 
 
@@ -121,9 +123,9 @@ def build_edit_basis(
         energy = (directions * inputs).sum(-1)  # (j,)
         similarity_dirs[b, :, :count] = (directions / energy[:, None]).T
         if exact:
-            basis = orthonormal_basis(inputs, c_inv_cholesky)  # (j, d)
-            projection_basis[b, :count] = basis
-            projection_dirs[b, :, :count] = (basis @ c_inv64).T
+            basis = orthonormal_basis(inputs, c_inv_cholesky)  # (r, d), r <= j; unused slots stay zero
+            projection_basis[b, : len(basis)] = basis
+            projection_dirs[b, :, : len(basis)] = (basis @ c_inv64).T
         else:
             projection_basis[b, :count] = inputs
             projection_dirs[b, :, :count] = similarity_dirs[b, :, :count]

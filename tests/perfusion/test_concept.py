@@ -93,6 +93,7 @@ def test_a_concept_from_another_base_model_is_refused(trained_pair):
         ({"metadata": {"format": "something-else"}}, "not a Perfusion concept"),
         ({"metadata": {"layers": "not json"}}, "metadata field"),
         ({"tensors": {"embedding": torch.full((32,), float("nan"))}}, "NaN"),
+        ({"metadata": {"token": "../../etc/passwd"}}, "not a valid concept token"),
     ],
 )
 def test_malformed_files_get_clear_errors(trained_pair, change, message):

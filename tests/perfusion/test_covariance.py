@@ -77,3 +77,15 @@ def test_unreadable_covariance_files(tmp_path):
 def test_singular_second_moment_is_reported():
     with pytest.raises(CovarianceError, match="not positive definite"):
         Covariance.from_second_moment(-torch.eye(4, dtype=torch.float64), "f", 10, ridge=0.0)
+
+
+def test_cached_covariance_is_keyed_by_fingerprint(base, tmp_path, monkeypatch):
+    first = perfusion.cached_covariance(base, tmp_path, ["a photo of a dog", "a cat"] * 20)
+    assert [p.name for p in tmp_path.iterdir()] == [f"{base.fingerprint}.safetensors"]
+
+    def must_not_estimate(*args, **kwargs):
+        raise AssertionError("estimated again")
+
+    monkeypatch.setattr(perfusion.covariance, "estimate_covariance", must_not_estimate)
+    again = perfusion.cached_covariance(base, tmp_path)
+    assert torch.equal(again.second_moment, first.second_moment)

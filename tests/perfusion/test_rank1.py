@@ -145,3 +145,17 @@ def test_half_precision_inputs_keep_their_dtype_and_accuracy(metric):
     full = edit_projection(e.float(), e.float() @ weight.float().T, weight.float(), basis, o_star[None].float())
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-2)
+
+
+def test_coinciding_target_inputs_project_their_shared_direction_once(metric):
+    """Two concepts with the same i* (untrained products of one superclass): the projection is the
+    single-concept one, and each concept's gate still adds its own o*."""
+    c_inv, chol = metric
+    i_star = random_vectors(1, DIM, 4)[0]
+    assert orthonormal_basis(torch.stack([i_star, i_star]), chol).shape == (1, DIM)
+    weight, targets = random_vectors(OUT, DIM, 3), random_vectors(2, OUT, 5)
+    e = random_vectors(6, DIM, 18)
+    both = _edit(e[None], weight, [[(i_star, 0.7, 0.15), (i_star, 0.7, 0.15)]], targets[None], metric)
+    literal = single_concept_edit(e, weight, i_star, targets[0], c_inv, 0.7, 0.15)
+    literal = literal + gate(similarity(e, i_star, c_inv), 0.7, 0.15)[:, None] * targets[1]
+    torch.testing.assert_close(both[0].double(), literal, atol=1e-5, rtol=1e-5)
