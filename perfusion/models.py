@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import urllib.parse
@@ -76,10 +77,6 @@ class BaseModel:
     def cross_attention_layers(self) -> dict[str, Attention]:
         return cross_attention_layers(self.pipeline.unet)
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> BaseModel:
-        self.pipeline.to(device, dtype) if dtype is not None else self.pipeline.to(device)
-        return self
-
 
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
     """Every cross-attention module (diffusers names them attn2), by module path, in UNet order."""
@@ -99,25 +96,35 @@ def load_base(
 ) -> BaseModel:
     """Load a base model by name, local path or Hub id (see the module docstring)."""
     spec = str(spec)
+    # Load at the stored precision and fingerprint BEFORE casting: hashing fp16 bytes makes fp32 and fp16
+    # loads agree, but a bf16 cast drops mantissa bits first and would change the identity.
     if spec == "tiny":
         pipeline = build_tiny_pipeline()
     elif os.path.isdir(spec):
-        pipeline = _load_folder(spec, dtype)
+        pipeline = _load_folder(spec)
     elif os.path.isfile(spec):
-        pipeline = _load_single_file(spec, dtype, config)
+        pipeline = _load_single_file(spec, config)
     elif _looks_like_hub_id(spec):
-        pipeline = _load_hub(spec, dtype)
+        pipeline = _load_hub(spec)
     else:
         raise BaseModelError(
             f"base model {spec!r} not found: pass 'tiny', a local diffusers folder (with model_index.json), "
             "a local .safetensors checkpoint, or a Hugging Face Hub id such as 'org/name'."
         )
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.to(device, dtype) if dtype is not None else pipeline.to(device)
-    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
-        module.requires_grad_(False)
-        module.eval()
-    return BaseModel(pipeline=pipeline, source=spec, fingerprint=fingerprint(pipeline))
+    identity = fingerprint(pipeline)
+    # diffusers warns on every dtype cast of a model whose keep-in-fp32 list is empty ("[]"): nothing to see.
+    modeling_logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = modeling_logger.level
+    modeling_logger.setLevel(logging.ERROR)
+    try:
+        for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device=device, dtype=dtype)
+    finally:
+        modeling_logger.setLevel(level)
+    return BaseModel(pipeline=pipeline, source=spec, fingerprint=identity)
 
 
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
@@ -211,7 +218,7 @@ def _hash_tensor(digest: hashlib._Hash, name: str, tensor: torch.Tensor) -> None
     digest.update(half.view(torch.uint8).numpy().tobytes())
 
 
-def _load_folder(path: str, dtype: torch.dtype | None) -> StableDiffusionPipeline:
+def _load_folder(path: str) -> StableDiffusionPipeline:
     if not (Path(path) / "model_index.json").is_file():
         raise BaseModelError(
             f"{path} is a folder but not a diffusers pipeline (no model_index.json). Pass the folder that "
@@ -223,15 +230,12 @@ def _load_folder(path: str, dtype: torch.dtype | None) -> StableDiffusionPipelin
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
-            torch_dtype=dtype,
         )
     except (OSError, ValueError, KeyError) as error:
         raise BaseModelError(f"could not load the diffusers folder {path}: {error}") from error
 
 
-def _load_single_file(
-    path: str, dtype: torch.dtype | None, config: str | os.PathLike[str] | None
-) -> StableDiffusionPipeline:
+def _load_single_file(path: str, config: str | os.PathLike[str] | None) -> StableDiffusionPipeline:
     if not path.endswith(".safetensors"):
         raise BaseModelError(
             f"{path}: only .safetensors checkpoints are loaded (pickle-based .ckpt/.bin files can run "
@@ -244,7 +248,6 @@ def _load_single_file(
             local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
-            torch_dtype=dtype,
         )
     except Exception as error:  # diffusers raises many types here; all mean "cannot load this file"
         hint = (
@@ -261,8 +264,8 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
 
 
-def _load_hub(repo_id: str, dtype: torch.dtype | None) -> StableDiffusionPipeline:
-    kwargs = {"safety_checker": None, "requires_safety_checker": False, "torch_dtype": dtype}
+def _load_hub(repo_id: str) -> StableDiffusionPipeline:
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
     try:  # the local Hugging Face cache first: no network needed
         return StableDiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **kwargs)
     except (OSError, ValueError):

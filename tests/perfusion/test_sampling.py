@@ -113,3 +113,17 @@ def test_settings_and_covariance_are_checked(base, covariance):
     wrong = perfusion.Covariance.from_second_moment(covariance.second_moment, "0" * 32, 10)
     with pytest.raises(RenderError, match="covariance belongs to base model"):
         perfusion.ConceptRenderer(base, wrong)
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.float16, 0.02), (torch.bfloat16, 0.05)])
+def test_half_precision_keeps_the_identity_and_the_picture(covariance, trained_pair, dtype, bound):
+    """fp16/bf16 (the GPU dtypes) run the same code path on CPU: same fingerprint, close pixels."""
+    requests = [MIXED[0], MIXED[2]]
+    full = perfusion.ConceptRenderer(perfusion.load_base("tiny"), covariance)
+    half = perfusion.ConceptRenderer(perfusion.load_base("tiny", dtype=dtype), covariance)
+    assert half.base.fingerprint == full.base.fingerprint and half.base.dtype == dtype
+    for renderer in (full, half):
+        for concept in trained_pair:
+            renderer.attach(concept)
+    difference = np.abs(half.render_arrays(requests, SETTINGS) - full.render_arrays(requests, SETTINGS))
+    assert difference.max() < bound
