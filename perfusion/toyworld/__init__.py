@@ -1,0 +1,1 @@
+"""The toy world: a procedural scene generator with exact ground truth (world.py) and its oracle."""

@@ -1,0 +1,253 @@
+"""A procedural world with known ground truth: 32x32 scenes of textured shapes on plain backgrounds.
+
+Why: no real Stable Diffusion weights can be downloaded here, and a random model renders noise, so
+nothing could show that a concept was learned. In this world every picture has an exact description, so
+an oracle can score renders (perfusion/toyworld/oracle.py) and a small model pretrained on it ("toy")
+renders meaningful pictures.
+
+Rendering rules (the oracle relies on them):
+- background: one palette color, never the color of an object on it;
+- object: a shape mask; each pixel is the object's palette color c, or shade(c) where its texture pattern
+  is on (plain: never). Pattern coverage stays below half the object, so c is the majority;
+- mark (personal concepts only, never in pretraining): a small patch in a contrasting color.
+Hard edges, no anti-aliasing: clean images decode exactly.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 32
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 30),
+    "yellow": (240, 220, 50),
+    "green": (40, 170, 70),
+    "blue": (40, 90, 225),
+    "purple": (145, 60, 195),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
+TEXTURES = ("plain", "striped", "dotted", "checkered")
+MARKS = ("none", "dot", "bar", "notch")  # marks other than "none" appear only on personal concepts
+
+# Color-shape pairs never shown in pretraining: renders of them test composition.
+HELD_OUT: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("red", "star"),
+        ("blue", "triangle"),
+        ("yellow", "ring"),
+        ("green", "cross"),
+        ("purple", "square"),
+        ("orange", "circle"),
+    }
+)
+
+
+def shade(color: str) -> tuple[int, int, int]:
+    """The texture pattern's color for an object of `color`: darker, or mid-gray for black."""
+    if color == "black":
+        return (110, 110, 110)
+    r, g, b = PALETTE[color]
+    return (int(r * 0.55), int(g * 0.55), int(b * 0.55))
+
+
+def mark_color(color: str) -> tuple[int, int, int]:
+    """A mark contrasts with its object: black on light objects, white on dark ones."""
+    return (20, 20, 20) if sum(PALETTE[color]) > 360 else (245, 245, 245)
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    shape: str
+    color: str
+    texture: str = "plain"
+    mark: str = "none"
+    center: tuple[int, int] = (16, 16)
+    radius: int = 9
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[ObjectSpec, ...]
+
+
+@dataclass(frozen=True)
+class PersonalConcept:
+    """A catalog product of this world: a specific shape, color, texture and mark, never seen in pretraining."""
+
+    name: str
+    superclass: str  # the shape word
+    color: str
+    texture: str
+    mark: str
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def object(self, center: tuple[int, int], radius: int) -> ObjectSpec:
+        return ObjectSpec(self.superclass, self.color, self.texture, self.mark, center, radius)
+
+
+PERSONAL_CONCEPTS: tuple[PersonalConcept, ...] = (
+    PersonalConcept("dotted-star", "star", "purple", "dotted", "dot", {"sku": "TOY-001", "category": "stars"}),
+    PersonalConcept("striped-square", "square", "orange", "striped", "notch", {"sku": "TOY-002", "category": "boxes"}),
+    PersonalConcept("checkered-ring", "ring", "green", "checkered", "bar", {"sku": "TOY-003", "category": "rings"}),
+    PersonalConcept("marked-circle", "circle", "blue", "plain", "bar", {"sku": "TOY-004", "category": "discs"}),
+)
+
+
+def shape_mask(shape: str, center: tuple[int, int], radius: int, size: int = SIZE) -> np.ndarray:
+    """(size, size) bool mask of one shape."""
+    image = Image.new("1", (size, size), 0)
+    draw = ImageDraw.Draw(image)
+    cx, cy, r = center[0], center[1], radius
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
+    elif shape == "ring":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
+        inner = max(2, int(r * 0.55))
+        draw.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=0)
+    elif shape == "square":
+        s = int(r * 0.85)
+        draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=1)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=1)
+    elif shape == "star":
+        points = []
+        for k in range(10):
+            angle = -np.pi / 2 + k * np.pi / 5
+            reach = r if k % 2 == 0 else r * 0.45
+            points.append((cx + reach * np.cos(angle), cy + reach * np.sin(angle)))
+        draw.polygon(points, fill=1)
+    elif shape == "cross":
+        w = max(2, int(r * 0.35))
+        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=1)
+        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=1)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    return np.array(image, dtype=bool)
+
+
+def texture_mask(texture: str, size: int = SIZE, phase: int = 0) -> np.ndarray:
+    """(size, size) bool: where the pattern color goes (coverage < 1/2 by design)."""
+    y, x = np.mgrid[0:size, 0:size]
+    if texture == "plain":
+        return np.zeros((size, size), dtype=bool)
+    if texture == "striped":
+        return (y + phase) % 4 == 0  # 1-px horizontal stripes every 4 px (25%)
+    if texture == "dotted":
+        return ((y + phase) % 4 == 1) & ((x + phase) % 4 == 1)  # single-pixel dots on a 4-px grid (6%)
+    if texture == "checkered":
+        return ((x + phase) // 3 + (y + phase) // 3) % 2 == 0  # 3-px checks... masked to <1/2 below
+    raise ValueError(f"unknown texture {texture!r}; known: {TEXTURES}")
+
+
+def mark_mask(mark: str, obj: ObjectSpec, size: int = SIZE) -> np.ndarray:
+    """(size, size) bool: the mark's pixels (inside or on the object)."""
+    out = np.zeros((size, size), dtype=bool)
+    cx, cy, r = obj.center[0], obj.center[1], obj.radius
+    if mark == "none":
+        return out
+    if mark == "dot":
+        out[cy - 1 : cy + 2, cx - 1 : cx + 2] = True  # 3x3 center dot
+    elif mark == "bar":
+        out[cy - 1 : cy + 1, max(0, cx - r + 2) : cx + r - 1] = True  # 2-px horizontal bar through the middle
+    elif mark == "notch":
+        s = max(3, r // 2)
+        out[cy - r : cy - r + s, cx + r - s : cx + r] = True  # a block at the top-right corner
+    else:
+        raise ValueError(f"unknown mark {mark!r}; known: {MARKS}")
+    return out
+
+
+def render(scene: Scene) -> np.ndarray:
+    """(SIZE, SIZE, 3) uint8 picture of a scene. Later objects are drawn over earlier ones."""
+    pixels = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
+    pixels[:] = PALETTE[scene.background]
+    for obj in scene.objects:
+        body = shape_mask(obj.shape, obj.center, obj.radius)
+        pattern = body & texture_mask(obj.texture, phase=obj.center[0] % 2)
+        if obj.texture == "checkered":
+            pattern &= ~_checker_excess(body, pattern)
+        pixels[body] = PALETTE[obj.color]
+        pixels[pattern] = shade(obj.color)
+        pixels[mark_mask(obj.mark, obj) & body] = mark_color(obj.color)
+    return pixels
+
+
+def _checker_excess(body: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Checks can cover up to ~60% of a small object; thin them so the object color stays the majority."""
+    if pattern.sum() * 2 < body.sum():
+        return np.zeros_like(pattern)
+    y, _ = np.mgrid[0 : body.shape[0], 0 : body.shape[1]]
+    return pattern & (y % 3 == 2)
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """A natural caption in one of several word orders (so no word position can be learned by rote)."""
+    phrases = [_object_phrase(obj, rng) for obj in scene.objects]
+    things = " and ".join(phrases)
+    background = _article(f"{scene.background} background")
+    template = rng.choice(
+        [
+            "{things} on {background}",
+            "{background} with {things}",
+            "on {background}, {things}",
+            "{things}, {background}",
+            "a photo of {things} on {background}",
+        ]
+    )
+    return template.format(things=things, background=background)
+
+
+def _object_phrase(obj: ObjectSpec, rng: random.Random) -> str:
+    texture = "" if obj.texture == "plain" and rng.random() < 0.7 else obj.texture + " "
+    if rng.random() < 0.8:
+        return _article(f"{texture}{obj.color} {obj.shape}")
+    suffix = "" if obj.texture == "plain" else f" with a {obj.texture} pattern"
+    return _article(f"{obj.color} {obj.shape}") + suffix
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def sample_scene(rng: random.Random, two_objects: float = 0.3, allow_held_out: bool = False) -> Scene:
+    """A random pretraining scene: 1 or 2 unmarked objects, never a held-out color-shape pair (unless allowed)."""
+    count = 2 if rng.random() < two_objects else 1
+    objects: list[ObjectSpec] = []
+    used_colors: set[str] = set()
+    for index in range(count):
+        while True:
+            shape, color = rng.choice(SHAPES), rng.choice(list(PALETTE))
+            if (allow_held_out or (color, shape) not in HELD_OUT) and color not in used_colors:
+                break
+        used_colors.add(color)
+        radius = rng.randint(6, 8) if count == 2 else rng.randint(7, 11)
+        if count == 1:
+            center = (rng.randint(radius + 1, SIZE - radius - 2), rng.randint(radius + 1, SIZE - radius - 2))
+        else:  # left / right halves, so the two never overlap
+            x = rng.randint(radius + 1, SIZE // 2 - 1) if index == 0 else rng.randint(SIZE // 2 + 1, SIZE - radius - 2)
+            center = (x, rng.randint(radius + 1, SIZE - radius - 2))
+        objects.append(ObjectSpec(shape, color, rng.choice(TEXTURES), "none", center, radius))
+    background = rng.choice([c for c in PALETTE if c not in used_colors])
+    return Scene(background, tuple(objects))
+
+
+def concept_scene(concept: PersonalConcept, rng: random.Random, background: str | None = None) -> Scene:
+    """One photo of a personal concept: alone, centered-ish, on a random (or given) background."""
+    radius = rng.randint(9, 11)
+    center = (rng.randint(radius + 1, SIZE - radius - 2), rng.randint(radius + 1, SIZE - radius - 2))
+    bg = background or rng.choice([c for c in PALETTE if c != concept.color])
+    return Scene(bg, (concept.object(center, radius),))
+
+
+def concept_images(concept: PersonalConcept, count: int = 6, seed: int = 0) -> list[Image.Image]:
+    """The few photos a product team would supply for one product."""
+    rng = random.Random(seed)
+    return [Image.fromarray(render(concept_scene(concept, rng))) for _ in range(count)]

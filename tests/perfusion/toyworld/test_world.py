@@ -1,0 +1,76 @@
+"""The toy world's generator keeps the promises its oracle relies on."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+
+from perfusion.toyworld.world import (
+    HELD_OUT,
+    PALETTE,
+    PERSONAL_CONCEPTS,
+    SHAPES,
+    TEXTURES,
+    ObjectSpec,
+    Scene,
+    caption,
+    concept_images,
+    render,
+    sample_scene,
+    shade,
+    shape_mask,
+)
+
+
+def test_generation_is_deterministic():
+    first = [render(sample_scene(random.Random(3))) for _ in range(3)]
+    again = [render(sample_scene(random.Random(3))) for _ in range(3)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(concept_images(PERSONAL_CONCEPTS[0], 3), concept_images(PERSONAL_CONCEPTS[0], 3), strict=True)
+    )
+
+
+def test_pretraining_scenes_skip_held_out_pairs_and_marks_and_never_share_a_color():
+    rng = random.Random(0)
+    for _ in range(2000):
+        scene = sample_scene(rng)
+        colors = [o.color for o in scene.objects]
+        assert scene.background not in colors and len(set(colors)) == len(colors)
+        for obj in scene.objects:
+            assert (obj.color, obj.shape) not in HELD_OUT and obj.mark == "none"
+
+
+@pytest.mark.parametrize("texture", TEXTURES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_object_color_is_the_majority_of_its_pixels(shape, texture):
+    for radius in (6, 8, 11):
+        obj = ObjectSpec(shape, "red", texture, "none", (16, 16), radius)
+        pixels = render(Scene("white", (obj,)))[shape_mask(shape, (16, 16), radius)]
+        own = (pixels == PALETTE["red"]).all(-1).mean()
+        patterned = (pixels == shade("red")).all(-1).mean()
+        assert own > 0.5 and abs(own + patterned - 1) < 1e-9
+        assert (patterned > 0) == (texture != "plain")
+
+
+def test_captions_name_every_object_color_shape_and_the_background():
+    rng = random.Random(1)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        text = caption(scene, rng)
+        assert f"{scene.background} background" in text
+        for obj in scene.objects:
+            assert f"{obj.color} {obj.shape}" in text or f"{obj.color} {obj.shape}" in text.replace(
+                f"{obj.texture} ", ""
+            )
+        assert not re.search(r"\ba [aeiou]", text), text  # "an orange star", never "a orange star"
+
+
+def test_personal_concepts_carry_marks_the_pretraining_world_never_shows():
+    assert len(PERSONAL_CONCEPTS) == 4
+    assert all(c.mark != "none" for c in PERSONAL_CONCEPTS)
+    assert len({c.name for c in PERSONAL_CONCEPTS}) == 4
