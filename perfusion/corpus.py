@@ -224,6 +224,8 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "an image of a {a} {n}",
     "a {a} {n} with a {a2} {n2} {s}",
     "a rendering of a {n} {s}",
+    "a {n} with a {a} pattern {s}",
+    "an {a} {n} and an {a2} {n2}",
 )
 
 

@@ -1,6 +1,7 @@
 """Base models: what a concept is trained on and rendered with.
 
 `load_base(spec)` accepts
+- "toy": the project's own model pretrained on the toy world (perfusion/toyworld), weights shipped;
 - "tiny": a small Stable-Diffusion-shaped pipeline built from config with a fixed seed (random weights,
   for unit tests; builds in well under a second on CPU), with the project's generated BPE tokenizer;
 - a local diffusers folder (SD 1.x / 2.x; has model_index.json);
@@ -100,6 +101,10 @@ def load_base(
     # loads agree, but a bf16 cast drops mantissa bits first and would change the identity.
     if spec == "tiny":
         pipeline = build_tiny_pipeline()
+    elif spec == "toy":
+        from perfusion.toyworld.model import build_toy_pipeline  # the shipped, pretrained toy-world model
+
+        pipeline = build_toy_pipeline()
     elif os.path.isdir(spec):
         pipeline = _load_folder(spec)
     elif os.path.isfile(spec):
@@ -108,7 +113,7 @@ def load_base(
         pipeline = _load_hub(spec)
     else:
         raise BaseModelError(
-            f"base model {spec!r} not found: pass 'tiny', a local diffusers folder (with model_index.json), "
+            f"base model {spec!r} not found: pass 'toy', 'tiny', a local diffusers folder (with model_index.json), "
             "a local .safetensors checkpoint, or a Hugging Face Hub id such as 'org/name'."
         )
     pipeline.set_progress_bar_config(disable=True)

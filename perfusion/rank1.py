@@ -107,7 +107,9 @@ def build_edit_basis(
     """
     batch, width = len(rows), max((len(r) for r in rows), default=0)
     dim = c_inv.shape[0]
-    c_inv64 = c_inv.to(torch.float64)
+    # Built on the CPU in float64 whatever device the concepts live on; EditBasis.to() moves the result.
+    c_inv64 = c_inv.detach().to("cpu", torch.float64)
+    c_inv_cholesky = c_inv_cholesky.detach().to("cpu", torch.float64)
     projection_basis = torch.zeros(batch, width, dim, dtype=torch.float64)
     projection_dirs = torch.zeros(batch, dim, width, dtype=torch.float64)
     similarity_dirs = torch.zeros(batch, dim, width, dtype=torch.float64)
@@ -118,7 +120,7 @@ def build_edit_basis(
         if not concepts:
             continue
         count = len(concepts)
-        inputs = torch.stack([i.to(torch.float64) for i, _, _ in concepts])  # (j, d)
+        inputs = torch.stack([i.detach().to("cpu", torch.float64) for i, _, _ in concepts])  # (j, d)
         directions = inputs @ c_inv64  # (j, d): C^-1 i*_k (C^-1 is symmetric)
         energy = (directions * inputs).sum(-1)  # (j,)
         similarity_dirs[b, :, :count] = (directions / energy[:, None]).T
@@ -156,11 +158,14 @@ def edit_projection(
     """
     if basis.active.shape[1] == 0:
         return projected
-    enc = encodings.float()
-    coefficients = torch.bmm(enc, basis.projection_dirs)  # (b, m, j): u_k^T C^-1 e
-    sims = torch.bmm(enc, basis.similarity_dirs)  # (b, m, j): s_k(e)
-    gates = gate(sims, basis.beta[:, None, :], basis.tau[:, None, :])  # (b, m, j)
-    gates = gates * basis.active[:, None, :]
-    weighted_basis = basis.projection_basis @ weight.float().T  # (b, j, o): W u_k
-    correction = torch.bmm(gates, target_outputs.float()) - torch.bmm(coefficients, weighted_basis)
+    # float32 even inside a bf16/fp16 autocast region (training on GPU): s(e) near the gate's threshold
+    # must not be rounded to bf16's 8 bits.
+    with torch.autocast(encodings.device.type, enabled=False):
+        enc = encodings.float()
+        coefficients = torch.bmm(enc, basis.projection_dirs)  # (b, m, j): u_k^T C^-1 e
+        sims = torch.bmm(enc, basis.similarity_dirs)  # (b, m, j): s_k(e)
+        gates = gate(sims, basis.beta[:, None, :], basis.tau[:, None, :])  # (b, m, j)
+        gates = gates * basis.active[:, None, :]
+        weighted_basis = basis.projection_basis @ weight.float().T  # (b, j, o): W u_k
+        correction = torch.bmm(gates, target_outputs.float()) - torch.bmm(coefficients, weighted_basis)
     return projected + correction.to(projected.dtype)

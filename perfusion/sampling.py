@@ -115,6 +115,7 @@ class ConceptRenderer:
     def concepts_for(self, request: RenderRequest) -> list[Concept]:
         """The concepts a request uses, checked against what is attached."""
         found = self._tokens_in(request.prompt)
+        self._tokens_in(request.negative_prompt)  # a concept token there must be attached too
         tokens = list(request.concepts) if request.concepts is not None else found
         unknown = [t for t in tokens if t not in self.concepts]
         if unknown:
@@ -151,7 +152,7 @@ class ConceptRenderer:
         gates = [dict(r.gates) for r in requests]
         key_encodings = None
         if settings.lock == "global":
-            positive_keys = self._superclass_encodings(positive_ids, positive)
+            positive_keys = self._superclass_encodings(positive_ids, positive, rows)
             key_encodings = torch.cat([negative, positive_keys]) if guided else positive_keys
         call = PerfusionCall.build(
             call_rows,
@@ -195,17 +196,27 @@ class ConceptRenderer:
             return_tensors="pt",
         ).input_ids
 
-    def _superclass_encodings(self, ids: torch.Tensor, encodings: torch.Tensor) -> torch.Tensor:
-        """Global locking's K-path input: encodings of the prompt with concept words replaced by their
-        superclass, gathered back to the concept prompt's positions. (b, m, d)"""
+    def _superclass_encodings(
+        self, ids: torch.Tensor, encodings: torch.Tensor, rows: list[list[Concept]]
+    ) -> torch.Tensor:
+        """Global locking's K-path input: encodings of each prompt with ITS concepts' words replaced by
+        their superclass, gathered back to the concept prompt's positions. (b, m, d)"""
         tokenizer = self.base.tokenizer
-        phrases = {
-            int(tokenizer.convert_tokens_to_ids(token)): superclass_token_ids(tokenizer, concept.superclass)
-            for token, concept in self.concepts.items()
-        }
-        substituted, alignment = substitute_superclass(
-            ids, phrases, tokenizer.model_max_length, int(tokenizer.pad_token_id), int(tokenizer.eos_token_id)
-        )
-        keys = self.base.text_encoder(substituted.to(encodings.device))[0]  # (b, m, d)
-        index = alignment.to(encodings.device)[..., None].expand(-1, -1, keys.shape[-1])
+        substituted, alignment = [], []
+        for b, concepts in enumerate(rows):
+            phrases = {
+                int(tokenizer.convert_tokens_to_ids(c.token)): superclass_token_ids(tokenizer, c.superclass)
+                for c in concepts
+            }
+            row_ids, row_alignment = substitute_superclass(
+                ids[b : b + 1],
+                phrases,
+                tokenizer.model_max_length,
+                int(tokenizer.pad_token_id),
+                int(tokenizer.eos_token_id),
+            )
+            substituted.append(row_ids)
+            alignment.append(row_alignment)
+        keys = self.base.text_encoder(torch.cat(substituted).to(encodings.device))[0]  # (b, m, d)
+        index = torch.cat(alignment).to(encodings.device)[..., None].expand(-1, -1, keys.shape[-1])
         return torch.gather(keys, 1, index)

@@ -16,8 +16,9 @@ whole phrase (and in English compounds it is the head noun).
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -108,6 +109,25 @@ def remove_concept_token(tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPT
     token_id = tokenizer.get_vocab().get(token)
     if token_id is not None:
         concept_embedding_table(text_encoder).concept_vectors.pop(int(token_id), None)
+
+
+@contextlib.contextmanager
+def temporary_concept_token(
+    tokenizer: PreTrainedTokenizerBase, text_encoder: CLIPTextModel, token: str, vector: torch.Tensor
+) -> Iterator[int]:
+    """Register `token` for the duration of a block (training, a loss evaluation), then put back whatever
+    vector the token had before, so a renderer sharing this base keeps its attached concept."""
+    table = concept_embedding_table(text_encoder)
+    known_id = tokenizer.get_vocab().get(token)
+    previous = table.concept_vectors.get(int(known_id)) if known_id is not None else None
+    token_id = add_concept_token(tokenizer, text_encoder, token, vector)
+    try:
+        yield token_id
+    finally:
+        if previous is None:
+            table.concept_vectors.pop(token_id, None)
+        else:
+            table.concept_vectors[token_id] = previous
 
 
 def superclass_token_ids(tokenizer: PreTrainedTokenizerBase, superclass: str) -> list[int]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from PIL import Image, UnidentifiedImageError
 
 from perfusion.attention import PerfusionCall, install_processors
@@ -32,11 +33,10 @@ from perfusion.covariance import Covariance, estimate_covariance
 from perfusion.errors import TrainingError
 from perfusion.models import BaseModel
 from perfusion.tokens import (
-    add_concept_token,
     concept_embedding_table,
-    remove_concept_token,
     superclass_embedding,
     superclass_token_ids,
+    temporary_concept_token,
 )
 
 ImageInput = Image.Image | str | os.PathLike[str] | np.ndarray
@@ -130,11 +130,8 @@ def train_concept(
 
     state = initial_concept(base, token, superclass, config)  # fails early on an unusable superclass
     install_processors(base.unet)
-    token_id = add_concept_token(base.tokenizer, base.text_encoder, token, state.embedding)
-    try:
+    with temporary_concept_token(base.tokenizer, base.text_encoder, token, state.embedding) as token_id:
         return _train(base, config, covariance, state, token_id, latents, weights, on_step, scorer)
-    finally:
-        remove_concept_token(base.tokenizer, base.text_encoder, token)
 
 
 def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainConfig = TrainConfig()) -> Concept:
@@ -169,7 +166,8 @@ def _train(
     on_step: Callable[[StepInfo], None] | None,
     scorer: Scorer | None,
 ) -> Concept:
-    device, unet, text_encoder, scheduler = base.device, base.unet, base.text_encoder, base.pipeline.scheduler
+    device, unet, text_encoder = base.device, base.unet, base.text_encoder
+    scheduler = _noise_schedule(base)
     # The trainable tensors live inside `state`, so the processor reads exactly what will be saved.
     # Trainable: the embedding row and o*_V (and o*_K only in the trained-keys ablation). Nothing else.
     state.embedding = torch.nn.Parameter(state.embedding.clone())
@@ -219,7 +217,7 @@ def _train(
                     [[state]] * len(part), covariance, overrides=[gate] * len(part), device=device
                 )
                 prediction = unet(
-                    noisy[part], timesteps[part], encodings, cross_attention_kwargs={"perfusion": call}
+                    noisy[part].to(unet.dtype), timesteps[part], encodings, cross_attention_kwargs={"perfusion": call}
                 ).sample
             squared = (prediction.float() - target[part].float()) ** 2  # (micro, c, h, w)
             if pixel_weights is not None:
@@ -252,6 +250,13 @@ def _train(
         "device": str(device),
     }
     return result
+
+
+def _noise_schedule(base: BaseModel) -> DDPMScheduler:
+    """The forward (noising) process of the base model's training: DDPM with the pipeline scheduler's betas.
+    Not the pipeline's own scheduler: a sampler such as Euler scales noise by sigma in add_noise, and
+    set_timesteps() from an earlier render changes its state."""
+    return DDPMScheduler.from_config(base.pipeline.scheduler.config)
 
 
 def _denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -429,19 +434,17 @@ def denoising_loss(
     clean = mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator, device=base.device)
     clean = clean * _scaling(base)
     noise = torch.randn(clean.shape, generator=generator, device=base.device)
-    scheduler = base.pipeline.scheduler
+    scheduler = _noise_schedule(base)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (samples,), generator=generator, device=base.device
     )
     install_processors(base.unet)
-    add_concept_token(base.tokenizer, base.text_encoder, concept.token, concept.embedding.to(base.device))
-    try:
+    embedding = concept.embedding.to(base.device)
+    with temporary_concept_token(base.tokenizer, base.text_encoder, concept.token, embedding):
         ids = _tokenize(base, [template.format(concept.token)] * samples)
         encodings = base.text_encoder(ids.to(base.device))[0]
         call = PerfusionCall.build([[concept]] * samples, covariance, device=base.device)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
+        noisy = scheduler.add_noise(clean, noise, timesteps).to(base.unet.dtype)
         prediction = base.unet(noisy, timesteps, encodings, cross_attention_kwargs={"perfusion": call}).sample
         target = _denoising_target(scheduler, clean, noise, timesteps)
         return float(F.mse_loss(prediction.float(), target.float()))
-    finally:
-        remove_concept_token(base.tokenizer, base.text_encoder, concept.token)

@@ -148,18 +148,21 @@ def texture_mask(texture: str, size: int = SIZE, phase: int = 0) -> np.ndarray:
 
 
 def mark_mask(mark: str, obj: ObjectSpec, size: int = SIZE) -> np.ndarray:
-    """(size, size) bool: the mark's pixels (inside or on the object)."""
+    """(size, size) bool: the mark's pixels, placed relative to the body's own extent."""
     out = np.zeros((size, size), dtype=bool)
-    cx, cy, r = obj.center[0], obj.center[1], obj.radius
     if mark == "none":
         return out
+    body = shape_mask(obj.shape, obj.center, obj.radius, size)
+    ys, xs = np.nonzero(body)
+    cx, cy, r = obj.center[0], obj.center[1], obj.radius
     if mark == "dot":
         out[cy - 1 : cy + 2, cx - 1 : cx + 2] = True  # 3x3 center dot
     elif mark == "bar":
         out[cy - 1 : cy + 1, max(0, cx - r + 2) : cx + r - 1] = True  # 2-px horizontal bar through the middle
     elif mark == "notch":
         s = max(3, r // 2)
-        out[cy - r : cy - r + s, cx + r - s : cx + r] = True  # a block at the top-right corner
+        top, right = int(ys.min()), int(xs.max())
+        out[top : top + s, right - s + 1 : right + 1] = True  # a block in the body's top-right corner
     else:
         raise ValueError(f"unknown mark {mark!r}; known: {MARKS}")
     return out
@@ -228,11 +231,16 @@ def sample_scene(rng: random.Random, two_objects: float = 0.3, allow_held_out: b
             if (allow_held_out or (color, shape) not in HELD_OUT) and color not in used_colors:
                 break
         used_colors.add(color)
-        radius = rng.randint(6, 8) if count == 2 else rng.randint(7, 11)
+        radius = rng.randint(5, 6) if count == 2 else rng.randint(7, 11)
         if count == 1:
             center = (rng.randint(radius + 1, SIZE - radius - 2), rng.randint(radius + 1, SIZE - radius - 2))
-        else:  # left / right halves, so the two never overlap
-            x = rng.randint(radius + 1, SIZE // 2 - 1) if index == 0 else rng.randint(SIZE // 2 + 1, SIZE - radius - 2)
+        else:  # left and right halves with column 16 free between them: the two never touch
+            half = SIZE // 2
+            x = (
+                rng.randint(radius + 1, half - 1 - radius)
+                if index == 0
+                else rng.randint(half + 1 + radius, SIZE - 2 - radius)
+            )
             center = (x, rng.randint(radius + 1, SIZE - radius - 2))
         objects.append(ObjectSpec(shape, color, rng.choice(TEXTURES), "none", center, radius))
     background = rng.choice([c for c in PALETTE if c not in used_colors])
@@ -251,3 +259,9 @@ def concept_images(concept: PersonalConcept, count: int = 6, seed: int = 0) -> l
     """The few photos a product team would supply for one product."""
     rng = random.Random(seed)
     return [Image.fromarray(render(concept_scene(concept, rng))) for _ in range(count)]
+
+
+def caption_corpus(count: int = 4000, seed: int = 0) -> list[str]:
+    """Captions of random pretraining scenes: the toy text encoder's language, for its covariance C."""
+    rng = random.Random(seed)
+    return [caption(sample_scene(rng), rng) for _ in range(count)]

@@ -95,20 +95,24 @@ def test_the_concept_token_gets_the_same_outputs_at_any_position(base, covarianc
             torch.testing.assert_close(recorded[id(weight)][0, 9], recorded[id(weight)][0, 4])
 
 
-def test_gates_stay_nearly_closed_on_a_prompt_without_the_concept(base, covariance, trained_pair):
-    """On the real tokens (BOS..EOS) of an unrelated prompt the trained concept's gate stays shut.
-    (Padding positions of the RANDOM tiny encoder carry untrained position embeddings far outside the
-    distribution C was estimated on, so they are not a meaningful check here.)"""
+def test_similarity_is_calibrated_by_the_covariance_and_the_gate_opens_at_the_concept(base, covariance, trained_pair):
+    """Over the tokens C was estimated from, mean s(e)^2 = i*^T C^-1 C C^-1 i* / energy^2 = 1 / energy
+    (an identity: it fails if C counted padding, was centered, or was inverted wrongly)."""
+    from perfusion.corpus import builtin_prompts
+
     mug = trained_pair[0]
-    ids, encodings = _encode(base, "a photo of a dog on the beach")
-    real = int((ids[0] != base.tokenizer.eos_token_id).sum()) + 1  # through the first EOS
-    s = similarity(encodings[0, :real].double(), mug.target_input.double(), covariance.c_inv)
-    assert gate(s, mug.beta, mug.tau).max().item() < 0.1
+    batch = base.tokenizer(builtin_prompts(), padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        tokens = base.text_encoder(batch.input_ids)[0][batch.attention_mask.bool()].double()  # (n, d)
+    i_star = mug.target_input.double()
+    energy = (i_star @ covariance.c_inv @ i_star).item()
+    mean_square = (similarity(tokens, i_star, covariance.c_inv) ** 2).mean().item()
+    assert mean_square == pytest.approx(1 / energy, rel=0.02)
     add_concept_token(base.tokenizer, base.text_encoder, "<mug-1>", mug.embedding)
     concept_ids, concept_encodings = _encode(base, "a photo of <mug-1>")
     position = concept_ids[0].tolist().index(base.tokenizer.convert_tokens_to_ids("<mug-1>"))
-    at_concept = similarity(concept_encodings[0, position].double(), mug.target_input.double(), covariance.c_inv)
-    assert gate(at_concept, mug.beta, mug.tau).item() > 0.5  # ...and opens at the concept token
+    at_concept = similarity(concept_encodings[0, position].double(), i_star, covariance.c_inv)
+    assert gate(at_concept, mug.beta, mug.tau).item() > 0.5
 
 
 def test_global_locking_equals_local_when_the_concept_word_encodes_like_its_superclass(base, covariance):

@@ -159,3 +159,18 @@ def test_coinciding_target_inputs_project_their_shared_direction_once(metric):
     literal = single_concept_edit(e, weight, i_star, targets[0], c_inv, 0.7, 0.15)
     literal = literal + gate(similarity(e, i_star, c_inv), 0.7, 0.15)[:, None] * targets[1]
     torch.testing.assert_close(both[0].double(), literal, atol=1e-5, rtol=1e-5)
+
+
+def test_unrelated_encodings_rarely_open_the_gate_at_stable_diffusion_width():
+    """d = 768: for e and i* drawn from the distribution C describes, s(e) has RMS 1/sqrt(energy) ~ 1/sqrt(d),
+    so the gate (beta 0.7, tau 0.15) stays shut for unrelated encodings."""
+    dim = 768
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / dim**0.5
+    c = mixing @ mixing.T + 0.1 * torch.eye(dim, dtype=torch.float64)
+    c_inv = torch.linalg.inv(c)
+    samples = torch.randn(2000, dim, generator=generator, dtype=torch.float64) @ torch.linalg.cholesky(c).T
+    i_star = samples[0]
+    s = similarity(samples[1:], i_star, c_inv)
+    assert (gate(s, 0.7, 0.15) > 0.1).double().mean().item() < 0.01
+    assert s.pow(2).mean().item() == pytest.approx(1 / (i_star @ c_inv @ i_star).item(), rel=0.15)
