@@ -44,11 +44,17 @@ def demo(
         "demo-output"
     ),
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps per concept.")] = 60,
+    base: Annotated[
+        str, typer.Option("--base", help="'toy' (pretrained toy-world model) or 'tiny' (random, seconds).")
+    ] = "tiny",
 ) -> None:
-    """Train two concepts on the built-in tiny model, reload them and render single- and two-concept prompts.
+    """Train two concepts, reload them into a fresh pipeline and render single- and two-concept prompts.
 
-    Example: perfusion-batch demo --out demo-output --steps 60
+    Example: perfusion-batch demo --base toy --out demo-output --steps 150
     """
+    if base not in {"toy", "tiny"}:
+        typer.secho(f"error: --base must be 'toy' or 'tiny', not {base!r}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
     from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     import perfusion
@@ -69,7 +75,7 @@ def demo(
             progress.update(tasks[token], completed=info.step, loss=f"{info.loss:.4f}")
 
         try:
-            run_demo(out, steps=steps, log=progress.console.print, on_step=on_step)
+            run_demo(out, steps=steps, base_name=base, log=progress.console.print, on_step=on_step)
         except perfusion.PerfusionError as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from error

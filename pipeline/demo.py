@@ -1,9 +1,9 @@
-"""The embedded demo: train two concepts on the tiny model, save them, reload them into a fresh pipeline
-and render prompts that use one and both, with a contact sheet to look at.
+"""The embedded demo: train two concepts, save them, reload them into a fresh pipeline and render prompts
+that use one and both, with a contact sheet to look at. No downloads; a CPU is enough.
 
-Runs on a CPU in well under a minute with no downloads. The tiny model has random weights, so its
-pictures are texture, not products: the demo shows the whole path works (train -> file -> load ->
-multi-concept render); the toy world model replaces it for pictures worth looking at.
+- base "toy": the project's pretrained toy-world model; the products are two of the world's personal
+  concepts (a dotted purple star with a dot, a striped orange square with a notch), rendered in new scenes;
+- base "tiny": random weights, so the pictures are texture; it shows the path works, in seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +37,43 @@ PROMPTS = (
     "a photo of <demo-bag> in a kitchen",
     "<demo-mug> next to <demo-bag> on a wooden table",
 )
+TOY_PROMPTS = (
+    "a photo of <dotted-star>",
+    "<dotted-star> on a blue background",
+    "<striped-square> on a white background",
+    "a red circle and <striped-square> on a yellow background",
+    "<dotted-star> and <striped-square> on a black background",
+)
+
+
+@dataclass(frozen=True)
+class DemoSetup:
+    base: str
+    products: list[tuple[str, str, list[Image.Image]]]  # (token, superclass, photos)
+    prompts: tuple[str, ...]
+    covariance_prompts: list[str] | None  # None: the built-in corpus
+    config: perfusion.TrainConfig
+
+
+def demo_setup(base: str, steps: int) -> DemoSetup:
+    if base == "toy":
+        from perfusion.toyworld.world import PERSONAL_CONCEPTS, caption_corpus, concept_images
+
+        chosen = PERSONAL_CONCEPTS[:2]
+        return DemoSetup(
+            base="toy",
+            products=[(f"<{c.name}>", c.superclass, concept_images(c, 6, seed=i)) for i, c in enumerate(chosen)],
+            prompts=TOY_PROMPTS,
+            covariance_prompts=caption_corpus(),  # the toy text encoder's own language
+            config=perfusion.TrainConfig(steps=steps, batch_size=8),
+        )
+    return DemoSetup(
+        base=base,
+        products=[(p.token, p.superclass, product_images(p, seed=i)) for i, p in enumerate(PRODUCTS)],
+        prompts=PROMPTS,
+        covariance_prompts=None,
+        config=perfusion.TrainConfig(steps=steps, batch_size=4),
+    )
 
 
 def product_images(product: DemoProduct, count: int = 4, size: int = 32, seed: int = 0) -> list[Image.Image]:
@@ -60,55 +97,48 @@ def product_images(product: DemoProduct, count: int = 4, size: int = 32, seed: i
 def run_demo(
     out_dir: Path,
     steps: int = 60,
+    base_name: str = "tiny",
     log: Callable[[str], None] = print,
     on_step: Callable[[str, perfusion.StepInfo], None] | None = None,
 ) -> dict[str, object]:
     """Train, save, reload, render. Returns a summary (also written to out_dir/summary.json)."""
+    setup = demo_setup(base_name, steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "concepts").mkdir(exist_ok=True)
     (out_dir / "renders").mkdir(exist_ok=True)
-    base = perfusion.load_base("tiny")
-    log(f"base model 'tiny' loaded (fingerprint {base.fingerprint})")
-    covariance = perfusion.estimate_covariance(base)
-    log(f"covariance estimated from {covariance.token_count} tokens of the built-in corpus")
-    config = perfusion.TrainConfig(steps=steps, batch_size=4)
+    base = perfusion.load_base(setup.base)
+    log(f"base model {setup.base!r} loaded (fingerprint {base.fingerprint})")
+    covariance = perfusion.estimate_covariance(base, setup.covariance_prompts)
+    log(f"covariance estimated from {covariance.token_count} caption tokens")
 
     files = {}
-    for index, product in enumerate(PRODUCTS):
-        images = product_images(product, seed=index)
+    for token, superclass, images in setup.products:
+        name = token.strip("<>")
         for i, image in enumerate(images):
-            image.resize((128, 128), Image.Resampling.NEAREST).save(out_dir / f"train-{product.superclass}-{i}.png")
+            image.resize((128, 128), Image.Resampling.NEAREST).save(out_dir / f"train-{name}-{i}.png")
         concept = perfusion.train_concept(
-            base,
-            images,
-            product.token,
-            product.superclass,
-            config,
-            covariance=covariance,
-            on_step=_tagged(on_step, product.token),
+            base, images, token, superclass, setup.config, covariance=covariance, on_step=_tagged(on_step, token)
         )
-        path = out_dir / "concepts" / f"{product.token.strip('<>')}.safetensors"
+        path = out_dir / "concepts" / f"{name}.safetensors"
         size = concept.save(path)
-        files[product.token] = path
+        files[token] = path
         loss = concept.metadata["loss"]
-        log(
-            f"trained {product.token} ({product.superclass}): loss {loss['first']:.3f} -> {loss['last']:.3f}, "
-            f"{size:,} bytes -> {path}"
-        )
+        log(f"trained {token} ({superclass}): loss {loss['first']:.3f} -> {loss['last']:.3f}, {size:,} bytes -> {path}")
 
     # A fresh pipeline, as a downstream app would have: concepts come only from their files.
-    fresh = perfusion.load_base("tiny")
+    fresh = perfusion.load_base(setup.base)
     renderer = perfusion.ConceptRenderer(fresh, covariance)
     for path in files.values():
         renderer.attach(perfusion.load_concept(path, fresh))
-    requests = [perfusion.RenderRequest(prompt, seed=seed) for prompt in PROMPTS for seed in (0, 1)]
-    images = renderer.render(requests, perfusion.RenderSettings(steps=20))
+    requests = [perfusion.RenderRequest(prompt, seed=seed) for prompt in setup.prompts for seed in (0, 1)]
+    images = renderer.render(requests, perfusion.RenderSettings(steps=20, guidance_scale=4.0))
     for number, image in enumerate(images):
         image.save(out_dir / "renders" / f"{number:02d}.png")
     sheet = contact_sheet([(r.prompt, r.seed) for r in requests], images)
     sheet.save(out_dir / "contact_sheet.png")
     log(f"rendered {len(images)} images -> {out_dir / 'renders'}; contact sheet {out_dir / 'contact_sheet.png'}")
     summary = {
+        "base": setup.base,
         "concepts": {token: str(path) for token, path in files.items()},
         "renders": len(images),
         "contact_sheet": str(out_dir / "contact_sheet.png"),

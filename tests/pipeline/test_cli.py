@@ -34,13 +34,14 @@ def test_demo_trains_saves_reloads_and_renders(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["concepts"]) == {"<demo-mug>", "<demo-bag>"}
-    assert summary["renders"] == 8 and len(list((out / "renders").glob("*.png"))) == 8
+    assert summary["base"] == "tiny" and summary["renders"] == 8
+    assert len(list((out / "renders").glob("*.png"))) == 8
     assert (out / "contact_sheet.png").stat().st_size > 1000
     for path in summary["concepts"].values():
         assert 1000 < (tmp_path / path).stat().st_size < 8000
 
 
-@pytest.mark.parametrize("args", [["demo", "--steps", "0"], ["no-such-command"]])
+@pytest.mark.parametrize("args", [["demo", "--steps", "0"], ["demo", "--base", "huge"], ["no-such-command"]])
 def test_bad_flags_are_rejected_with_usage(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 2

@@ -1,0 +1,41 @@
+"""The toy model's plumbing: an exact autoencoder in the VAE slot of the stock diffusers pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import perfusion
+from perfusion.errors import BaseModelError
+from perfusion.toyworld.autoencoder import PixelShuffleAutoencoder
+from perfusion.toyworld.model import build_toy_pipeline
+
+
+def test_the_autoencoder_is_exact():
+    autoencoder = PixelShuffleAutoencoder()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    latents = autoencoder.encode(images).latent_dist.sample()
+    assert latents.shape == (3, 12, 16, 16)
+    assert torch.equal(autoencoder.decode(latents).sample, images)
+    assert torch.equal(autoencoder.encode(images).latent_dist.std, torch.zeros_like(latents))
+
+
+def test_the_stock_pipeline_renders_with_it_and_perfusion_attaches():
+    pipeline = build_toy_pipeline(weights=None)  # random weights: plumbing only
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.vae_scale_factor == 2
+    out = pipeline(
+        prompt=["a red circle on a white background"],
+        num_inference_steps=2,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(0)],
+    )
+    assert np.asarray(out.images).shape == (1, 32, 32, 3)
+    base = perfusion.BaseModel(pipeline, "toy(random)", perfusion.models.fingerprint(pipeline))
+    assert len(base.cross_attention_layers()) == 7  # down 8x8 and 4x4, mid, up 4x4 x2 and 8x8 x2
+
+
+def test_missing_toy_weights_say_how_to_make_them(tmp_path):
+    with pytest.raises(BaseModelError, match=r"python -m perfusion\.toyworld\.pretrain"):
+        build_toy_pipeline(weights=tmp_path / "toy.safetensors")
