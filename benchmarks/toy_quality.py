@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
+from perfusion.toyworld.model import build_toy_pipeline
 from perfusion.toyworld.oracle import read_batch
 from perfusion.toyworld.world import HELD_OUT, ObjectSpec, Scene, caption, sample_scene
 
@@ -68,8 +69,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--weights", type=Path, default=None, help="toy weights to score (default: the shipped ones)")
     args = parser.parse_args()
-    base = perfusion.load_base("toy")
+    if args.weights is None:
+        base = perfusion.load_base("toy")
+    else:
+        pipeline = build_toy_pipeline(args.weights)
+        pipeline.set_progress_bar_config(disable=True)
+        base = perfusion.BaseModel(pipeline, str(args.weights), perfusion.models.fingerprint(pipeline))
     scenes = unseen_scenes(args.prompts)
     rng = random.Random(7)
     prompts = [caption(s, rng) for s in scenes]
