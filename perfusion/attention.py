@@ -58,7 +58,9 @@ class PerfusionCall:
         key_encodings: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
     ) -> PerfusionCall:
-        """rows[b]: the concepts active in batch row b (possibly none); overrides[b]: per-row beta/tau."""
+        """rows[b]: the concepts active in batch row b (possibly none); overrides[b]: per-row beta/tau.
+        Embedding-only concepts (textual inversion) act through their token alone and are left out here."""
+        rows = [[c for c in row if c.edits] for row in rows]
         concepts: list[Concept] = []
         index: dict[int, int] = {}
         for row in rows:

@@ -55,6 +55,11 @@ class Concept:
     def layer_names(self) -> list[str]:
         return list(self.value_targets)
 
+    @property
+    def edits(self) -> bool:
+        """False for an embedding-only concept (the textual-inversion baseline): no layer is edited."""
+        return bool(self.value_targets)
+
     def to_bytes(self, dtype: torch.dtype = torch.float16) -> bytes:
         """Serialise to safetensors bytes (fp16 by default, fp32 for exact round trips)."""
         if dtype not in (torch.float16, torch.float32):
@@ -123,7 +128,7 @@ def check_compatible(concept: Concept, base: BaseModel, label: str | None = None
             f"{base.source!r} is {base.fingerprint}. Load it with the base model it was trained on, or "
             "retrain the concept on this one."
         )
-    layers = base.cross_attention_layers()
+    layers = base.cross_attention_layers() if concept.edits else {}
     if list(layers) != concept.layer_names:
         missing = sorted(set(layers) - set(concept.layer_names))
         extra = sorted(set(concept.layer_names) - set(layers))

@@ -207,6 +207,7 @@ class ConceptRenderer:
             phrases = {
                 int(tokenizer.convert_tokens_to_ids(c.token)): superclass_token_ids(tokenizer, c.superclass)
                 for c in concepts
+                if c.edits  # an embedding-only concept has no locked keys to read from the superclass
             }
             row_ids, row_alignment = substitute_superclass(
                 ids[b : b + 1],

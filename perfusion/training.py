@@ -59,6 +59,7 @@ class TrainConfig:
     flip_probability: float = 0.5  # horizontal flips; set 0 for asymmetric concepts
     select_every: int = 25  # step-selection cadence (paper: every 25 steps)
     lock_keys: bool = True  # False: the "trained keys" ablation, o*_K trained like o*_V
+    method: str = "perfusion"  # or "textual_inversion": the embedding row only, no rank-1 edit (a baseline)
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; or "no", "fp16", "bf16"
     seed: int = 0
     templates: tuple[str, ...] = NEUTRAL_TEMPLATES
@@ -77,6 +78,8 @@ class TrainConfig:
             problems.append("ema_decay must be in [0, 1)")
         if self.train_tau <= 0 or self.inference_tau <= 0:
             problems.append("gate temperatures (tau) must be > 0")
+        if self.method not in {"perfusion", "textual_inversion"}:
+            problems.append("method must be 'perfusion' or 'textual_inversion'")
         if self.mixed_precision not in {"auto", "no", "fp16", "bf16"}:
             problems.append("mixed_precision must be one of auto, no, fp16, bf16")
         if not self.templates or any("{}" not in t for t in self.templates):
@@ -138,7 +141,8 @@ def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainC
     """The concept before step 1: embedding = superclass embedding, i* = i_super, o*_V = W_V i_super
     (and o*_K = W_K i_super, trained only when config.lock_keys is False). float32 on the base's device."""
     i_super = superclass_input(base, superclass, config.templates)  # (d,)
-    layers = base.cross_attention_layers()
+    # Textual inversion edits no layer: the concept is its embedding row alone.
+    layers = base.cross_attention_layers() if config.method == "perfusion" else {}
     return Concept(
         token=token,
         superclass=superclass,
@@ -147,7 +151,7 @@ def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainC
         superclass_input=i_super,
         value_targets={name: (layer.to_v.weight.float() @ i_super).detach() for name, layer in layers.items()},
         key_targets=None
-        if config.lock_keys
+        if config.lock_keys or not layers
         else {name: (layer.to_k.weight.float() @ i_super).detach() for name, layer in layers.items()},
         fingerprint=base.fingerprint,
         beta=config.inference_beta,
@@ -173,10 +177,9 @@ def _train(
     state.embedding = torch.nn.Parameter(state.embedding.clone())
     concept_embedding_table(text_encoder).concept_vectors[token_id] = state.embedding
     state.value_targets = {n: torch.nn.Parameter(v.clone()) for n, v in state.value_targets.items()}
-    groups = [
-        {"params": list(state.value_targets.values()), "lr": config.lr_value},
-        {"params": [state.embedding], "lr": config.lr_embedding},
-    ]
+    groups = [{"params": [state.embedding], "lr": config.lr_embedding}]
+    if state.value_targets:
+        groups.append({"params": list(state.value_targets.values()), "lr": config.lr_value})
     if state.key_targets is not None:
         state.key_targets = {n: torch.nn.Parameter(k.clone()) for n, k in state.key_targets.items()}
         groups.append({"params": list(state.key_targets.values()), "lr": config.lr_value})

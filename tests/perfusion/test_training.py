@@ -139,9 +139,10 @@ def test_step_selection_keeps_the_best_scored_step(base, covariance, mug_images)
 
 def test_config_errors_are_reported_together():
     with pytest.raises(TrainingError) as error:
-        perfusion.TrainConfig(steps=0, batch_size=6, grad_accumulation=4, train_tau=0)
+        perfusion.TrainConfig(steps=0, batch_size=6, grad_accumulation=4, train_tau=0, method="dreambooth")
     message = str(error.value)
     assert "steps must be >= 1" in message and "multiple of grad_accumulation" in message and "tau" in message
+    assert "method must be" in message
 
 
 def test_concept_metadata_records_the_run(base, covariance, mug_images):
