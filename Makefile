@@ -9,7 +9,7 @@ STAMP := .make/installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet -e ".[test,bench]"
 	@mkdir -p .make && touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,184 @@
+"""The paper's claims in the toy world, scored by the oracle (issue 3's quality benchmark).
+
+    python benchmarks/concept_quality.py [--steps 150] [--images 6] [--samples 16] [--quick]
+
+Per personal concept, from a few training images:
+- fidelity: fraction of renders of "a photo of <concept>" in which the oracle finds the concept
+  (its shape, color, texture and mark);
+- text alignment: fraction of renders of new-context prompts (a new background; a second object) in which
+  the oracle finds what the prompt asked for (the background; the second object's shape and color);
+- variants: Perfusion (key-locked) vs the same training with trained keys vs textual inversion alone;
+- the inference-time beta/tau trade-off for one concept, no retraining (the Pareto front), as a PNG;
+- two concepts in one prompt (both present, background right); 1-shot vs few-shot.
+Target (issue 3): Perfusion fidelity >= 70% and alignment >= 70% on at least 3 of 4 concepts.
+Writes benchmarks/results/concept_quality.md and concept_pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import perfusion
+from perfusion.toyworld.oracle import Reading, has_concept, read_batch
+from perfusion.toyworld.world import PALETTE, PERSONAL_CONCEPTS, PersonalConcept, caption_corpus, concept_images
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = {
+    "perfusion": {},
+    "trained keys": {"lock_keys": False},
+    "textual inversion": {"method": "textual_inversion"},
+}
+SECOND_OBJECTS = (("red", "circle"), ("yellow", "triangle"), ("white", "cross"), ("blue", "star"))
+
+
+def context_prompts(concept: PersonalConcept, token: str, count: int) -> list[tuple[str, str, tuple[str, str] | None]]:
+    """(prompt, background asked for, second object asked for) for new-context prompts."""
+    backgrounds = [c for c in PALETTE if c != concept.color]
+    out = []
+    for k in range(count):
+        background = backgrounds[k % len(backgrounds)]
+        if k % 2 == 0:
+            out.append((f"{token} on a {background} background", background, None))
+        else:
+            color, shape = next(
+                o for o in SECOND_OBJECTS[k % 4 :] + SECOND_OBJECTS if o[0] not in (background, concept.color)
+            )
+            out.append((f"{token} and a {color} {shape} on a {background} background", background, (color, shape)))
+    return out
+
+
+def aligned(reading: Reading, background: str, second: tuple[str, str] | None) -> bool:
+    return reading.background == background and (second is None or reading.describes(second[1], second[0]))
+
+
+def evaluate(
+    renderer: perfusion.ConceptRenderer,
+    concept: PersonalConcept,
+    token: str,
+    samples: int,
+    gates: dict[str, tuple[float, float]] | None = None,
+) -> tuple[float, float]:
+    settings = perfusion.RenderSettings(steps=25, guidance_scale=4.0, batch_size=32)
+    gates = gates or {}
+    fidelity_requests = [perfusion.RenderRequest(f"a photo of {token}", seed=s, gates=gates) for s in range(samples)]
+    contexts = context_prompts(concept, token, samples)
+    context_requests = [perfusion.RenderRequest(p, seed=1000 + s, gates=gates) for s, (p, _, _) in enumerate(contexts)]
+    readings = read_batch(list(renderer.render_arrays(fidelity_requests + context_requests, settings)))
+    fidelity = float(np.mean([has_concept(r, concept) for r in readings[:samples]]))
+    alignment = float(
+        np.mean([aligned(r, bg, second) for r, (_, bg, second) in zip(readings[samples:], contexts, strict=True)])
+    )
+    return fidelity, alignment
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="one concept, Perfusion only (smoke run)")
+    args = parser.parse_args()
+    base = perfusion.load_base("toy")
+    covariance = perfusion.estimate_covariance(base, caption_corpus())
+    concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
+    variants = {"perfusion": {}} if args.quick else VARIANTS
+    lines = [
+        f"# Concept quality on the toy model ({args.images} images, {args.steps} steps, {args.samples} samples)",
+        "",
+    ]
+    lines += ["| concept | variant | fidelity | alignment |", "| --- | --- | --- | --- |"]
+    trained: dict[tuple[str, str], perfusion.Concept] = {}
+    for spec in concepts:
+        token = f"<{spec.name}>"
+        images = concept_images(spec, args.images, seed=11)
+        for variant, overrides in variants.items():
+            config = perfusion.TrainConfig(steps=args.steps, batch_size=8, **overrides)
+            concept = perfusion.train_concept(base, images, token, spec.superclass, config, covariance=covariance)
+            trained[(spec.name, variant)] = concept
+            renderer = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+            renderer.attach(concept)
+            fidelity, alignment = evaluate(renderer, spec, token, args.samples)
+            lines.append(f"| {spec.name} | {variant} | {fidelity:.0%} | {alignment:.0%} |")
+            print(lines[-1], flush=True)
+
+    # the inference-time trade-off: one trained concept, gates swept, no retraining
+    spec = concepts[0]
+    token = f"<{spec.name}>"
+    renderer = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+    renderer.attach(trained[(spec.name, "perfusion")])
+    points = []
+    for tau in (0.1, 0.15, 0.2):
+        for beta in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+            fidelity, alignment = evaluate(renderer, spec, token, args.samples // 2, gates={token: (beta, tau)})
+            points.append((beta, tau, fidelity, alignment))
+            print(f"pareto beta {beta} tau {tau}: fidelity {fidelity:.0%} alignment {alignment:.0%}", flush=True)
+    lines += [
+        "",
+        "## Inference-time gate sweep (" + spec.name + ")",
+        "",
+        "| beta | tau | fidelity | alignment |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {b} | {t} | {f:.0%} | {a:.0%} |" for b, t, f, a in points]
+    RESULTS.mkdir(exist_ok=True)
+    _plot(points, RESULTS / "concept_pareto.png", spec.name)
+
+    if not args.quick:  # two concepts in one prompt; one-shot vs few-shot
+        first, second = PERSONAL_CONCEPTS[0], PERSONAL_CONCEPTS[1]
+        pair = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+        pair.attach(trained[(first.name, "perfusion")])
+        pair.attach(trained[(second.name, "perfusion")])
+        requests = [
+            perfusion.RenderRequest(f"<{first.name}> and <{second.name}> on a white background", seed=s)
+            for s in range(args.samples)
+        ]
+        readings = read_batch(
+            list(pair.render_arrays(requests, perfusion.RenderSettings(steps=25, guidance_scale=4.0)))
+        )
+        both = np.mean([has_concept(r, first) and has_concept(r, second) and r.background == "white" for r in readings])
+        lines += ["", f"Two concepts in one prompt (both present, background right): {both:.0%}"]
+        one_shot = perfusion.train_concept(
+            base,
+            concept_images(first, 1, seed=11),
+            f"<{first.name}>",
+            first.superclass,
+            perfusion.TrainConfig(steps=args.steps, batch_size=8),
+            covariance=covariance,
+        )
+        single = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+        single.attach(one_shot)
+        fidelity, alignment = evaluate(single, first, f"<{first.name}>", args.samples)
+        lines += [f"One-shot {first.name}: fidelity {fidelity:.0%}, alignment {alignment:.0%}"]
+        print("\n".join(lines[-2:]))
+    (RESULTS / "concept_quality.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'concept_quality.md'} and {RESULTS / 'concept_pareto.png'}")
+
+
+def _plot(points: list[tuple[float, float, float, float]], path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 4))
+    for tau in sorted({p[1] for p in points}):
+        row = [p for p in points if p[1] == tau]
+        axes.plot([p[3] for p in row], [p[2] for p in row], marker="o", label=f"tau {tau}")
+        for beta, _, fidelity, alignment in row:
+            axes.annotate(f"{beta}", (alignment, fidelity), fontsize=7)
+    axes.set_xlabel("text alignment")
+    axes.set_ylabel("fidelity")
+    axes.set_title(f"{name}: inference-time beta (labels) / tau sweep")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
