@@ -39,3 +39,17 @@ def test_the_stock_pipeline_renders_with_it_and_perfusion_attaches():
 def test_missing_toy_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(BaseModelError, match=r"python -m perfusion\.toyworld\.pretrain"):
         build_toy_pipeline(weights=tmp_path / "toy.safetensors")
+
+
+def test_the_shipped_toy_model_loads_and_renders():
+    base = perfusion.load_base("toy")
+    assert base.resolution == 32 and len(base.cross_attention_layers()) == 7
+    assert perfusion.load_base("toy").fingerprint == base.fingerprint
+    out = base.pipeline(
+        prompt=["a red circle on a white background"],
+        num_inference_steps=4,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(0)],
+    )
+    image = np.asarray(out.images)[0]
+    assert image.shape == (32, 32, 3) and 0.0 <= image.min() and image.max() <= 1.0
