@@ -25,6 +25,7 @@ import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -137,20 +138,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
     tokenizer = load_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=32,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=32, intermediate=64, layers=2, heads=4))
         # A freshly initialised LayerNorm (gamma 1, beta 0) makes every encoding sum to zero, so C would be
         # singular; a trained encoder's learned affine does not. Randomise it like a trained one.
         final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
@@ -186,6 +174,29 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def clip_text_config(tokenizer: Any, hidden: int, intermediate: int, layers: int, heads: int) -> CLIPTextConfig:
+    """A CLIP text encoder config for `tokenizer`'s vocabulary, 77 positions like CLIP."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def assemble_pipeline(
+    vae: Any, text_encoder: CLIPTextModel, tokenizer: Any, unet: UNet2DConditionModel, scheduler: Any
+) -> StableDiffusionPipeline:
+    """The stock StableDiffusionPipeline around our components (no safety checker: not an SD checkpoint)."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

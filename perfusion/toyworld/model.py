@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
+from perfusion.models import assemble_pipeline, clip_text_config
 from perfusion.toyworld.autoencoder import PixelShuffleAutoencoder
 from perfusion.vocab import load_tiny_tokenizer
 
@@ -30,20 +31,7 @@ def build_toy_pipeline(weights: Path | None = TOY_WEIGHTS, seed: int = 0) -> Sta
     tokenizer = load_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=256,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=64,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=64, intermediate=256, layers=2, heads=4))
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=12,
@@ -66,9 +54,7 @@ def build_toy_pipeline(weights: Path | None = TOY_WEIGHTS, seed: int = 0) -> Sta
             )
         state = load_file(str(weights))
         unet.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("unet.")})
-        text_encoder.load_state_dict(
-            {k[13:]: v.float() for k, v in state.items() if k.startswith("text_encoder.")}, strict=False
-        )
+        text_encoder.load_state_dict({k[13:]: v.float() for k, v in state.items() if k.startswith("text_encoder.")})
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="squaredcos_cap_v2",
@@ -77,13 +63,4 @@ def build_toy_pipeline(weights: Path | None = TOY_WEIGHTS, seed: int = 0) -> Sta
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return StableDiffusionPipeline(
-        vae=PixelShuffleAutoencoder(),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(PixelShuffleAutoencoder(), text_encoder, tokenizer, unet, scheduler)
