@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -111,7 +112,7 @@ def load_concept(
     metadata = _read_metadata(data, label)
     try:
         tensors = {k: v.float() for k, v in load_tensors(data).items()}
-    except Exception as error:  # safetensors raises its own error type for truncated/corrupt payloads
+    except (SafetensorError, ValueError) as error:  # truncated or corrupt payloads
         raise ConceptFileError(f"{label}: the tensor data is corrupt ({error}); re-export the concept") from error
     concept = _concept_from(tensors, metadata, label)
     if base is not None:

@@ -213,12 +213,11 @@ def _train(
 
         optimizer.zero_grad(set_to_none=True)
         step_loss, concept_encodings = 0.0, []
+        # i* changes once per step (after all micro-batches), so one call serves every micro-batch.
+        call = PerfusionCall.build([[state]] * micro, covariance, overrides=[gate] * micro, device=device)
         for part in torch.arange(batch).split(micro):
             with autocast:
                 encodings = text_encoder(ids[part])[0]  # (micro, m, d); grad reaches the embedding row only
-                call = PerfusionCall.build(
-                    [[state]] * len(part), covariance, overrides=[gate] * len(part), device=device
-                )
                 prediction = unet(
                     noisy[part].to(unet.dtype), timesteps[part], encodings, cross_attention_kwargs={"perfusion": call}
                 ).sample

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import perfusion.attention as attention_module
+from perfusion import ConceptRenderer, RenderRequest, RenderSettings
 from perfusion.attention import PerfusionCall, install_processors
 from perfusion.errors import RenderError
 from perfusion.rank1 import gate, similarity
@@ -120,16 +121,18 @@ def test_global_locking_equals_local_when_the_concept_word_encodes_like_its_supe
     (single-token) superclass embedding, both prompts encode identically, so global == local exactly;
     with any other embedding they differ."""
     concept = initial_concept(base, "<c-1>", "mug")
-    renderer = perfusion_renderer(base, covariance, concept)
-    request = [perfusion_request("a photo of <c-1> on the beach")]
-    local = renderer.render_arrays(request, settings(lock="local"))
-    global_ = renderer.render_arrays(request, settings(lock="global"))
+    renderer = ConceptRenderer(base, covariance)
+    renderer.attach(concept)
+    request = [RenderRequest("a photo of <c-1> on the beach", seed=5)]
+    local_lock, global_lock = RenderSettings(steps=4, lock="local"), RenderSettings(steps=4, lock="global")
+    local = renderer.render_arrays(request, local_lock)
+    global_ = renderer.render_arrays(request, global_lock)
     assert abs(local - global_).max() < 1e-6
     renderer.attach(
         dataclasses.replace(concept, embedding=concept.embedding + 0.5 * torch.randn_like(concept.embedding))
     )
-    local = renderer.render_arrays(request, settings(lock="local"))
-    global_ = renderer.render_arrays(request, settings(lock="global"))
+    local = renderer.render_arrays(request, local_lock)
+    global_ = renderer.render_arrays(request, global_lock)
     assert abs(local - global_).max() > 1e-3
 
 
@@ -152,24 +155,3 @@ def test_self_attention_accepts_the_call_without_warnings(base, covariance, capl
     with caplog.at_level(logging.WARNING), torch.no_grad():
         base.unet(latents, timesteps, encodings, cross_attention_kwargs={"perfusion": call})
     assert not [r for r in caplog.records if "are not expected" in r.getMessage()]
-
-
-# small local helpers (rendering is tested fully in test_sampling.py)
-def perfusion_renderer(base, covariance, concept):
-    from perfusion import ConceptRenderer
-
-    renderer = ConceptRenderer(base, covariance)
-    renderer.attach(concept)
-    return renderer
-
-
-def perfusion_request(prompt: str):
-    from perfusion import RenderRequest
-
-    return RenderRequest(prompt, seed=5)
-
-
-def settings(lock: str):
-    from perfusion import RenderSettings
-
-    return RenderSettings(steps=4, lock=lock)

@@ -127,3 +127,12 @@ def test_files_that_are_not_concepts(tmp_path):
 def test_a_truncated_file_is_reported_as_corrupt(trained_pair):
     with pytest.raises(ConceptFileError, match=r"corrupt|not a safetensors"):
         perfusion.load_concept(trained_pair[0].to_bytes()[:-10])
+
+
+def test_errors_survive_pickling_with_their_message():
+    """Errors cross Ray process boundaries later: they must pickle with their message and type intact."""
+    import pickle
+
+    error = ConceptFileError("sku.safetensors: trained on another base model")
+    again = pickle.loads(pickle.dumps(error))
+    assert type(again) is ConceptFileError and str(again) == str(error) and again.retryable is False
