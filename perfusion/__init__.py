@@ -14,6 +14,8 @@ from perfusion.concept import Concept, check_compatible, load_concept
 from perfusion.covariance import (
     Covariance,
     cached_covariance,
+    covariance_from_bytes,
+    covariance_to_bytes,
     estimate_covariance,
     load_covariance,
     save_covariance,
@@ -56,6 +58,8 @@ __all__ = [
     "__version__",
     "cached_covariance",
     "check_compatible",
+    "covariance_from_bytes",
+    "covariance_to_bytes",
     "denoising_loss",
     "estimate_covariance",
     "install_processors",

@@ -9,14 +9,16 @@ at load: a (d x d) inverse costs milliseconds and the ridge stays a load-time ch
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from perfusion.corpus import builtin_prompts
 from perfusion.errors import CovarianceError
@@ -57,6 +59,16 @@ class Covariance:
         return float(eigenvalues.max() / eigenvalues.min().clamp_min(1e-300))
 
 
+def default_prompts(base: BaseModel) -> list[str]:
+    """Captions typical of what the base model's text encoder sees: the toy world's own captions for "toy"
+    (its encoder knows no other language), the built-in generated corpus for everything else."""
+    if base.source == "toy":
+        from perfusion.toyworld.world import caption_corpus
+
+        return caption_corpus()
+    return builtin_prompts()
+
+
 @torch.no_grad()
 def estimate_covariance(
     base: BaseModel,
@@ -66,8 +78,8 @@ def estimate_covariance(
     ridge: float = DEFAULT_RIDGE,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Covariance:
-    """C from `prompts` (default: the built-in generated corpus of thousands of captions)."""
-    prompts = list(prompts) if prompts is not None else builtin_prompts()
+    """C from `prompts` (default: the base model's own language, default_prompts(base))."""
+    prompts = list(prompts) if prompts is not None else default_prompts(base)
     if not prompts:
         raise CovarianceError("no prompts to estimate the covariance from: pass at least one caption")
     tokenizer, text_encoder = base.tokenizer, base.text_encoder
@@ -92,10 +104,10 @@ def estimate_covariance(
     return Covariance.from_second_moment(moment / count, base.fingerprint, count, ridge)
 
 
-def save_covariance(covariance: Covariance, path: str | os.PathLike[str]) -> None:
-    save_file(
+def covariance_to_bytes(covariance: Covariance) -> bytes:
+    """The covariance file's bytes (safetensors): C in float64 and the base fingerprint it belongs to."""
+    return save(
         {"second_moment": covariance.second_moment.contiguous()},
-        str(path),
         metadata={
             "format": "perfusion-covariance",
             "fingerprint": covariance.fingerprint,
@@ -104,26 +116,49 @@ def save_covariance(covariance: Covariance, path: str | os.PathLike[str]) -> Non
     )
 
 
-def load_covariance(
-    path: str | os.PathLike[str], expected_fingerprint: str | None = None, ridge: float = DEFAULT_RIDGE
+def covariance_from_bytes(
+    data: bytes, expected_fingerprint: str | None = None, ridge: float = DEFAULT_RIDGE, label: str = "covariance"
 ) -> Covariance:
+    """Parse covariance bytes (from a file or an object store); CovarianceError naming `label` if unusable."""
     try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (OSError, SafetensorError) as error:
-        raise CovarianceError(f"{path} is not a readable covariance file: {error}") from error
+        tensors = load(data)
+        metadata = _metadata(data)
+    except (SafetensorError, ValueError, struct.error) as error:  # json errors are ValueErrors
+        raise CovarianceError(f"{label} is not a readable covariance file: {error}") from error
     if metadata.get("format") != "perfusion-covariance" or "second_moment" not in tensors:
-        raise CovarianceError(f"{path} is not a perfusion covariance file (no 'second_moment' tensor)")
+        raise CovarianceError(f"{label} is not a perfusion covariance file (no 'second_moment' tensor)")
     fingerprint = metadata.get("fingerprint", "")
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
         raise CovarianceError(
-            f"{path} belongs to base model {fingerprint}, not {expected_fingerprint}: estimate the covariance "
+            f"{label} belongs to base model {fingerprint}, not {expected_fingerprint}: estimate the covariance "
             "of this base model instead (estimate_covariance)."
         )
     return Covariance.from_second_moment(
         tensors["second_moment"], fingerprint, int(metadata.get("token_count", "0")), ridge
     )
+
+
+def save_covariance(covariance: Covariance, path: str | os.PathLike[str]) -> None:
+    with open(path, "wb") as handle:
+        handle.write(covariance_to_bytes(covariance))
+
+
+def load_covariance(
+    path: str | os.PathLike[str], expected_fingerprint: str | None = None, ridge: float = DEFAULT_RIDGE
+) -> Covariance:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise CovarianceError(f"{path} is not a readable covariance file: {error}") from error
+    return covariance_from_bytes(data, expected_fingerprint, ridge, label=str(path))
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__ (8-byte little-endian length, then JSON)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    return dict(header.get("__metadata__") or {})
 
 
 def cached_covariance(

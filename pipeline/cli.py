@@ -79,3 +79,310 @@ def demo(
         except perfusion.PerfusionError as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from error
+
+
+# -- catalogs: validate, train, concepts ---------------------------------------------------------------------
+
+ManifestArg = Annotated[str, typer.Argument(help="The catalog manifest (YAML), e.g. manifests/catalog.yaml.")]
+RootOption = Annotated[
+    str | None,
+    typer.Option("--root", help="Storage root URI; overrides the manifest's root and $PERFUSION_BATCH_ROOT."),
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=code)
+
+
+def _load(manifest_path: str):  # type: ignore[no-untyped-def]
+    from pipeline.manifest import ManifestError, load_manifest
+
+    try:
+        return load_manifest(manifest_path)
+    except ManifestError as error:
+        raise _fail(str(error)) from None
+
+
+@app.command()
+def validate(manifest: ManifestArg, root: RootOption = None) -> None:
+    """Check a manifest: the schema, every image (exists and decodes), tokens; print the plan.
+
+    Nothing is trained. Exit code 0 if every concept can train, 1 if some concept's files have problems,
+    2 if the manifest itself is invalid.
+
+    Example: perfusion-batch validate manifests/catalog.yaml
+    """
+    from pipeline import tasks
+    from pipeline.manifest import ManifestError
+    from pipeline.train import TrainOptions, TrainRun
+
+    spec = _load(manifest)
+    try:
+        run = TrainRun(spec, TrainOptions(root=root))
+        base = tasks.prepare_base(run.base_model, run.store.root)
+        plan, done = run.plan(base)
+    except ManifestError as error:
+        raise _fail(str(error)) from None
+    except Exception as error:
+        raise _fail(f"{type(error).__name__}: {error}") from None
+    typer.echo(f"{spec.catalog}: {len(plan)} concept(s), base {spec.base_model}, root {run.store.root}")
+    problems = 0
+    for item in plan:
+        if not item.ready:
+            problems += 1
+            typer.secho(f"  {item.name}: cannot train:", fg=typer.colors.RED)
+            for problem in item.problems:
+                typer.echo(f"      {problem}")
+        else:
+            state = "already trained (skipped)" if item.concept_key in done else "would train"
+            typer.echo(f"  {item.name} {item.spec.concept_token}: {len(item.images)} image(s), {state}")
+    if problems:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def train(
+    manifest: ManifestArg,
+    root: RootOption = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            envvar="RAY_API_SERVER_ADDRESS",
+            help="Ray dashboard URL (http://head:8265): submit the run as a Ray Job there and follow it. "
+            "Default: an embedded local Ray.",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", min=1, help="Most trainings at once (default: what fits).")
+    ] = None,
+    gpus_per_task: Annotated[
+        float, typer.Option("--gpus-per-task", min=0.01, help="GPUs per training on GPU clusters (0.5 = two per GPU).")
+    ] = 1.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; train nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Retrain concepts that already succeeded.")] = False,
+    only: Annotated[list[str] | None, typer.Option("--only", help="Train only this concept (repeatable).")] = None,
+    pushgateway: Annotated[
+        str | None,
+        typer.Option(
+            "--pushgateway", envvar="PERFUSION_BATCH_PUSHGATEWAY", help="Push a run summary to this Pushgateway."
+        ),
+    ] = None,
+) -> None:
+    """Train every concept of the catalog that is not trained yet, one Ray task per concept.
+
+    Exit code 0 when every concept is trained, 1 when some failed (each recorded in the index with its
+    error; the others are kept), 2 for an invalid manifest or flag (nothing ran).
+
+    Example: perfusion-batch train manifests/catalog.yaml --root s3://bucket/catalogs/demo
+    """
+    spec = _load(manifest)
+    if address:
+        _submit(spec, manifest, address, root, concurrency, gpus_per_task, dry_run, force, only or [], pushgateway)
+        return
+    from pipeline.manifest import ManifestError
+    from pipeline.metrics import push_summary
+    from pipeline.progress import make_display
+    from pipeline.store import StoreError
+    from pipeline.train import TrainOptions, TrainRun
+
+    options = TrainOptions(
+        root=root,
+        force=force,
+        only=tuple(only or ()),
+        dry_run=dry_run,
+        max_concurrency=concurrency,
+        gpus_per_task=gpus_per_task,
+    )
+    try:
+        run = TrainRun(spec, options)
+        summary = run.execute(make_display())
+    except (ManifestError, StoreError) as error:
+        raise _fail(str(error)) from None
+    if pushgateway and not dry_run:
+        try:
+            push_summary(
+                pushgateway, "perfusion-batch-train", spec.catalog, summary.counts(), summary.seconds, summary.ok
+            )
+        except OSError as error:
+            typer.secho(f"warning: could not push the summary to the Pushgateway: {error}", fg="yellow", err=True)
+    if not summary.ok:
+        raise typer.Exit(code=1)
+
+
+def _submit(spec, manifest, address, root, concurrency, gpus_per_task, dry_run, force, only, pushgateway):  # type: ignore[no-untyped-def]
+    """Run the same command as a Ray Job on the cluster at `address`; exit with the job's status."""
+    import shlex
+
+    from pipeline import jobs
+
+    folder = os.path.dirname(os.path.abspath(manifest)) if "://" not in manifest else None
+    target = os.path.basename(manifest) if folder else manifest
+    argv = [target]
+    argv += ["--root", root] if root else []
+    argv += ["--concurrency", str(concurrency)] if concurrency else []
+    argv += ["--gpus-per-task", str(gpus_per_task)]
+    argv += ["--dry-run"] if dry_run else []
+    argv += ["--force"] if force else []
+    for name in only:
+        argv += ["--only", name]
+    argv += ["--pushgateway", pushgateway] if pushgateway else []
+    root_uri = root or os.environ.get("PERFUSION_BATCH_ROOT") or spec.root
+    if "://" not in root_uri or root_uri.startswith("file://"):
+        typer.secho(
+            f"warning: storage root {root_uri!r} is a local path: on a cluster it is the job's working folder, "
+            "which is discarded; pass --root s3://... (or gs://) to keep the results",
+            fg="yellow",
+            err=True,
+        )
+    runtime_env: dict[str, object] = {"working_dir": folder} if folder else {}
+    env_vars = {k: os.environ[k] for k in ("PERFUSION_BATCH_ROOT",) if os.environ.get(k)}
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    text = Path(manifest).read_text(encoding="utf-8") if folder else manifest
+    job_id = jobs.submission_id(spec.catalog, text, argv)
+    status = jobs.submit_and_follow(
+        address,
+        entrypoint="perfusion-batch train " + " ".join(shlex.quote(a) for a in argv),
+        base_id=job_id,
+        metadata={"catalog": spec.catalog, "manifest": os.path.basename(manifest), "command": "train"},
+        runtime_env=runtime_env,
+    )
+    typer.echo(f"Ray job {job_id}: {status}")
+    if status != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+concepts_app = typer.Typer(
+    help="Query the concept index: list, show, SQL. Example: perfusion-batch concepts list -m manifests/catalog.yaml",
+    no_args_is_help=True,
+)
+app.add_typer(concepts_app, name="concepts")
+FormatOption = Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")]
+IndexRoot = Annotated[
+    str | None,
+    typer.Option("--root", envvar="PERFUSION_BATCH_ROOT", help="Storage root URI (default: the manifest's root)."),
+]
+ManifestOption = Annotated[
+    str | None, typer.Option("--manifest", "-m", help="Take the storage root from this manifest.")
+]
+
+
+def _index(root: str | None, manifest: str | None):  # type: ignore[no-untyped-def]
+    from pipeline.index import ConceptIndex
+    from pipeline.store import Store, StoreError
+
+    if root is None and manifest is None:
+        raise _fail("give --root URI (or set PERFUSION_BATCH_ROOT) or --manifest FILE")
+    if root is None:
+        spec = _load(manifest)  # type: ignore[arg-type]
+        root = spec.resolve(spec.root)
+    try:
+        return ConceptIndex(Store(root))
+    except StoreError as error:
+        raise _fail(str(error)) from None
+
+
+def _emit(rows: list[dict[str, object]], columns: list[str], fmt: str) -> None:
+    import csv
+    import datetime
+    import json
+    import sys
+
+    if fmt not in {"table", "json", "csv"}:
+        raise _fail(f"--format must be table, json or csv, not {fmt!r}")
+    rows = [{k: (v.isoformat() if isinstance(v, datetime.datetime) else v) for k, v in r.items()} for r in rows]
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2, default=str))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*["" if row.get(c) is None else str(row.get(c)) for c in columns])
+        Console().print(table)
+
+
+LIST_COLUMNS = ["name", "token", "superclass", "status", "steps", "final_loss", "bytes", "created_at", "file_uri"]
+
+
+@concepts_app.command("list")
+def concepts_list(
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    catalog: Annotated[str | None, typer.Option("--catalog", help="Only this catalog.")] = None,
+    superclass: Annotated[str | None, typer.Option("--superclass", help="Only this superclass.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE tag filter (repeatable).")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Latest attempt per name, failed ones included.")] = False,
+    fmt: FormatOption = "table",
+) -> None:
+    """The latest successful concept per name (with --failed: the latest attempt, whatever its status).
+
+    Example: perfusion-batch concepts list --root s3://bucket/catalog --tag category=mugs --format csv
+    """
+    tags = {}
+    for item in tag or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(f"--tag {item!r}: use KEY=VALUE, e.g. --tag category=mugs")
+        tags[key] = value
+    index = _index(root, manifest)
+    rows = index.latest(
+        catalog=catalog, superclass=superclass, tags=tags or None, status=None if failed else "succeeded"
+    )
+    _emit(rows, [*LIST_COLUMNS, "error"] if failed else LIST_COLUMNS, fmt)
+
+
+@concepts_app.command("show")
+def concepts_show(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the file's sha256.")] = True,
+    fmt: FormatOption = "json",
+) -> None:
+    """Every field of the latest successful concept called NAME; verifies its file's checksum.
+
+    Example: perfusion-batch concepts show dotted-star -m manifests/catalog.yaml
+    """
+    index = _index(root, manifest)
+    row = index.get(name)
+    if row is None:
+        raise _fail(f"no successful concept named {name!r} in {index.uri} (see `perfusion-batch concepts list`)", 1)
+    if verify:
+        from pipeline.store import ChecksumError
+
+        try:
+            index.store.read(index.store.relative(row["file_uri"]), row["sha256"])
+        except ChecksumError as error:
+            raise _fail(str(error), 1) from None
+        except FileNotFoundError:
+            raise _fail(f"{row['file_uri']} is missing from the store", 1) from None
+    _emit([row], list(row), fmt)
+
+
+@concepts_app.command("query")
+def concepts_query(
+    sql: Annotated[str, typer.Argument(help='SQL over the view `concepts`, e.g. "SELECT name FROM concepts".')],
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    fmt: FormatOption = "table",
+) -> None:
+    """Run SQL (DuckDB) over the concept index, exposed as the table `concepts`.
+
+    Example: perfusion-batch concepts query "SELECT status, count(*) FROM concepts GROUP BY status" -m catalog.yaml
+    """
+    index = _index(root, manifest)
+    try:
+        table = index.sql(sql)
+    except Exception as error:
+        raise _fail(f"query failed: {error}") from None
+    _emit(table.to_pylist(), table.column_names, fmt)

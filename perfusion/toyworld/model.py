@@ -2,8 +2,8 @@
 
     text encoder  CLIPTextModel, hidden 64, 2 layers, the project's BPE tokenizer (every world word one token)
     UNet          UNet2DConditionModel (64, 96, 128) on 16x16x12 latents, cross-attention at 8x8, 4x4 and mid
-    autoencoder   exact pixel-unshuffle by 2 (autoencoder.py)
-    scheduler     DDIM over a cosine (squaredcos_cap_v2) schedule, epsilon prediction
+    autoencoder   exact orthonormal 2x2 Haar wavelet transform (autoencoder.py)
+    scheduler     DDIM over a cosine (squaredcos_cap_v2) schedule, v-prediction
 
 Weights are pretrained by `python -m perfusion.toyworld.pretrain` and shipped as
 perfusion/assets/toy/toy.safetensors (fp16, EMA weights), so users and CI never retrain.
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
 from perfusion.models import assemble_pipeline, clip_text_config
-from perfusion.toyworld.autoencoder import PixelShuffleAutoencoder
+from perfusion.toyworld.autoencoder import HaarAutoencoder
 from perfusion.vocab import load_tiny_tokenizer
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
@@ -61,6 +61,10 @@ def build_toy_pipeline(weights: Path | None = TOY_WEIGHTS, seed: int = 0) -> Sta
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type="epsilon",
+        # Sampling starts at the last training timestep (Lin et al. 2024, "Common diffusion noise schedules
+        # and sample steps are flawed"): the toy world's flat backgrounds are the image mean, which a first
+        # step that leaks signal would fix before the prompt has a say.
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
     )
-    return assemble_pipeline(PixelShuffleAutoencoder(), text_encoder, tokenizer, unet, scheduler)
+    return assemble_pipeline(HaarAutoencoder(), text_encoder, tokenizer, unet, scheduler)

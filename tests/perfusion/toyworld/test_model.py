@@ -8,17 +8,28 @@ import torch
 
 import perfusion
 from perfusion.errors import BaseModelError
-from perfusion.toyworld.autoencoder import PixelShuffleAutoencoder
+from perfusion.toyworld.autoencoder import HaarAutoencoder
 from perfusion.toyworld.model import build_toy_pipeline
 
 
-def test_the_autoencoder_is_exact():
-    autoencoder = PixelShuffleAutoencoder()
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
+def test_the_autoencoder_is_exact_and_orthonormal():
+    autoencoder = HaarAutoencoder()
+    images = torch.rand(3, 3, 32, 32, dtype=torch.float64) * 2 - 1
     latents = autoencoder.encode(images).latent_dist.sample()
     assert latents.shape == (3, 12, 16, 16)
-    assert torch.equal(autoencoder.decode(latents).sample, images)
+    torch.testing.assert_close(autoencoder.decode(latents).sample, images, rtol=0, atol=1e-12)
     assert torch.equal(autoencoder.encode(images).latent_dist.std, torch.zeros_like(latents))
+    # Orthonormal: energy is kept, so white noise stays white noise of the same variance.
+    torch.testing.assert_close(latents.square().sum(), images.square().sum())
+
+
+def test_a_flat_color_is_the_low_band_alone():
+    """Why Haar rather than pixel-unshuffle: a flat region has no detail coefficients to get wrong."""
+    images = torch.zeros(1, 3, 32, 32)
+    images[:, 0], images[:, 1], images[:, 2] = 0.8, -0.4, 0.1
+    latents = HaarAutoencoder().encode(images).latent_dist.sample().reshape(1, 3, 4, 16, 16)
+    torch.testing.assert_close(latents[:, :, 0, 0, 0], torch.tensor([[1.6, -0.8, 0.2]]))  # LL = 2 x the color
+    assert latents[:, :, 1:].abs().max() < 1e-6  # LH, HL, HH
 
 
 def test_the_stock_pipeline_renders_with_it_and_perfusion_attaches():

@@ -1,0 +1,103 @@
+"""Fan-out efficiency of `perfusion-batch train` on an embedded Ray, and the per-task overhead.
+
+    python benchmarks/fanout.py [--concepts 8] [--workers 2] [--steps 40]
+
+1. Single-concept times: each concept trained alone in this process with one torch thread (what a Ray
+   worker with num_cpus=1 gets), model and C^-1 already loaded: the pure training time t_i.
+2. The same catalog through TrainRun on an embedded Ray with `--workers` CPUs: wall time T.
+   efficiency ratio = T / (sum t_i / W)   (target <= 1.15; 1.00 would be a perfect split)
+3. Per-task overhead, measured directly: Ray round trip of an empty task, loading the base model, reading
+   C^-1 from the store; as a fraction of the mean t_i.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+NAMES = ("mug", "bag", "cup", "pen", "hat", "box", "jar", "fan", "key", "map", "toy", "car")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concepts", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    import ray
+
+    import perfusion
+    from pipeline import jobs, tasks
+    from pipeline.manifest import load_manifest
+    from pipeline.train import TrainOptions, TrainRun
+    from tests.pipeline.conftest import write_catalog
+
+    with tempfile.TemporaryDirectory() as folder:
+        manifest_path = write_catalog(Path(folder) / "shop", str(Path(folder) / "store"), NAMES[: args.concepts])
+        text = manifest_path.read_text().replace("{steps: 4, batch_size: 2}", f"{{steps: {args.steps}, batch_size: 2}}")
+        manifest_path.write_text(text)
+        manifest = load_manifest(manifest_path)
+
+        # 1. single-concept times, one thread, everything preloaded
+        torch.set_num_threads(1)
+        run = TrainRun(manifest)
+        base_info = tasks.prepare_base(run.base_model, run.store.root)
+        plan, _ = run.plan(base_info)
+        t = time.perf_counter()
+        base = tasks.worker_base(run.base_model)
+        base_load = time.perf_counter() - t
+        t = time.perf_counter()
+        perfusion.covariance_from_bytes(run.store.read(base_info.covariance), base.fingerprint)
+        covariance_load = time.perf_counter() - t
+        singles = []
+        for item in plan:
+            task = run._task(item, base_info)
+            task = tasks.TrainTask(**{**task.__dict__, "root": str(Path(folder) / "solo"), "file": f"solo/{item.name}"})
+            solo_store = tasks.Store(task.root)
+            if not solo_store.exists(base_info.covariance):
+                solo_store.write_once(base_info.covariance, run.store.read(base_info.covariance))
+            t = time.perf_counter()
+            row = tasks.train_one(task)
+            singles.append(time.perf_counter() - t)
+            assert row["status"] == "succeeded", row
+        torch.set_num_threads(args.workers)
+
+        # 2. the pipeline on an embedded Ray
+        jobs.ensure_ray(num_cpus=args.workers)
+        empty = jobs.remote(lambda: None, num_cpus=1)
+        ray.get(empty.remote())
+        t = time.perf_counter()
+        ray.get([empty.remote() for _ in range(20)])
+        round_trip = (time.perf_counter() - t) / 20
+        fresh = TrainRun(manifest, TrainOptions())
+        t = time.perf_counter()
+        summary = fresh.execute()
+        wall = time.perf_counter() - t
+        assert summary.ok and summary.count("succeeded") == args.concepts, summary.counts()
+        ray.shutdown()
+
+    ideal = sum(singles) / args.workers
+    mean_single = statistics.mean(singles)
+    print(f"tiny model, {args.concepts} concepts x {args.steps} steps, {args.workers} CPU workers (1 thread each)")
+    print(f"single-concept training time: mean {mean_single:.2f}s, sum {sum(singles):.1f}s")
+    print(f"pipeline wall time: {wall:.1f}s   ideal (sum / workers): {ideal:.1f}s")
+    print(f"fan-out efficiency ratio = {wall / ideal:.2f}  (target <= 1.15)")
+    print("per-task overhead (once per worker process for the model, per task for the rest):")
+    for label, seconds in (
+        ("Ray task round trip", round_trip),
+        ("base model load (tiny)", base_load),
+        ("C^-1 read + parse", covariance_load),
+    ):
+        print(f"  {label:<24} {seconds * 1000:8.1f} ms = {seconds / mean_single:6.1%} of a concept's training")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Write the example catalog: manifests/catalog.yaml and the product photos beside it (no downloads).
+
+    python manifests/make_catalog.py
+
+The products are the toy world's personal concepts (perfusion/toyworld/world.py): shapes with their own
+color, texture and mark that the toy base model never saw. Six photos each, on varied backgrounds, as a
+product team would shoot them. Deterministic: rerunning rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from perfusion.toyworld.world import PERSONAL_CONCEPTS, concept_images
+
+HERE = Path(__file__).resolve().parent
+PHOTOS = 6
+
+HEADER = """\
+# The example catalog: four products of the toy world, six photos each (written by make_catalog.py).
+#   perfusion-batch validate manifests/catalog.yaml
+#   perfusion-batch train manifests/catalog.yaml           # embedded Ray, results under manifests/store/
+#   perfusion-batch concepts list --manifest manifests/catalog.yaml
+version: 1
+catalog: toy-catalog
+root: ./store                  # relative to this file; --root or PERFUSION_BATCH_ROOT override it
+base_model: toy                # the project's pretrained toy-world model (perfusion/assets/toy)
+training:                      # defaults for every concept (perfusion.TrainConfig fields)
+  steps: 120
+  batch_size: 8
+concepts:
+"""
+
+
+def main() -> None:
+    lines = [HEADER]
+    for index, concept in enumerate(PERSONAL_CONCEPTS):
+        folder = HERE / "catalog" / concept.name
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, photo in enumerate(concept_images(concept, PHOTOS, seed=100 + index)):
+            photo.save(folder / f"{number:02d}.png", optimize=True)
+        tags = ", ".join(f"{k}: {v}" for k, v in concept.tags.items())
+        lines.append(
+            f"  - name: {concept.name}\n"
+            f"    superclass: {concept.superclass}\n"
+            f"    images: [catalog/{concept.name}/*.png]\n"
+            f"    tags: {{{tags}}}\n"
+        )
+    (HERE / "catalog.yaml").write_text("".join(lines))
+    print(f"wrote {HERE / 'catalog.yaml'} and {len(PERSONAL_CONCEPTS) * PHOTOS} photos")
+
+
+if __name__ == "__main__":
+    main()

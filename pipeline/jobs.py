@@ -1,0 +1,154 @@
+"""Where a run executes: an embedded local Ray, the cluster a Ray Job runs in, or a Ray Job we submit.
+
+- `ensure_ray()`: inside a Ray Job (RAY_ADDRESS is set by the job supervisor) connect to that cluster;
+  otherwise start an embedded local Ray (`ray.init(address="local")`): no cluster, nothing to install.
+- `submit_and_follow(address, ...)`: `perfusion-batch train --address URL` submits the same command as a
+  Ray Job (deterministic submission id, runtime env, metadata naming the manifest), streams its logs and
+  returns its final status, so the CLI's exit code is the job's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pipeline.tasks import RetryableTaskError
+
+ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+__all__ = ["RetryableTaskError", "ensure_ray", "remote", "slots", "submission_id", "submit_and_follow"]
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect once per process: to the job's cluster when running as a Ray Job, else an embedded Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,  # the driver shows progress itself; worker logs stay in Ray's log folder
+            configure_logging=False,
+        )
+
+
+def remote(function: Callable[..., Any], **options: Any) -> Any:
+    """`ray.remote(function).options(...)` without decorating at import time (importing stays Ray-free)."""
+    import ray
+
+    return ray.remote(function).options(**options)
+
+
+def slots(resources: dict[str, Any]) -> int:
+    """How many tasks with these resources the cluster can run at once now."""
+    import ray
+
+    available = ray.cluster_resources()
+    counts = [int(available.get(_ray_name(k), 0) // v) for k, v in resources.items() if v]
+    return max(1, min(counts)) if counts else 1
+
+
+def _ray_name(option: str) -> str:
+    return {"num_cpus": "CPU", "num_gpus": "GPU"}.get(option, option)
+
+
+class _ProgressBoard:
+    """A tiny actor the training tasks report (step, steps, loss) to; the driver polls it for the display."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, tuple[int, int, float]] = {}
+
+    def update(self, name: str, step: int, steps: int, loss: float) -> None:
+        self.latest[name] = (step, steps, loss)
+
+    def snapshot(self) -> dict[str, tuple[int, int, float]]:
+        return dict(self.latest)
+
+
+class _LazyActor:
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def remote(self) -> Any:
+        import ray
+
+        return ray.remote(num_cpus=0)(self.cls).remote()
+
+
+ProgressBoard = _LazyActor(_ProgressBoard)
+
+
+# -- remote submission -------------------------------------------------------------------------------------
+
+
+def submission_id(catalog: str, manifest_text: str, argv: list[str]) -> str:
+    """Same manifest + same flags -> same id, so a scheduler that fires twice does not start two jobs."""
+    digest = hashlib.sha256((manifest_text + "\0" + "\0".join(argv)).encode()).hexdigest()[:12]
+    return f"perfusion-train-{catalog}-{digest}"
+
+
+def submit_and_follow(
+    address: str,
+    entrypoint: str,
+    base_id: str,
+    metadata: dict[str, str],
+    runtime_env: dict[str, Any],
+    echo: Callable[[str], None] = lambda text: print(text, end="", flush=True),
+) -> str:
+    """Submit (or re-attach to) the job, stream its logs until it ends; returns the final status name."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = _free_or_running_id(client, base_id)
+    existing = _status(client, job_id)
+    if existing is None:
+        client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
+        echo(f"submitted Ray job {job_id} to {address}\n")
+    else:
+        echo(f"Ray job {job_id} is already {existing.value}: following it\n")
+
+    async def follow() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            echo(lines)
+
+    try:
+        asyncio.run(follow())
+    except Exception as error:
+        echo(f"(log stream ended: {error})\n")
+    deadline = time.monotonic() + 30
+    status = client.get_job_status(job_id)
+    while not status.is_terminal() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = client.get_job_status(job_id)
+    return str(status.value if isinstance(status, JobStatus) else status)
+
+
+def _status(client: Any, job_id: str) -> Any:
+    try:
+        return client.get_job_status(job_id)
+    except RuntimeError:  # "Job ... does not exist"
+        return None
+
+
+def _free_or_running_id(client: Any, base_id: str) -> str:
+    """base_id if unused or still running; after a finished job with that id, base_id-2, -3, ..."""
+    candidate, attempt = base_id, 1
+    while True:
+        status = _status(client, candidate)
+        if status is None or not status.is_terminal():
+            return candidate
+        attempt += 1
+        candidate = f"{base_id}-{attempt}"
+
+
+def python_executable() -> str:
+    return sys.executable

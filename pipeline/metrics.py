@@ -1,0 +1,69 @@
+"""Metrics: ray.util.metrics inside tasks (scraped from Ray's metrics port), a Pushgateway summary from the
+driver at the end of a run (only when a Pushgateway is configured; nothing is pushed otherwise).
+
+    perfusion_concepts_total{status}         training attempts finished, by status   (tasks)
+    perfusion_training_steps_total           optimizer steps run                     (tasks)
+    perfusion_training_seconds               seconds per concept (histogram)         (tasks)
+    perfusion_batch_job_*                    the run summary                          (Pushgateway)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+PUSHGATEWAY_ENV = "PERFUSION_BATCH_PUSHGATEWAY"
+_TASK_METRICS: dict[str, Any] = {}
+
+
+def record_task(row: dict[str, Any]) -> None:
+    """Count one finished training attempt (inside a Ray task; a no-op outside Ray)."""
+    try:
+        from ray.util import metrics
+    except ImportError:  # pragma: no cover - ray is a dependency
+        return
+    if not _TASK_METRICS:
+        _TASK_METRICS["concepts"] = metrics.Counter(
+            "perfusion_concepts_total", description="Concept training attempts finished.", tag_keys=("status",)
+        )
+        _TASK_METRICS["steps"] = metrics.Counter("perfusion_training_steps_total", description="Optimizer steps run.")
+        _TASK_METRICS["seconds"] = metrics.Histogram(
+            "perfusion_training_seconds",
+            description="Seconds to train one concept.",
+            boundaries=[10, 30, 60, 120, 300, 600, 1200],
+        )
+    _TASK_METRICS["concepts"].inc(1, tags={"status": str(row.get("status"))})
+    if row.get("steps"):
+        _TASK_METRICS["steps"].inc(float(row["steps"]))
+    if row.get("seconds"):
+        _TASK_METRICS["seconds"].observe(float(row["seconds"]))
+
+
+def pushgateway_address(flag: str | None) -> str | None:
+    return flag or os.environ.get(PUSHGATEWAY_ENV) or None
+
+
+def push_summary(gateway: str, job: str, catalog: str, counts: dict[str, int], seconds: float, ok: bool) -> None:
+    """Push the run summary (duration, concepts by status, last success time) under job=`job`."""
+    from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+
+    registry = CollectorRegistry()
+    duration = Gauge("perfusion_batch_job_duration_seconds", "Wall time of the last run.", registry=registry)
+    duration.set(seconds)
+    concepts = Gauge(
+        "perfusion_batch_job_concepts", "Concepts in the last run, by status.", ["status"], registry=registry
+    )
+    for status, count in counts.items():
+        concepts.labels(status=status).set(count)
+    finished = Gauge("perfusion_batch_job_last_run_timestamp_seconds", "When the last run ended.", registry=registry)
+    finished.set(time.time())
+    if ok:
+        success = Gauge(
+            "perfusion_batch_job_last_success_timestamp_seconds",
+            "When the last run without failures ended.",
+            registry=registry,
+        )
+        success.set(time.time())
+    # pushadd (POST): replaces only the metrics pushed now, so a failed run keeps the last success time.
+    pushadd_to_gateway(gateway, job=job, registry=registry, grouping_key={"catalog": catalog})

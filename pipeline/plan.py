@@ -1,0 +1,186 @@
+"""From a validated manifest to a training plan: images found and decoded, content hashes, concept keys.
+
+Everything here runs before any training starts. A problem of the catalog as a whole (a token the base
+model already knows) stops everything with every problem listed (pipeline.manifest.ManifestError). A problem
+of one concept's files (an image missing or corrupt) is that concept's alone: it is planned as failed, with
+its problems, so the run trains the others and records the failure (retrying cannot fix a corrupt image).
+
+    concept_key = sha256(normalised concept spec, image and mask content hashes, merged training config,
+                         base-model fingerprint, method version)[:32]
+
+Same inputs -> same key -> nothing retrained; change one image, one setting or the base model and only
+that concept's key changes. Tags are left out on purpose: relabelling a product retrains nothing.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.manifest import ConceptSpec, Manifest, ManifestError, Problem
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image named by the manifest. The bytes are not kept: a training task reads them itself (on a
+    cluster, straight from object storage) and checks them against this hash."""
+
+    uri: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PlannedConcept:
+    spec: ConceptSpec
+    index: int  # position in the manifest, for error paths
+    images: tuple[ImageFile, ...]
+    masks: tuple[ImageFile, ...] | None
+    training: dict[str, Any]  # merged TrainConfig overrides
+    concept_key: str
+    problems: tuple[Problem, ...] = ()  # non-empty: cannot train until the files are fixed
+
+    @property
+    def ready(self) -> bool:
+        return not self.problems
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def file(self) -> str:
+        """Where the concept file lives, relative to the store root."""
+        return f"concepts/{self.concept_key}.safetensors"
+
+
+def expand(manifest: Manifest, pattern: str) -> list[str]:
+    """A manifest image entry (path, URI or glob) -> the sorted URIs it names."""
+    uri = manifest.resolve(pattern)
+    if not GLOB_CHARS.intersection(uri):
+        return [uri]
+    if "://" not in uri:
+        return sorted(p for p in globlib.glob(uri, recursive=True) if p.lower().endswith(IMAGE_SUFFIXES))
+    fs, _ = fsspec.core.url_to_fs(uri)
+    protocol = uri.split("://", 1)[0]
+    return sorted(f"{protocol}://{p}" for p in fs.glob(uri) if str(p).lower().endswith(IMAGE_SUFFIXES))
+
+
+def read_image(uri: str) -> bytes:
+    with fsspec.open(uri, "rb") as handle:
+        data: bytes = handle.read()
+    return data
+
+
+def check_image(data: bytes, mode: str = "RGB") -> tuple[int, int]:
+    """Decode fully (a truncated file fails here, not mid-training); returns (width, height)."""
+    with Image.open(io.BytesIO(data)) as picture:
+        picture.load()
+        picture.convert(mode)
+        return picture.size
+
+
+def load_images(manifest: Manifest, spec: ConceptSpec, index: int, kind: str) -> tuple[list[ImageFile], list[Problem]]:
+    entries = spec.images if kind == "images" else (spec.masks or [])
+    files: list[ImageFile] = []
+    problems: list[Problem] = []
+    for position, entry in enumerate(entries):
+        at = f"concepts[{index}].{kind}[{position}]"
+        try:
+            uris = expand(manifest, entry)
+        except Exception as error:
+            problems.append(Problem(at, f"cannot list {entry!r}: {error}"))
+            continue
+        if not uris:
+            problems.append(
+                Problem(at, f"no image file matches {entry!r} (relative paths start at the manifest's folder)")
+            )
+        for uri in uris:
+            try:
+                data = read_image(uri)
+            except FileNotFoundError:
+                problems.append(Problem(at, f"file not found: {uri}"))
+                continue
+            except Exception as error:
+                problems.append(Problem(at, f"cannot read {uri}: {error}"))
+                continue
+            # Hashed even when it does not decode: fixing the file changes the concept key.
+            files.append(ImageFile(uri, hashlib.sha256(data).hexdigest()))
+            try:
+                width, height = check_image(data, "RGB" if kind == "images" else "L")
+            except (UnidentifiedImageError, OSError, ValueError) as error:
+                problems.append(Problem(at, f"{uri} is not a readable image ({error}): replace or remove it"))
+                continue
+            if min(width, height) < 8:
+                problems.append(Problem(at, f"{uri} is {width}x{height}: too small to learn from"))
+    return files, problems
+
+
+def concept_key(
+    spec: ConceptSpec,
+    images: list[ImageFile],
+    masks: list[ImageFile] | None,
+    training: dict[str, Any],
+    fingerprint: str,
+    method_version: str,
+) -> str:
+    payload = {
+        "name": spec.name,
+        "token": spec.concept_token,
+        "superclass": spec.superclass.strip(),
+        "images": [f.sha256 for f in images],
+        "masks": [f.sha256 for f in masks] if masks is not None else None,
+        "training": dict(sorted(training.items())),
+        "fingerprint": fingerprint,
+        "method_version": method_version,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def build_plan(
+    manifest: Manifest, fingerprint: str, method_version: str, vocabulary: set[str] | None = None
+) -> list[PlannedConcept]:
+    """Every concept of the manifest, planned (file problems per concept); ManifestError for catalog problems."""
+    catalog_problems: list[Problem] = []
+    planned: list[PlannedConcept] = []
+    for index, spec in enumerate(manifest.concepts):
+        token = spec.concept_token
+        if vocabulary is not None and (token in vocabulary or token + "</w>" in vocabulary):
+            catalog_problems.append(
+                Problem(
+                    f"concepts[{index}].token",
+                    f"{token!r} is already a word of the base model's vocabulary: pick a token it does not know, "
+                    f"e.g. '<{spec.name}-1>'",
+                )
+            )
+        images, problems = load_images(manifest, spec, index, "images")
+        image_problems = list(problems)
+        masks: list[ImageFile] | None = None
+        if spec.masks is not None:
+            masks, mask_problems = load_images(manifest, spec, index, "masks")
+            problems += mask_problems
+            if not mask_problems and not image_problems and len(masks) != len(images):
+                problems.append(
+                    Problem(
+                        f"concepts[{index}].masks",
+                        f"{len(masks)} mask(s) for {len(images)} image(s): give one mask per image, in the same "
+                        "(sorted) order, or no masks",
+                    )
+                )
+        training = manifest.training_config(spec)
+        key = concept_key(spec, images, masks, training, fingerprint, method_version)
+        planned.append(
+            PlannedConcept(spec, index, tuple(images), tuple(masks) if masks else None, training, key, tuple(problems))
+        )
+    if catalog_problems:
+        raise ManifestError(manifest.source, catalog_problems)
+    return planned

@@ -1,0 +1,130 @@
+"""How a training run shows itself: a live table in a terminal, plain log lines elsewhere (CI, a Ray Job's log,
+a pipe), chosen by `make_display()`."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.train import ConceptState, Display, RunSummary
+
+STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "running": "cyan",
+    "skipped": "dim",
+    "planned": "yellow",
+}
+
+
+def make_display(console: Console | None = None) -> Display:
+    console = console or Console(stderr=False)
+    inside_ray_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
+    if console.is_terminal and not inside_ray_job:
+        return LiveDisplay(console)
+    return LogDisplay(print_line=lambda text: print(text, file=sys.stdout, flush=True))
+
+
+class LiveDisplay(Display):
+    """A table that redraws in place: concept, state, steps, loss, elapsed."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.summary: RunSummary | None = None
+        self.live: Live | None = None
+
+    def start(self, summary: RunSummary) -> None:
+        self.summary = summary
+        self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def update(self, state: ConceptState) -> None:
+        if self.live is not None:
+            self.live.update(self._table())
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def finish(self, summary: RunSummary) -> None:
+        if self.live is not None:
+            self.live.update(self._table())
+            self.live.stop()
+        self.console.print(summary_line(summary))
+
+    def _table(self) -> Table:
+        table = Table(title=f"catalog {self.summary.catalog}" if self.summary else None, expand=False)
+        for column in ("concept", "state", "steps", "loss", "elapsed", "error"):
+            table.add_column(column, overflow="fold", max_width=60 if column == "error" else None)
+        states = self.summary.concepts.values() if self.summary else []
+        for state in states:
+            style = STATUS_STYLE.get(state.status, "")
+            table.add_row(
+                state.name,
+                f"[{style}]{state.status}[/{style}]" if style else state.status,
+                f"{state.step}/{state.steps}" if state.steps else "",
+                f"{state.loss:.4f}" if state.loss is not None else "",
+                _elapsed(state),
+                state.error or "",
+            )
+        return table
+
+
+class LogDisplay(Display):
+    """One line per state change and every quarter of a concept's steps; greppable, no escape codes."""
+
+    def __init__(self, print_line: Callable[[str], None]) -> None:
+        self.print_line = print_line
+        self.reported: dict[str, int] = {}
+
+    def start(self, summary: RunSummary) -> None:
+        counts = ", ".join(f"{n} {s}" for s, n in summary.counts().items() if n)
+        self.print_line(
+            f"catalog {summary.catalog}: {len(summary.concepts)} concept(s) ({counts}), root {summary.root}"
+        )
+        for state in summary.concepts.values():
+            if state.status == "failed":
+                self.print_line(f"  {state.name}: failed before training: {state.error}")
+
+    def update(self, state: ConceptState) -> None:
+        if state.status == "running":
+            quarter = 4 * state.step // state.steps if state.steps else 0
+            if self.reported.get(state.name) == quarter:
+                return
+            self.reported[state.name] = quarter
+            loss = f" loss {state.loss:.4f}" if state.loss is not None else ""
+            steps = f" step {state.step}/{state.steps}" if state.steps else " started"
+            self.print_line(f"  {state.name}:{steps}{loss}")
+        elif state.status == "failed":
+            self.print_line(f"  {state.name}: FAILED: {state.error}")
+        else:
+            self.print_line(f"  {state.name}: {state.status} {_elapsed(state)}".rstrip())
+
+    def message(self, text: str) -> None:
+        self.print_line(text)
+
+    def finish(self, summary: RunSummary) -> None:
+        self.print_line(summary_line(summary))
+
+
+def summary_line(summary: RunSummary) -> str:
+    counts = summary.counts()
+    verb = "would train" if summary.dry_run else "trained"
+    done = counts["planned"] if summary.dry_run else counts["succeeded"]
+    return (
+        f"{summary.catalog}: {verb} {done}, skipped {counts['skipped']} (already trained), failed {counts['failed']}"
+        f" in {summary.seconds:.1f}s"
+    )
+
+
+def _elapsed(state: ConceptState) -> str:
+    if state.seconds is not None:
+        return f"{state.seconds:.1f}s"
+    if state.started is not None:
+        return f"{time.time() - state.started:.0f}s"
+    return ""

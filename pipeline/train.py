@@ -1,0 +1,318 @@
+"""The training run: manifest -> plan -> one Ray task per concept -> concept files + index rows.
+
+    run = TrainRun(manifest, TrainOptions(...))
+    summary = run.execute(display)          # display: pipeline.progress.Display (live table or log lines)
+
+1. A `prepare_base` task loads the base model where the GPUs are, computes its fingerprint and finds (or
+   computes once and stores) its C^-1 under covariance/{fingerprint}.
+2. The plan (pipeline/plan.py): images read and hashed, a concept_key per concept. Keys with a successful
+   row in the index are skipped (idempotent; a run killed midway resumes), unless --force.
+3. One task per remaining concept, at most `max_concurrency` in flight, each asking for `gpus_per_task`
+   GPUs when the cluster has GPUs and one CPU otherwise. Ray retries crashed workers and RetryableTaskError;
+   a concept whose input is bad fails alone, recorded with its error, and the others go on.
+4. Rows are committed by the driver in batches (every COMMIT_EVERY rows or COMMIT_SECONDS), always after
+   the task wrote its file: an index row never points at nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, now
+from pipeline.manifest import Manifest
+from pipeline.plan import PlannedConcept, build_plan
+from pipeline.store import Store
+from pipeline.tasks import BaseInfo, TrainTask
+
+COMMIT_EVERY = 16
+COMMIT_SECONDS = 10.0
+SKIPPED, PLANNED = "skipped", "planned"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    root: str | None = None  # overrides the manifest's root (flag or PERFUSION_BATCH_ROOT)
+    force: bool = False  # retrain concepts that already succeeded
+    only: tuple[str, ...] = ()  # train just these concept names
+    dry_run: bool = False
+    max_concurrency: int | None = None  # tasks in flight; default: what the cluster can run at once
+    gpus_per_task: float = 1.0  # on clusters with GPUs; fractions pack several trainings on one GPU
+    max_retries: int = 2  # for crashed workers and retryable errors
+
+
+@dataclass
+class ConceptState:
+    name: str
+    concept_key: str
+    status: str  # planned | running | succeeded | failed | skipped
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    started: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    catalog: str
+    root: str
+    concepts: dict[str, ConceptState] = field(default_factory=dict)
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.concepts.values() if s.status == status)
+
+    @property
+    def ok(self) -> bool:
+        return self.count(FAILED) == 0
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.count(s) for s in (SUCCEEDED, FAILED, SKIPPED, PLANNED)}
+
+
+class Display:
+    """What the run reports to; pipeline/progress.py has the terminal implementations."""
+
+    def start(self, summary: RunSummary) -> None: ...
+    def update(self, state: ConceptState) -> None: ...
+    def message(self, text: str) -> None: ...
+    def finish(self, summary: RunSummary) -> None: ...
+
+
+def resolve_root(manifest: Manifest, override: str | None) -> str:
+    """--root, else PERFUSION_BATCH_ROOT, else the manifest's root (relative to the manifest's folder)."""
+    import os
+
+    from pipeline.store import ROOT_ENV
+
+    return override or os.environ.get(ROOT_ENV) or manifest.resolve(manifest.root)
+
+
+def resolve_base(manifest: Manifest) -> str:
+    """'toy', 'tiny' or a hub id stay as they are; a relative local path starts at the manifest's folder."""
+    spec = manifest.base_model
+    if spec in {"toy", "tiny"} or spec.startswith(("/", "~")):
+        return spec
+    candidate = manifest.resolve(spec)
+    import os
+
+    return candidate if os.path.exists(candidate) else spec
+
+
+class TrainRun:
+    def __init__(self, manifest: Manifest, options: TrainOptions = TrainOptions()) -> None:
+        self.manifest = manifest
+        self.options = options
+        self.store = Store(resolve_root(manifest, options.root))
+        self.index = ConceptIndex(self.store)
+        self.base_model = resolve_base(manifest)
+        unknown = sorted(set(options.only) - {c.name for c in manifest.concepts})
+        if unknown:
+            from pipeline.manifest import ManifestError, Problem
+
+            raise ManifestError(
+                manifest.source, [Problem("--only", f"no concept named {n!r} in the manifest") for n in unknown]
+            )
+
+    def plan(self, base: BaseInfo) -> tuple[list[PlannedConcept], set[str]]:
+        """The selected concepts and the keys already trained."""
+        from perfusion import METHOD_VERSION
+
+        plan = build_plan(self.manifest, base.fingerprint, METHOD_VERSION, set(base.vocabulary))
+        if self.options.only:
+            plan = [p for p in plan if p.name in self.options.only]
+        done = set() if self.options.force else self.index.succeeded_keys()
+        return plan, done
+
+    def execute(self, display: Display | None = None) -> RunSummary:
+        import ray
+
+        from pipeline import jobs
+
+        display = display or Display()
+        started = time.perf_counter()
+        summary = RunSummary(self.manifest.catalog, self.store.root, dry_run=self.options.dry_run)
+        jobs.ensure_ray()
+        display.message(f"preparing base model {self.base_model!r} (fingerprint, C^-1) ...")
+        base: BaseInfo = ray.get(
+            jobs.remote(prepare_base_task, **self._resources()).remote(self.base_model, self.store.root)
+        )
+        plan, done = self.plan(base)
+        for item in plan:
+            status = SKIPPED if item.concept_key in done else (PLANNED if item.ready else FAILED)
+            error = "; ".join(str(p) for p in item.problems) or None
+            summary.concepts[item.name] = ConceptState(item.name, item.concept_key, status, error=error)
+        display.start(summary)
+        pending_rows = [self._failed_row(item, base) for item in plan if not item.ready]
+        if self.options.dry_run:
+            summary.seconds = time.perf_counter() - started
+            display.finish(summary)
+            return summary
+        todo = [item for item in plan if item.ready and item.concept_key not in done]
+        self._dispatch(todo, base, summary, display, pending_rows)
+        summary.seconds = time.perf_counter() - started
+        display.finish(summary)
+        return summary
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _resources(self) -> dict[str, Any]:
+        import ray
+
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return {"num_gpus": self.options.gpus_per_task, "num_cpus": 1}
+        return {"num_cpus": 1}
+
+    def _task(self, item: PlannedConcept, base: BaseInfo) -> TrainTask:
+        attempt = uuid.uuid4().hex
+        # --force writes a new file beside the old one: artifacts are never overwritten.
+        file = f"concepts/{item.concept_key}.{attempt[:8]}.safetensors" if self.options.force else item.file
+        return TrainTask(
+            name=item.name,
+            token=item.spec.concept_token,
+            superclass=item.spec.superclass.strip(),
+            images=tuple((f.uri, f.sha256) for f in item.images),
+            masks=tuple((f.uri, f.sha256) for f in item.masks) if item.masks else None,
+            training=item.training,
+            concept_key=item.concept_key,
+            file=file,
+            base_model=self.base_model,
+            fingerprint=base.fingerprint,
+            root=self.store.root,
+            covariance=base.covariance,
+            covariance_sha256=base.covariance_sha256,
+            attempt_id=attempt,
+        )
+
+    def _dispatch(
+        self,
+        todo: list[PlannedConcept],
+        base: BaseInfo,
+        summary: RunSummary,
+        display: Display,
+        rows: list[dict[str, Any]],
+    ) -> None:
+        import ray
+
+        from pipeline import jobs
+
+        resources = self._resources()
+        board = jobs.ProgressBoard.remote()  # type: ignore[attr-defined]
+        remote_train = jobs.remote(
+            train_task, max_retries=self.options.max_retries, retry_exceptions=[jobs.RetryableTaskError], **resources
+        )
+        limit = self.options.max_concurrency or max(1, jobs.slots(resources))
+        queue = list(todo)
+        running: dict[Any, tuple[PlannedConcept, TrainTask]] = {}
+        last_commit = time.perf_counter()
+        while queue or running:
+            while queue and len(running) < limit:
+                item = queue.pop(0)
+                task = self._task(item, base)
+                running[remote_train.remote(task, board)] = (item, task)
+                state = summary.concepts[item.name]
+                state.status, state.started = "running", time.time()
+                display.update(state)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            for name, (step, steps, loss) in ray.get(board.snapshot.remote()).items():
+                state = summary.concepts[name]
+                if state.status == "running" and step != state.step:
+                    state.step, state.steps, state.loss = step, steps, loss
+                    display.update(state)
+            for ref in ready:
+                item, task = running.pop(ref)
+                row = self._collect(ref, task)
+                rows.append(self._complete_row(row, item))
+                state = summary.concepts[item.name]
+                state.status, state.error = row["status"], row.get("error")
+                state.seconds = row.get("seconds")
+                if row.get("steps"):
+                    state.step = state.steps = int(row["steps"])
+                display.update(state)
+            if rows and (len(rows) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS):
+                self.index.append(rows)
+                rows.clear()
+                last_commit = time.perf_counter()
+        self.index.append(rows)
+        rows.clear()
+        ray.kill(board)
+
+    def _collect(self, ref: Any, task: TrainTask) -> dict[str, Any]:
+        """The task's row; a task that failed every retry becomes a failed row with the last error."""
+        import ray
+
+        try:
+            row: dict[str, Any] = ray.get(ref)
+            return row
+        except ray.exceptions.RayError as error:
+            cause = getattr(error, "cause", None)
+            message = str(cause) if cause is not None else str(error).strip().splitlines()[-1]
+            return {
+                "concept_key": task.concept_key,
+                "attempt_id": task.attempt_id,
+                "name": task.name,
+                "token": task.token,
+                "superclass": task.superclass,
+                "fingerprint": task.fingerprint,
+                "status": FAILED,
+                "error": f"gave up after {self.options.max_retries + 1} tries: {message}",
+            }
+
+    def _complete_row(self, row: dict[str, Any], item: PlannedConcept) -> dict[str, Any]:
+        """Add what the driver knows (catalog, tags, base, manifest) to a task's row."""
+        from perfusion import METHOD_VERSION
+
+        method = item.training.get("method", "perfusion")
+        return row | {
+            "catalog": self.manifest.catalog,
+            "tags": dict(item.spec.tags),
+            "base_model": self.manifest.base_model,
+            "method": method,
+            "method_version": METHOD_VERSION,
+            "manifest_uri": self.manifest.source,
+            "created_at": now(),
+        }
+
+    def _failed_row(self, item: PlannedConcept, base: BaseInfo) -> dict[str, Any]:
+        row = {
+            "concept_key": item.concept_key,
+            "attempt_id": uuid.uuid4().hex,
+            "name": item.name,
+            "token": item.spec.concept_token,
+            "superclass": item.spec.superclass,
+            "fingerprint": base.fingerprint,
+            "status": FAILED,
+            "error": "; ".join(str(p) for p in item.problems),
+            "device": "driver (planning)",
+        }
+        return self._complete_row(row, item)
+
+
+def prepare_base_task(spec: str, root: str) -> BaseInfo:
+    from pipeline.tasks import prepare_base
+
+    return prepare_base(spec, root)
+
+
+def train_task(task: TrainTask, board: Any = None) -> dict[str, Any]:
+    """The Ray task body: train, reporting progress to the board every few steps, and count metrics."""
+    from pipeline import metrics
+    from pipeline.tasks import train_one
+
+    report: Callable[[int, int, float], None] | None = None
+    if board is not None:
+        every = max(1, int(task.training.get("steps", 400)) // 50)
+
+        def report(step: int, steps: int, loss: float) -> None:
+            if step == 1 or step % every == 0 or step == steps:
+                board.update.remote(task.name, step, steps, loss)
+
+    row = train_one(task, report)
+    metrics.record_task(row)
+    return row

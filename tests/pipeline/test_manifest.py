@@ -1,0 +1,141 @@
+"""The manifest schema: defaults, overrides, and every kind of bad input reported at once with its path."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from pipeline.manifest import ManifestError, load_manifest, parse_manifest
+
+GOOD = """
+version: 1
+catalog: shop
+root: ./store
+base_model: tiny
+training: {steps: 20, batch_size: 4}
+concepts:
+  - name: red-mug
+    superclass: mug
+    images: [mugs/*.png]
+    tags: {sku: A-1, category: kitchen}
+  - name: blue-bag
+    token: <bag-7>
+    superclass: bag
+    images: [bags/a.png, bags/b.png]
+    training: {steps: 35, lock_keys: false}
+"""
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(textwrap.dedent(text), "catalog.yaml")
+    return [str(p) for p in caught.value.problems]
+
+
+def test_a_good_manifest_parses_with_defaults_and_overrides():
+    manifest = parse_manifest(GOOD, "/data/shop/catalog.yaml")
+    mug, bag = manifest.concepts
+    assert mug.concept_token == "<red-mug>"  # derived from the name
+    assert bag.concept_token == "<bag-7>"
+    assert manifest.training_config(mug) == {"steps": 20, "batch_size": 4}
+    assert manifest.training_config(bag) == {"steps": 35, "batch_size": 4, "lock_keys": False}
+    assert mug.tags == {"sku": "A-1", "category": "kitchen"}
+    assert manifest.resolve("mugs/*.png") == "/data/shop/mugs/*.png"  # relative to the manifest's folder
+    assert manifest.resolve("s3://bucket/x.png") == "s3://bucket/x.png"
+
+
+def test_every_problem_is_reported_with_its_path():
+    found = problems_of(
+        """
+        version: 1
+        catalog: shop
+        concepts:
+          - name: mug
+            superclass: mug
+            images: [a.png]
+          - name: bag
+            images: [b.png]
+          - name: mug
+            superclass: cup
+            images: []
+            training: {stepz: 3}
+        """
+    )
+    assert "concepts[1].superclass: field required" in found
+    assert "concepts[2].images: list should have at least 1 item after validation, not 0" in found
+    assert any(p.startswith("concepts[2].training.stepz: unknown field") for p in found)
+    assert len(found) == 3  # schema errors first; the duplicate name is checked once the schema holds
+
+
+def test_duplicates_bad_tokens_and_escaping_names_are_refused():
+    found = problems_of(
+        """
+        version: 1
+        catalog: shop
+        concepts:
+          - {name: mug, superclass: mug, images: [a.png]}
+          - {name: mug, superclass: mug, images: [b.png], token: <other>}
+          - {name: cup, superclass: cup, images: [c.png], token: <mug>}
+          - {name: ../../etc, superclass: x, images: [d.png]}
+          - {name: Bad Name, superclass: x, images: [e.png], token: "<ok-token>"}
+          - {name: tok, superclass: x, images: [f.png], token: "has space"}
+        """
+    )
+    assert "concepts[1].name: duplicate name 'mug' (also concepts[0])" in found
+    assert "concepts[2].token: duplicate token '<mug>' (also concepts[0])" in found
+    assert any(p.startswith("concepts[3].name: '../../etc' is not a valid concept name") for p in found)
+    assert any(p.startswith("concepts[4].name: 'Bad Name' is not a valid concept name") for p in found)
+    assert any(p.startswith("concepts[5].token: 'has space' is not a valid concept token") for p in found)
+
+
+def test_version_yaml_and_shape_errors_are_clear():
+    assert problems_of("version: 2\ncatalog: x\nconcepts: [{name: a, superclass: b, images: [c]}]") == [
+        "version: unsupported manifest version 2: this release reads version 1"
+    ]
+    (message,) = problems_of("version: 1\ncatalog: [unclosed\n")
+    assert message.startswith("not valid YAML: line 3")
+    assert problems_of("- just\n- a list\n") == ["expected a mapping with version, catalog and concepts"]
+    assert problems_of("version: 1\ncatalog: x\nconcepts: []\n") == [
+        "concepts: list should have at least 1 item after validation, not 0"
+    ]
+
+
+def test_bad_training_values_are_refused_by_field():
+    found = problems_of(
+        """
+        version: 1
+        catalog: shop
+        training: {steps: 0, method: dreambooth}
+        concepts:
+          - {name: mug, superclass: mug, images: [a.png], training: {batch_size: 6, grad_accumulation: 4}}
+        """
+    )
+    assert "training.steps: input should be greater than or equal to 1" in found
+    assert any(p.startswith("training.method: input should be 'perfusion' or 'textual_inversion'") for p in found)
+
+
+def test_cross_field_rules_run_after_the_schema(tmp_path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(
+        "version: 1\ncatalog: shop\nconcepts:\n"
+        "  - {name: mug, superclass: mug, images: [a.png], training: {batch_size: 6, grad_accumulation: 4}}\n"
+    )
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    assert [str(p) for p in caught.value.problems] == [
+        "concepts[0].training.batch_size: must be a multiple of grad_accumulation"
+    ]
+    assert str(path) in str(caught.value)
+
+
+def test_a_missing_file_says_so(tmp_path):
+    with pytest.raises(ManifestError, match="file not found"):
+        load_manifest(tmp_path / "nope.yaml")
+
+
+def test_manifest_errors_pickle():
+    import pickle
+
+    error = ManifestError("m.yaml", [])
+    assert isinstance(pickle.loads(pickle.dumps(error)), ManifestError)
