@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on the embedded default: train the example catalog (toy model, embedded Ray, local folder
+# manifests/store/), then list what the index holds. A rerun trains nothing new.
 demo: $(STAMP)
-	$(PYTHON) -m pipeline demo
+	$(PYTHON) -m pipeline train manifests/catalog.yaml
+	$(PYTHON) -m pipeline concepts list --manifest manifests/catalog.yaml
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -307,8 +307,21 @@ def _emit(rows: list[dict[str, object]], columns: list[str], fmt: str) -> None:
         for column in columns:
             table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(*["" if row.get(c) is None else str(row.get(c)) for c in columns])
+            table.add_row(*[_cell(c, row.get(c)) for c in columns])
         Console().print(table)
+
+
+def _cell(column: str, value: object) -> str:
+    """Short forms for the table view (json and csv keep full values)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if column == "created_at":
+        return str(value)[:19].replace("T", " ")
+    if column == "file_uri":
+        return str(value).rsplit("/", 1)[-1][:16] + "..."
+    return str(value)
 
 
 LIST_COLUMNS = ["name", "token", "superclass", "status", "steps", "final_loss", "bytes", "created_at", "file_uri"]

@@ -14,7 +14,27 @@ TINY_TRAINING = "{steps: 4, batch_size: 2}"
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_endpoint():
+    """A real S3-compatible HTTP server (moto) on loopback. Its endpoint and test credentials go into the
+    environment BEFORE Ray starts, so Ray workers see them as they would on a cluster."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_endpoint):
     """An embedded Ray with 2 CPUs, shared by every test that needs one (~5 s to start)."""
     import ray
 
