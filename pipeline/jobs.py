@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.tasks import RetryableTaskError
 
 ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
+AGENT_WAIT_SECONDS = 60.0
 __all__ = ["RetryableTaskError", "ensure_ray", "remote", "slots", "submission_id", "submit_and_follow"]
 
 
@@ -111,7 +112,7 @@ def submit_and_follow(
     job_id = _free_or_running_id(client, base_id)
     existing = _status(client, job_id)
     if existing is None:
-        client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
+        _submit_when_ready(client, entrypoint, job_id, runtime_env, metadata)
         echo(f"submitted Ray job {job_id} to {address}\n")
     else:
         echo(f"Ray job {job_id} is already {existing.value}: following it\n")
@@ -130,6 +131,21 @@ def submit_and_follow(
         time.sleep(0.5)
         status = client.get_job_status(job_id)
     return str(status.value if isinstance(status, JobStatus) else status)
+
+
+def _submit_when_ready(
+    client: Any, entrypoint: str, job_id: str, runtime_env: dict[str, Any], metadata: dict[str, str]
+) -> None:
+    """Submit; a head that just started answers "No available agent" until its job agent is up: wait."""
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
+            return
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def _status(client: Any, job_id: str) -> Any:

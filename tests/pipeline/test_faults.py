@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import threading
 import time
+from typing import ClassVar
 
 import psutil
 from typer.testing import CliRunner
@@ -46,15 +47,15 @@ def test_a_killed_worker_is_retried_and_the_concept_still_trains(tmp_path, ray_l
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
-    requests: list[tuple[str, str, bytes]] = []
+    requests: ClassVar[list[tuple[str, str, bytes]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         Receiver.requests.append(("POST", self.path, body))
         self.send_response(200)
         self.end_headers()
 
-    do_PUT = do_POST  # noqa: N815
+    do_PUT = do_POST
 
     def log_message(self, *args: object) -> None:
         pass

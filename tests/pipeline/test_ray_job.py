@@ -1,0 +1,108 @@
+"""`perfusion-batch train --address URL` against a real Ray head (`ray start --head` with its own temp dir,
+token auth on, stopped by its process group id): the run is submitted as a Ray Job, its logs are followed,
+and the exit code is the job's."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pipeline.index import ConceptIndex
+from pipeline.store import Store
+from tests.pipeline.conftest import write_catalog
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def ray_head(tmp_path, monkeypatch):
+    token = secrets.token_hex(16)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    port, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            "--num-cpus=2",
+            f"--temp-dir={temp_dir}",
+            "--include-dashboard=true",
+            # Its own agent and metrics ports: the embedded test Ray on this host holds the defaults.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ],
+        env=os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: we stop exactly what we started
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (401 without the token): it is up
+            break
+        except OSError:
+            if time.monotonic() > deadline or head.poll() is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(head.pid, signal.SIGKILL)
+                pytest.fail("the Ray head did not come up")
+            time.sleep(1)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real command in its own process (a Ray client keeps its auth token per process, and this test
+    process may already host the embedded test Ray with a token of its own)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300, env=os.environ.copy()
+    )
+
+
+@pytest.mark.slow
+def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
+    root = tmp_path / "store"
+    manifest = write_catalog(tmp_path / "shop", "./store", names=("mug",))
+    result = cli("train", str(manifest), "--address", ray_head, "--root", str(root))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "submitted Ray job perfusion-train-test-shop-" in output
+    assert "test-shop: trained 1, skipped 0" in output  # the job's own log, streamed
+    assert result.stdout.rstrip().endswith("SUCCEEDED")
+    assert [r["name"] for r in ConceptIndex(Store(str(root))).latest()] == ["mug"]
+
+    again = cli("train", str(manifest), "--address", ray_head, "--root", str(root))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "trained 0, skipped 1" in again.stdout  # a new job (same id family), nothing retrained
