@@ -12,14 +12,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.tasks import RetryableTaskError
 
-ADDRESS_ENV = "RAY_API_SERVER_ADDRESS"
 AGENT_WAIT_SECONDS = 60.0
 __all__ = ["RetryableTaskError", "ensure_ray", "remote", "slots", "submission_id", "submit_and_follow"]
 
@@ -164,7 +162,3 @@ def _free_or_running_id(client: Any, base_id: str) -> str:
             return candidate
         attempt += 1
         candidate = f"{base_id}-{attempt}"
-
-
-def python_executable() -> str:
-    return sys.executable

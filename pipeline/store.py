@@ -169,8 +169,3 @@ class Store:
             self.remove(probe)
         except Exception as error:
             raise StoreError(f"storage root {redact(self.root)} is not writable: {error}") from None
-
-
-def open_store(root: str, storage_options: dict[str, Any] | None = None) -> Store:
-    """The store for `root`, unless PERFUSION_BATCH_ROOT overrides it (one manifest for laptop, CI, cluster)."""
-    return Store(os.environ.get(ROOT_ENV) or root, storage_options)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import platform
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -111,7 +110,7 @@ def train_one(task: TrainTask, progress: ProgressFn | None = None) -> dict[str, 
     import perfusion
 
     started = time.perf_counter()
-    row = _row(task)
+    row = base_row(task)
     try:
         base = worker_base(task.base_model)
         if base.fingerprint != task.fingerprint:
@@ -167,7 +166,8 @@ def train_one(task: TrainTask, progress: ProgressFn | None = None) -> dict[str, 
         raise RetryableTaskError(f"{type(error).__name__}: {error}") from error
 
 
-def _row(task: TrainTask) -> dict[str, Any]:
+def base_row(task: TrainTask) -> dict[str, Any]:
+    """The index-row fields a task knows before it runs (status 'failed' until it succeeds)."""
     return {
         "concept_key": task.concept_key,
         "attempt_id": task.attempt_id,
@@ -223,8 +223,3 @@ def _read_image(uri: str, sha256: str, mode: str, name: str) -> Image.Image:
         return picture.convert(mode)
     except (UnidentifiedImageError, OSError) as error:
         raise perfusion.TrainingError(f"concept {name!r}: {uri} is not a readable image ({error})") from None
-
-
-def task_payload(task: TrainTask) -> str:
-    """The task as JSON (for logs and tests; never contains credentials: URIs are redacted by the store)."""
-    return json.dumps(asdict(task), default=list)

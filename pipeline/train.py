@@ -26,7 +26,7 @@ from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, now
 from pipeline.manifest import Manifest
 from pipeline.plan import PlannedConcept, build_plan
 from pipeline.store import Store
-from pipeline.tasks import BaseInfo, TrainTask
+from pipeline.tasks import BaseInfo, TrainTask, base_row
 
 COMMIT_EVERY = 16
 COMMIT_SECONDS = 10.0
@@ -253,16 +253,8 @@ class TrainRun:
         except ray.exceptions.RayError as error:
             cause = getattr(error, "cause", None)
             message = str(cause) if cause is not None else str(error).strip().splitlines()[-1]
-            return {
-                "concept_key": task.concept_key,
-                "attempt_id": task.attempt_id,
-                "name": task.name,
-                "token": task.token,
-                "superclass": task.superclass,
-                "fingerprint": task.fingerprint,
-                "status": FAILED,
-                "error": f"gave up after {self.options.max_retries + 1} tries: {message}",
-            }
+            row = base_row(task) | {"device": None}
+            return row | {"status": FAILED, "error": f"gave up after {self.options.max_retries + 1} tries: {message}"}
 
     def _complete_row(self, row: dict[str, Any], item: PlannedConcept) -> dict[str, Any]:
         """Add what the driver knows (catalog, tags, base, manifest) to a task's row."""
