@@ -83,8 +83,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="one concept, Perfusion only (smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (quality figures do not depend on it)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the table and the plot")
     args = parser.parse_args()
-    base = perfusion.load_base("toy")
+    out: Path = args.out
+
+    def load_base():  # type: ignore[no-untyped-def]  # a fresh copy: renderers add concept tokens to theirs
+        return perfusion.load_base("toy", device=args.device)
+
+    base = load_base()
     covariance = perfusion.estimate_covariance(base, caption_corpus())
     concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
     variants = {"perfusion": {}} if args.quick else VARIANTS
@@ -101,7 +108,7 @@ def main() -> None:
             config = perfusion.TrainConfig(steps=args.steps, batch_size=8, **overrides)
             concept = perfusion.train_concept(base, images, token, spec.superclass, config, covariance=covariance)
             trained[(spec.name, variant)] = concept
-            renderer = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+            renderer = perfusion.ConceptRenderer(load_base(), covariance)
             renderer.attach(concept)
             fidelity, alignment = evaluate(renderer, spec, token, args.samples)
             lines.append(f"| {spec.name} | {variant} | {fidelity:.0%} | {alignment:.0%} |")
@@ -110,7 +117,7 @@ def main() -> None:
     # the inference-time trade-off: one trained concept, gates swept, no retraining
     spec = concepts[0]
     token = f"<{spec.name}>"
-    renderer = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+    renderer = perfusion.ConceptRenderer(load_base(), covariance)
     renderer.attach(trained[(spec.name, "perfusion")])
     points = []
     for tau in (0.1, 0.15, 0.2):
@@ -126,12 +133,12 @@ def main() -> None:
         "| --- | --- | --- | --- |",
     ]
     lines += [f"| {b} | {t} | {f:.0%} | {a:.0%} |" for b, t, f, a in points]
-    RESULTS.mkdir(exist_ok=True)
-    _plot(points, RESULTS / "concept_pareto.png", spec.name)
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(points, out / "concept_pareto.png", spec.name)
 
     if not args.quick:  # two concepts in one prompt; one-shot vs few-shot
         first, second = PERSONAL_CONCEPTS[0], PERSONAL_CONCEPTS[1]
-        pair = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+        pair = perfusion.ConceptRenderer(load_base(), covariance)
         pair.attach(trained[(first.name, "perfusion")])
         pair.attach(trained[(second.name, "perfusion")])
         requests = [
@@ -151,13 +158,13 @@ def main() -> None:
             perfusion.TrainConfig(steps=args.steps, batch_size=8),
             covariance=covariance,
         )
-        single = perfusion.ConceptRenderer(perfusion.load_base("toy"), covariance)
+        single = perfusion.ConceptRenderer(load_base(), covariance)
         single.attach(one_shot)
         fidelity, alignment = evaluate(single, first, f"<{first.name}>", args.samples)
         lines += [f"One-shot {first.name}: fidelity {fidelity:.0%}, alignment {alignment:.0%}"]
         print("\n".join(lines[-2:]))
-    (RESULTS / "concept_quality.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / 'concept_quality.md'} and {RESULTS / 'concept_pareto.png'}")
+    (out / "concept_quality.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'concept_quality.md'} and {out / 'concept_pareto.png'}")
 
 
 def _plot(points: list[tuple[float, float, float, float]], path: Path, name: str) -> None:

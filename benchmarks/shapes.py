@@ -59,3 +59,39 @@ def build_unet(family: str, device: str | torch.device = "meta", seed: int = 0) 
     torch.manual_seed(seed)
     with torch.device(device):
         return UNet2DConditionModel(**FAMILIES[family]["unet"])
+
+
+def sd15_base(device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A random-weight pipeline of Stable Diffusion 1.5's shapes (UNet, 12-layer 768-wide CLIP text encoder,
+    the 512 px VAE) around the project's small tokenizer: what GPU timings and memory need, no download."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel
+
+    from perfusion.models import BaseModel, assemble_pipeline, clip_text_config, fingerprint
+    from perfusion.vocab import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=768, intermediate=3072, layers=12, heads=12))
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = assemble_pipeline(vae, text_encoder, tokenizer, build_unet("SD1.5", device="cpu", seed=seed), scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    identity = fingerprint(pipeline)
+    for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+        module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    return BaseModel(pipeline=pipeline, source="SD1.5-shaped (random weights)", fingerprint=identity)

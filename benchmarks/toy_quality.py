@@ -70,13 +70,16 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--batch", type=int, default=48)
     parser.add_argument("--weights", type=Path, default=None, help="toy weights to score (default: the shipped ones)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sheet", type=Path, default=RESULTS / "toy_samples.png", help="where the sample grid goes")
     args = parser.parse_args()
     if args.weights is None:
-        base = perfusion.load_base("toy")
+        base = perfusion.load_base("toy", device=args.device)
     else:
         pipeline = build_toy_pipeline(args.weights)
         pipeline.set_progress_bar_config(disable=True)
         base = perfusion.BaseModel(pipeline, str(args.weights), perfusion.models.fingerprint(pipeline))
+        pipeline.to(args.device)
     scenes = unseen_scenes(args.prompts)
     rng = random.Random(7)
     prompts = [caption(s, rng) for s in scenes]
@@ -94,6 +97,7 @@ def main() -> None:
         images.append(np.asarray(out.images))
     pixels = np.concatenate(images)
     results = score(scenes, pixels)
+    print(f"{args.weights or 'shipped toy weights'}, {args.device}")
     print(f"toy model on {len(scenes)} unseen prompts (DDIM {args.steps}, guidance {args.guidance}), oracle-scored:")
     print(f"{'prompts':16} {'n':>4} {'shape':>7} {'color':>7} {'backgr.':>8} {'all right':>10}")
     for name, row in sorted(results.items()):
@@ -101,7 +105,7 @@ def main() -> None:
             f"{name:16} {int(row['n']):>4} {row['shape']:>7.1%} {row['object color']:>7.1%} "
             f"{row['background']:>8.1%} {row['all right']:>10.1%}"
         )
-    RESULTS.mkdir(exist_ok=True)
+    args.sheet.parent.mkdir(parents=True, exist_ok=True)
     sheet = Image.new("RGB", (8 * 100, 4 * 118), "white")
     draw = ImageDraw.Draw(sheet)
     for k in range(32):
@@ -112,8 +116,8 @@ def main() -> None:
         x, y = (k % 8) * 100, (k // 8) * 118
         sheet.paste(tile, (x + 2, y + 2))
         draw.text((x + 2, y + 99), prompts[index][:17], fill="black")
-    sheet.save(RESULTS / "toy_samples.png")
-    print(f"samples: {RESULTS / 'toy_samples.png'}")
+    sheet.save(args.sheet)
+    print(f"samples: {args.sheet}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
 """Perfusion training step time / a plain fine-tuning step with the same trainable size.
 
     python benchmarks/training_step.py [--steps 30] [--batch 8]
+    python benchmarks/training_step.py --model SD1.5 --device cuda   # SD1.5-shaped, fp16 weights, bf16 autocast
 
 The baseline trains the same number of parameters the plain way: the concept token's embedding row and
 one additive vector per cross-attention layer on the value projection (same shape as o*_V), with no C^-1,
-no gate, no i* EMA. Same tiny base model, batch, images, noise schedule and optimizer. Per-step medians,
-first steps dropped (warm-up).
+no gate, no i* EMA. Same base model, batch, images, noise schedule, optimizer and autocast. Per-step medians,
+first steps dropped (warm-up). On CUDA the base is loaded in fp16 as the pipeline's workers load it, and the
+peak GPU memory of a Perfusion training is reported (what a worker needs per concept).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import itertools
 
 import perfusion
+from benchmarks.shapes import sd15_base
 from perfusion.corpus import NEUTRAL_TEMPLATES
 from perfusion.tokens import add_concept_token, concept_embedding_table, superclass_embedding
 from pipeline.demo import PRODUCTS, product_images
@@ -50,37 +54,46 @@ def plain_steps(base, images, steps: int, batch: int) -> list[float]:  # type: i
     device, unet, scheduler = base.device, base.unet, base.pipeline.scheduler
     pixels = torch.stack(
         [torch.from_numpy(np.asarray(i, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1 for i in images]
-    )
+    ).to(device, base.dtype)
     with torch.no_grad():
         posterior = base.pipeline.vae.encode(pixels).latent_dist
-    row = torch.nn.Parameter(superclass_embedding(base.tokenizer, base.text_encoder, "mug"))
+        mean, std = posterior.mean.float(), posterior.std.float()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )  # as TrainConfig's "auto"
+    row = torch.nn.Parameter(superclass_embedding(base.tokenizer, base.text_encoder, "mug").float().to(device))
     token_id = add_concept_token(base.tokenizer, base.text_encoder, "<bench-2>", row)
     concept_embedding_table(base.text_encoder).concept_vectors[token_id] = row
     biases = []
     for layer in base.cross_attention_layers().values():
-        bias = torch.nn.Parameter(torch.zeros(layer.to_v.out_features))
-        layer.to_v.register_forward_hook(lambda module, inputs, output, bias=bias: output + bias)
+        bias = torch.nn.Parameter(torch.zeros(layer.to_v.out_features, device=device))
+        layer.to_v.register_forward_hook(lambda module, inputs, output, bias=bias: output + bias.to(output.dtype))
         biases.append(bias)
     optimizer = torch.optim.AdamW([{"params": biases, "lr": 0.03}, {"params": [row], "lr": 0.006}], weight_decay=0.0)
-    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    rng, generator = random.Random(0), torch.Generator(device=device).manual_seed(0)
     durations = []
     for _ in range(steps):
         begin = time.perf_counter()
-        picks = torch.tensor([rng.randrange(len(images)) for _ in range(batch)])
+        picks = torch.tensor([rng.randrange(len(images)) for _ in range(batch)], device=device)
         clean = (
-            posterior.mean[picks] + posterior.std[picks] * torch.randn(posterior.mean[picks].shape, generator=generator)
+            mean[picks] + std[picks] * torch.randn(mean[picks].shape, generator=generator, device=device)
         ) * 0.18215
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noise = torch.randn(clean.shape, generator=generator, device=device)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device
+        )
         prompts = [rng.choice(NEUTRAL_TEMPLATES).format("<bench-2>") for _ in range(batch)]
         ids = base.tokenizer(
             prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
         ).input_ids
         optimizer.zero_grad(set_to_none=True)
-        encodings = base.text_encoder(ids.to(device))[0]
-        prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, encodings).sample
-        F.mse_loss(prediction, noise).backward()
+        with autocast:
+            encodings = base.text_encoder(ids.to(device))[0]
+            prediction = unet(scheduler.add_noise(clean, noise, timesteps), timesteps, encodings).sample
+        F.mse_loss(prediction.float(), noise).backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # time the work, not its queueing
         durations.append(time.perf_counter() - begin)
     return durations
 
@@ -90,23 +103,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", choices=["tiny", "SD1.5"], default="tiny", help="SD1.5: its shapes, random weights")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    images = product_images(PRODUCTS[0], count=4)
-    base = perfusion.load_base("tiny")
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else None  # as pipeline/tasks.py loads a base on a GPU
+
+    def load():  # type: ignore[no-untyped-def]  # a fresh base: the plain baseline hooks its layers
+        return sd15_base(device, dtype) if args.model == "SD1.5" else perfusion.load_base("tiny", device=device)
+
+    base = load()
+    images = product_images(PRODUCTS[0], count=4, size=base.resolution)
     covariance = perfusion.estimate_covariance(base)
     ours: list[float] = []
     plain: list[float] = []
+    peak_gib = 0.0
     for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         ours += perfusion_steps(base, images, covariance, args.steps, args.batch)[3:]
-        plain += plain_steps(perfusion.load_base("tiny"), images, args.steps, args.batch)[3:]
+        if device.type == "cuda":
+            peak_gib = max(peak_gib, torch.cuda.max_memory_allocated() / 2**30)
+        plain += plain_steps(load(), images, args.steps, args.batch)[3:]
     ours_ms, plain_ms = statistics.median(ours) * 1000, statistics.median(plain) * 1000
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"tiny base model, batch {args.batch}, {args.rounds} x {args.steps} steps each, "
-        f"CPU ({torch.get_num_threads()} threads)"
+        f"{args.model} base model ({base.resolution} px), batch {args.batch}, {args.rounds} x {args.steps} steps each, "
+        f"{where}" + (", fp16 weights, bf16 autocast" if device.type == "cuda" else "")
     )
     print(f"Perfusion step: {ours_ms:.1f} ms (median)   plain fine-tuning step, same trainable size: {plain_ms:.1f} ms")
     print(f"ratio Perfusion / plain = {ours_ms / plain_ms:.2f}")
+    if device.type == "cuda":
+        print(f"peak GPU memory of a Perfusion training: {peak_gib:.2f} GiB (model included)")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ Self-attention (attn1) receives the same kwargs from the UNet, so its processor 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from perfusion.concept import Concept
 from perfusion.covariance import Covariance
 from perfusion.errors import RenderError
 from perfusion.models import cross_attention_layers
-from perfusion.rank1 import EditBasis, build_edit_basis, edit_projection
+from perfusion.rank1 import EditBasis, build_edit_basis, gate
 
 GateOverrides = Mapping[str, tuple[float, float]]  # concept token -> (beta, tau)
 
@@ -42,6 +42,9 @@ class PerfusionCall:
     slots: torch.Tensor  # (b, j) index into `concepts` for each row's slot; padded slots point at 0
     basis: EditBasis  # per-row quantities shared by every layer
     key_encodings: torch.Tensor | None = None  # (b, m, d): global locking's K-path input; None = local
+    # Per-call caches (see apply_edit): [(encodings, version, dtype, mix)] and (layer, path, dtype) -> matrix.
+    _mixes: list[tuple[torch.Tensor, int, torch.dtype, torch.Tensor]] = field(default_factory=list, repr=False)
+    _matrices: dict[tuple[str, str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -132,9 +135,18 @@ class PerfusionAttnProcessor:
                     f"the Perfusion call describes {perfusion.batch_size} rows but the UNet batch has "
                     f"{batch_size}; build the call for the batch the UNet sees (guidance doubles it)"
                 )
-            key = edit_projection(key_input, key, attn.to_k.weight, perfusion.basis, self._key_targets(attn, perfusion))
-            value = edit_projection(
-                encoder_hidden_states, value, attn.to_v.weight, perfusion.basis, self._value_targets(perfusion)
+            name = self.layer_name
+            key = apply_edit(
+                perfusion, name, "k", key_input, key, attn.to_k.weight, lambda: self._key_targets(attn, perfusion)
+            )
+            value = apply_edit(
+                perfusion,
+                name,
+                "v",
+                encoder_hidden_states,
+                value,
+                attn.to_v.weight,
+                lambda: self._value_targets(perfusion),
             )
 
         inner_dim = key.shape[-1]
@@ -171,6 +183,61 @@ class PerfusionAttnProcessor:
             for c in call.concepts
         ]
         return torch.stack(rows).to(call.slots.device)[call.slots]
+
+
+def apply_edit(
+    call: PerfusionCall,
+    layer_name: str,
+    path: str,
+    encodings: torch.Tensor,
+    projected: torch.Tensor,
+    weight: torch.Tensor,
+    targets: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """h = W e_perp (+ bias) + sum_k gate_k(e) o*_k, as rank1.edit_projection (eq. 4), in one batched product:
+
+        h = projected + [gate_k(e) | -c_k(e)]  @  [o*_k ; W u_k]        c_k(e) = e @ projection_dirs[:, :, k]
+            (b, m, o)     (b, m, 2j): "mix"      (b, 2j, o): "matrix"
+
+    The mix depends only on the encodings, which every attn2 layer of a UNet call shares (and, while rendering,
+    every denoising step): it is computed once per encodings tensor, gates in float32 (s(e) near the threshold
+    must not be rounded). The matrix depends only on the layer and the call: cached for renders; in training
+    (gradients on) it is rebuilt every forward, since o*_V is being learned. Without gradients the product runs
+    in the projection's dtype as one fused kernel; with gradients in float32, as the reference does.
+    targets() -> o*_k for each row's slots: (b, j, o)."""
+    training = torch.is_grad_enabled()
+    dtype = torch.float32 if training else projected.dtype
+    mix = _mix(call, encodings, dtype)
+    key = (layer_name, path, dtype)
+    matrix = call._matrices.get(key)
+    if matrix is None:
+        with torch.autocast(encodings.device.type, enabled=False):
+            weighted_basis = call.basis.projection_basis @ weight.float().T  # (b, j, o): W u_k
+            matrix = torch.cat([targets().float(), weighted_basis], dim=1).to(dtype)  # (b, 2j, o)
+        if not training:
+            call._matrices[key] = matrix
+    if not training:
+        return torch.baddbmm(projected, mix, matrix)
+    with torch.autocast(encodings.device.type, enabled=False):
+        return projected + torch.bmm(mix, matrix).to(projected.dtype)
+
+
+def _mix(call: PerfusionCall, encodings: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[gate_k(e) | -c_k(e)] for every row and position: (b, m, 2j). Padded slots have gate 0 and a zero basis."""
+    for tensor, version, cached_dtype, mix in call._mixes:
+        # Identity, not equality: holding `tensor` keeps its id from being reused; _version catches in-place edits.
+        if tensor is encodings and version == encodings._version and cached_dtype == dtype:
+            return mix
+    basis = call.basis
+    with torch.autocast(encodings.device.type, enabled=False):
+        enc = encodings.float()
+        coefficients = torch.bmm(enc, basis.projection_dirs)  # (b, m, j): u_k^T C^-1 e
+        sims = torch.bmm(enc, basis.similarity_dirs)  # (b, m, j): s_k(e), eq. (2)
+        gates = gate(sims, basis.beta[:, None, :], basis.tau[:, None, :]) * basis.active[:, None, :]  # eq. (3)
+        mix = torch.cat([gates, -coefficients], dim=-1).to(dtype)
+    call._mixes[:] = [entry for entry in call._mixes if entry[0] is not encodings][-3:]  # K and V inputs, 2 dtypes
+    call._mixes.append((encodings, encodings._version, dtype, mix))
+    return mix
 
 
 class SelfAttentionPassthrough:

@@ -32,14 +32,14 @@ def _encode(base, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
 def recorded(monkeypatch):
     """Record every edited projection: (weight id) -> output (b, m, o)."""
     records: dict[int, torch.Tensor] = {}
-    original = attention_module.edit_projection
+    original = attention_module.apply_edit
 
-    def recording(encodings, projected, weight, basis, targets):
-        out = original(encodings, projected, weight, basis, targets)
+    def recording(call, layer_name, path, encodings, projected, weight, targets):
+        out = original(call, layer_name, path, encodings, projected, weight, targets)
         records[id(weight)] = out.detach().clone()
         return out
 
-    monkeypatch.setattr(attention_module, "edit_projection", recording)
+    monkeypatch.setattr(attention_module, "apply_edit", recording)
     return records
 
 
@@ -155,3 +155,60 @@ def test_self_attention_accepts_the_call_without_warnings(base, covariance, capl
     with caplog.at_level(logging.WARNING), torch.no_grad():
         base.unet(latents, timesteps, encodings, cross_attention_kwargs={"perfusion": call})
     assert not [r for r in caplog.records if "are not expected" in r.getMessage()]
+
+
+def test_the_fused_cached_edit_equals_the_reference_equation(covariance):
+    """apply_edit (one batched product, mix and matrix cached on the call) computes rank1.edit_projection's
+    h = W e_perp + sum_k gate_k o*_k, with and without gradients, for rows with 0, 1 and 2 concepts; an
+    in-place change of the encodings is not served from the cache."""
+    from perfusion.rank1 import edit_projection
+
+    d, out, m = covariance.c_inv.shape[0], 24, 7
+    generator = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(d, generator=generator) for _ in range(2)]
+    rows = [[], [(inputs[0], 0.6, 0.1)], [(inputs[0], 0.6, 0.1), (inputs[1], 0.7, 0.15)]]
+    fake = [dataclasses.replace(initial_concept_stub(d), target_input=i, beta=b, tau=t) for i, b, t in rows[2]]
+    call = PerfusionCall.build([[], fake[:1], fake], covariance)
+    weight = torch.randn(out, d, generator=generator)
+    targets = torch.randn(3, 2, out, generator=generator)
+    encodings = torch.randn(3, m, d, generator=generator)
+    encodings[1, 2] = inputs[0]  # the gate opens here
+    encodings[2, 4] = inputs[1]
+    reference = edit_projection(encodings, encodings @ weight.T, weight, call.basis, targets)
+    with torch.no_grad():
+        first = attention_module.apply_edit(
+            call, "layer", "v", encodings, encodings @ weight.T, weight, lambda: targets
+        )
+        again = attention_module.apply_edit(
+            call, "layer", "v", encodings, encodings @ weight.T, weight, lambda: targets
+        )
+    assert torch.allclose(first, reference, atol=1e-4) and torch.equal(first, again)
+    assert len(call._mixes) == 1 and len(call._matrices) == 1  # the second call was served from the cache
+    assert torch.allclose(first[0], encodings[0] @ weight.T, atol=1e-5)  # a row without concepts is untouched
+    with torch.no_grad():
+        encodings[1, 2] = 0.0  # in place: the cached mix no longer describes these encodings
+        changed = attention_module.apply_edit(
+            call, "layer", "v", encodings, encodings @ weight.T, weight, lambda: targets
+        )
+    assert torch.allclose(
+        changed, edit_projection(encodings, encodings @ weight.T, weight, call.basis, targets), atol=1e-4
+    )
+    learned = targets.clone().requires_grad_(True)
+    trained = attention_module.apply_edit(call, "x", "v", encodings, encodings @ weight.T, weight, lambda: learned)
+    trained.sum().backward()
+    assert learned.grad is not None and learned.grad[2].abs().sum() > 0
+
+
+def initial_concept_stub(d: int):  # type: ignore[no-untyped-def]
+    """A concept with edits whose only role here is its target input, beta and tau."""
+    from perfusion.concept import Concept
+
+    return Concept(
+        token="<stub>",
+        superclass="mug",
+        embedding=torch.zeros(d),
+        target_input=torch.zeros(d),
+        superclass_input=torch.zeros(d),
+        value_targets={"layer": torch.zeros(4)},
+        fingerprint="stub",
+    )
