@@ -1,13 +1,14 @@
 """The paper's claims in the toy world, scored by the oracle (issue 3's quality benchmark).
 
-    python benchmarks/concept_quality.py [--steps 150] [--images 6] [--samples 16] [--quick]
+    python benchmarks/concept_quality.py [--steps 400] [--images 6] [--samples 16] [--quick] [--device cuda]
 
 Per personal concept, from a few training images:
 - fidelity: fraction of renders of "a photo of <concept>" in which the oracle finds the concept
-  (its shape, color, texture and mark);
+  (its shape, color, texture and mark), with each attribute's own rate beside it;
 - text alignment: fraction of renders of new-context prompts (a new background; a second object) in which
   the oracle finds what the prompt asked for (the background; the second object's shape and color);
-- variants: Perfusion (key-locked) vs the same training with trained keys vs textual inversion alone;
+- variants: Perfusion (key-locked) vs the same training with trained keys vs textual inversion alone, and the
+  untrained concept (step 0: the superclass's embedding, no edit) as the baseline;
 - the inference-time beta/tau trade-off for one concept, no retraining (the Pareto front), as a PNG;
 - two concepts in one prompt (both present, background right); 1-shot vs few-shot.
 Target (issue 3): Perfusion fidelity >= 70% and alignment >= 70% on at least 3 of 4 concepts.
@@ -27,9 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import perfusion
 from perfusion.toyworld.oracle import Reading, has_concept, read_batch
 from perfusion.toyworld.world import PALETTE, PERSONAL_CONCEPTS, PersonalConcept, caption_corpus, concept_images
+from perfusion.training import initial_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {
+    "untrained": {},  # the concept before step 1
     "perfusion": {},
     "trained keys": {"lock_keys": False},
     "textual inversion": {"method": "textual_inversion"},
@@ -57,13 +60,26 @@ def aligned(reading: Reading, background: str, second: tuple[str, str] | None) -
     return reading.background == background and (second is None or reading.describes(second[1], second[0]))
 
 
+ATTRIBUTES = ("shape", "color", "texture", "mark")
+
+
+def attribute_rates(readings: list[Reading], concept: PersonalConcept) -> dict[str, float]:
+    """Per attribute: fraction of renders with an object that has the concept's value of it."""
+    wanted = {"shape": concept.superclass, "color": concept.color, "texture": concept.texture, "mark": concept.mark}
+    return {
+        a: float(np.mean([any(getattr(o, a) == wanted[a] for o in r.objects) for r in readings])) for a in ATTRIBUTES
+    }
+
+
 def evaluate(
     renderer: perfusion.ConceptRenderer,
     concept: PersonalConcept,
     token: str,
     samples: int,
     gates: dict[str, tuple[float, float]] | None = None,
+    rates: dict[str, float] | None = None,
 ) -> tuple[float, float]:
+    """(fidelity, alignment); `rates`, when given, receives the fidelity renders' attribute rates."""
     settings = perfusion.RenderSettings(steps=25, guidance_scale=4.0, batch_size=32)
     gates = gates or {}
     fidelity_requests = [perfusion.RenderRequest(f"a photo of {token}", seed=s, gates=gates) for s in range(samples)]
@@ -71,6 +87,8 @@ def evaluate(
     context_requests = [perfusion.RenderRequest(p, seed=1000 + s, gates=gates) for s, (p, _, _) in enumerate(contexts)]
     readings = read_batch(list(renderer.render_arrays(fidelity_requests + context_requests, settings)))
     fidelity = float(np.mean([has_concept(r, concept) for r in readings[:samples]]))
+    if rates is not None:
+        rates.update(attribute_rates(readings[:samples], concept))
     alignment = float(
         np.mean([aligned(r, bg, second) for r, (_, bg, second) in zip(readings[samples:], contexts, strict=True)])
     )
@@ -79,7 +97,7 @@ def evaluate(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="one concept, Perfusion only (smoke run)")
@@ -94,24 +112,35 @@ def main() -> None:
     base = load_base()
     covariance = perfusion.estimate_covariance(base, caption_corpus())
     concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
-    variants = {"perfusion": {}} if args.quick else VARIANTS
+    variants = {"untrained": {}, "perfusion": {}} if args.quick else VARIANTS
     lines = [
         f"# Concept quality on the toy model ({args.images} images, {args.steps} steps, {args.samples} samples)",
         "",
     ]
-    lines += ["| concept | variant | fidelity | alignment |", "| --- | --- | --- | --- |"]
+    lines += [
+        "| concept | variant | fidelity | alignment | shape | color | texture | mark |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     trained: dict[tuple[str, str], perfusion.Concept] = {}
     for spec in concepts:
         token = f"<{spec.name}>"
         images = concept_images(spec, args.images, seed=11)
         for variant, overrides in variants.items():
-            config = perfusion.TrainConfig(steps=args.steps, batch_size=8, **overrides)
-            concept = perfusion.train_concept(base, images, token, spec.superclass, config, covariance=covariance)
+            if variant == "untrained":
+                concept = initial_concept(base, token, spec.superclass)
+            else:
+                config = perfusion.TrainConfig(steps=args.steps, batch_size=8, **overrides)
+                concept = perfusion.train_concept(base, images, token, spec.superclass, config, covariance=covariance)
             trained[(spec.name, variant)] = concept
             renderer = perfusion.ConceptRenderer(load_base(), covariance)
             renderer.attach(concept)
-            fidelity, alignment = evaluate(renderer, spec, token, args.samples)
-            lines.append(f"| {spec.name} | {variant} | {fidelity:.0%} | {alignment:.0%} |")
+            rates: dict[str, float] = {}
+            fidelity, alignment = evaluate(renderer, spec, token, args.samples, rates=rates)
+            lines.append(
+                f"| {spec.name} | {variant} | {fidelity:.0%} | {alignment:.0%} | "
+                + " | ".join(f"{rates[a]:.0%}" for a in ATTRIBUTES)
+                + " |"
+            )
             print(lines[-1], flush=True)
 
     # the inference-time trade-off: one trained concept, gates swept, no retraining

@@ -11,6 +11,7 @@ Two consumers:
 from __future__ import annotations
 
 import itertools
+from typing import Any
 import random
 
 # Neutral context templates (CLIP ImageNet style). "{}" is the concept (or superclass) phrase.
@@ -259,3 +260,14 @@ def read_caption_file(path: str) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         lines = [line.strip() for line in handle]
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def default_templates(base: Any) -> tuple[str, ...]:
+    """The training prompts' contexts in the base model's own language: the toy model knows only the toy
+    world's words (any other word is an embedding it never trained, noise around the concept token), every
+    real text encoder knows the neutral ImageNet-style templates."""
+    if getattr(base, "source", None) == "toy":
+        from perfusion.toyworld.world import TOY_TEMPLATES
+
+        return TOY_TEMPLATES
+    return NEUTRAL_TEMPLATES

@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from perfusion.attention import PerfusionCall, install_processors
 from perfusion.concept import DEFAULT_BETA, DEFAULT_TAU, Concept
-from perfusion.corpus import NEUTRAL_TEMPLATES
+from perfusion.corpus import default_templates
 from perfusion.covariance import Covariance, estimate_covariance
 from perfusion.errors import TrainingError
 from perfusion.models import BaseModel
@@ -62,7 +62,7 @@ class TrainConfig:
     method: str = "perfusion"  # or "textual_inversion": the embedding row only, no rank-1 edit (a baseline)
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; or "no", "fp16", "bf16"
     seed: int = 0
-    templates: tuple[str, ...] = NEUTRAL_TEMPLATES
+    templates: tuple[str, ...] | None = None  # None: the base model's own (corpus.default_templates)
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,7 +82,7 @@ class TrainConfig:
             problems.append("method must be 'perfusion' or 'textual_inversion'")
         if self.mixed_precision not in {"auto", "no", "fp16", "bf16"}:
             problems.append("mixed_precision must be one of auto, no, fp16, bf16")
-        if not self.templates or any("{}" not in t for t in self.templates):
+        if self.templates is not None and (not self.templates or any("{}" not in t for t in self.templates)):
             problems.append("templates must be non-empty and each contain '{}' for the concept")
         if problems:
             raise TrainingError("invalid training config: " + "; ".join(problems))
@@ -119,6 +119,8 @@ def train_concept(
         raise TrainingError(f"concept {token!r}: no training images")
     if masks is not None and len(masks) != len(images):
         raise TrainingError(f"concept {token!r}: {len(masks)} masks for {len(images)} images; give one per image")
+    if config.templates is None:  # resolved here, so the concept's metadata records the prompts it learned from
+        config = dataclasses.replace(config, templates=default_templates(base))
     device = base.device
     covariance = covariance or estimate_covariance(base)
     resolution = config.resolution or base.resolution
@@ -140,7 +142,7 @@ def train_concept(
 def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainConfig = TrainConfig()) -> Concept:
     """The concept before step 1: embedding = superclass embedding, i* = i_super, o*_V = W_V i_super
     (and o*_K = W_K i_super, trained only when config.lock_keys is False). float32 on the base's device."""
-    i_super = superclass_input(base, superclass, config.templates)  # (d,)
+    i_super = superclass_input(base, superclass, config.templates or default_templates(base))  # (d,)
     # Textual inversion edits no layer: the concept is its embedding row alone.
     layers = base.cross_attention_layers() if config.method == "perfusion" else {}
     return Concept(

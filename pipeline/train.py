@@ -140,9 +140,12 @@ class TrainRun:
         summary = RunSummary(self.manifest.catalog, self.store.root, dry_run=self.options.dry_run)
         jobs.ensure_ray()
         display.message(f"preparing base model {self.base_model!r} (fingerprint, C^-1) ...")
-        base: BaseInfo = ray.get(
-            jobs.remote(prepare_base_task, **self._resources()).remote(self.base_model, self.store.root)
-        )
+        resources = self._resources()
+        preparing = jobs.remote(prepare_base_task, **resources).remote(self.base_model, self.store.root)
+        # Meanwhile, start the other workers and load the model into each (a Ray worker keeps it for the
+        # training tasks it runs next): worker start-up then overlaps prepare_base instead of delaying them.
+        warming = [] if self.options.dry_run else self._warm_workers(resources)
+        base: BaseInfo = ray.get(preparing)
         plan, done = self.plan(base)
         for item in plan:
             status = SKIPPED if item.concept_key in done else (PLANNED if item.ready else FAILED)
@@ -156,6 +159,7 @@ class TrainRun:
             return summary
         todo = [item for item in plan if item.ready and item.concept_key not in done]
         self._dispatch(todo, base, summary, display, pending_rows)
+        ray.wait(warming, num_returns=len(warming))  # (done long ago; a warm-up's failure is prepare_base's too)
         summary.seconds = time.perf_counter() - started
         display.finish(summary)
         return summary
@@ -168,6 +172,18 @@ class TrainRun:
         if ray.cluster_resources().get("GPU", 0) > 0:
             return {"num_gpus": self.options.gpus_per_task, "num_cpus": 1}
         return {"num_cpus": 1}
+
+    def _concurrency(self, resources: dict[str, Any]) -> int:
+        from pipeline import jobs
+
+        return self.options.max_concurrency or max(1, jobs.slots(resources))
+
+    def _warm_workers(self, resources: dict[str, Any]) -> list[Any]:
+        """One model-loading task for each slot beyond prepare_base's, up to the catalog's size."""
+        from pipeline import jobs
+
+        count = min(self._concurrency(resources), len(self.manifest.concepts)) - 1
+        return [jobs.remote(warm_worker_task, **resources).remote(self.base_model) for _ in range(max(0, count))]
 
     def _task(self, item: PlannedConcept, base: BaseInfo) -> TrainTask:
         attempt = uuid.uuid4().hex
@@ -207,7 +223,7 @@ class TrainRun:
         remote_train = jobs.remote(
             train_task, max_retries=self.options.max_retries, retry_exceptions=[jobs.RetryableTaskError], **resources
         )
-        limit = self.options.max_concurrency or max(1, jobs.slots(resources))
+        limit = self._concurrency(resources)
         queue = list(todo)
         running: dict[Any, tuple[PlannedConcept, TrainTask]] = {}
         last_commit = time.perf_counter()
@@ -290,6 +306,18 @@ def prepare_base_task(spec: str, root: str) -> BaseInfo:
     from pipeline.tasks import prepare_base
 
     return prepare_base(spec, root)
+
+
+def warm_worker_task(spec: str) -> bool:
+    """Load the base model into this worker process's cache (tasks.worker_base). A failure here is reported
+    by prepare_base, which loads the same model, so it is only returned, never raised."""
+    from pipeline.tasks import worker_base
+
+    try:
+        worker_base(spec)
+    except Exception:
+        return False
+    return True
 
 
 def train_task(task: TrainTask, board: Any = None) -> dict[str, Any]:

@@ -36,6 +36,9 @@ SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 MARKS = ("none", "dot", "bar", "notch")  # marks other than "none" appear only on personal concepts
 
+# Concept-training contexts in the toy's own words (a caption's object phrase is "a {color} {shape}").
+TOY_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a {}", "a photo of {}")
+
 # Color-shape pairs never shown in pretraining: renders of them test composition.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
     {

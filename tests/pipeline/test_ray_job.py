@@ -5,6 +5,7 @@ and the exit code is the job's."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -30,12 +31,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@dataclasses.dataclass
+class Head:
+    address: str  # the dashboard: Ray Job submission
+    metrics_url: str  # Prometheus text from the node's metrics agent (what a PodMonitor scrapes)
+
+
 @pytest.fixture
 def ray_head(tmp_path, monkeypatch):
     token = secrets.token_hex(16)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-    port, dashboard = free_port(), free_port()
+    port, dashboard, metrics = free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen(
@@ -53,9 +60,10 @@ def ray_head(tmp_path, monkeypatch):
             # Its own agent and metrics ports: the embedded test Ray on this host holds the defaults.
             f"--dashboard-agent-listen-port={free_port()}",
             f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--metrics-export-port={metrics}",
         ],
-        env=os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+        # Workers report metrics every second instead of every 10 s, so the scrape below sees them soon.
+        env=os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_metrics_report_interval_ms": "1000"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: we stop exactly what we started
@@ -74,7 +82,7 @@ def ray_head(tmp_path, monkeypatch):
                     os.killpg(head.pid, signal.SIGKILL)
                 pytest.fail("the Ray head did not come up")
             time.sleep(1)
-    yield address
+    yield Head(address, f"http://127.0.0.1:{metrics}/metrics")
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=60)
@@ -95,7 +103,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     root = tmp_path / "store"
     manifest = write_catalog(tmp_path / "shop", "./store", names=("mug",))
-    result = cli("train", str(manifest), "--address", ray_head, "--root", str(root))
+    result = cli("train", str(manifest), "--address", ray_head.address, "--root", str(root))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "submitted Ray job perfusion-train-test-shop-" in output
@@ -103,6 +111,18 @@ def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     assert result.stdout.rstrip().endswith("SUCCEEDED")
     assert [r["name"] for r in ConceptIndex(Store(str(root))).latest()] == ["mug"]
 
-    again = cli("train", str(manifest), "--address", ray_head, "--root", str(root))
+    again = cli("train", str(manifest), "--address", ray_head.address, "--root", str(root))
     assert again.returncode == 0, again.stdout + again.stderr
     assert "trained 0, skipped 1" in again.stdout  # a new job (same id family), nothing retrained
+
+    # The training task's ray.util.metrics reach the node's Prometheus endpoint.
+    deadline = time.monotonic() + 60
+    while True:
+        text = urllib.request.urlopen(ray_head.metrics_url, timeout=5).read().decode()
+        counted = [line for line in text.splitlines() if line.startswith("ray_perfusion_concepts_total{")]
+        if counted or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert any('status="succeeded"' in line and line.rstrip().endswith(" 1.0") for line in counted), counted
+    steps = [line for line in text.splitlines() if line.startswith("ray_perfusion_training_steps_total")]
+    assert steps and float(steps[0].split()[-1]) == 4.0, steps
