@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on the embedded default: train the example catalog (toy model, embedded Ray, local folder
-# manifests/store/), then list what the index holds. A rerun trains nothing new.
+# manifests/store/), list what the index holds, then render the catalog's render jobs with Ray Data
+# (contact sheets in manifests/store/renders/sheets/). A rerun trains and renders nothing new.
 demo: $(STAMP)
 	$(PYTHON) -m pipeline train manifests/catalog.yaml
 	$(PYTHON) -m pipeline concepts list --manifest manifests/catalog.yaml
+	$(PYTHON) -m pipeline render manifests/catalog.yaml
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -45,7 +45,8 @@ def main() -> None:
     from tests.pipeline.conftest import write_catalog
 
     with tempfile.TemporaryDirectory() as folder:
-        manifest_path = write_catalog(Path(folder) / "shop", str(Path(folder) / "store"), NAMES[: args.concepts])
+        names = tuple(f"{NAMES[i % len(NAMES)]}-{i}" for i in range(args.concepts))
+        manifest_path = write_catalog(Path(folder) / "shop", str(Path(folder) / "store"), names)
         text = manifest_path.read_text().replace("{steps: 4, batch_size: 2}", f"{{steps: {args.steps}, batch_size: 2}}")
         manifest_path.write_text(text)
         manifest = load_manifest(manifest_path)

@@ -90,6 +90,17 @@ RootOption = Annotated[
 ]
 
 
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        envvar="RAY_API_SERVER_ADDRESS",
+        help="Ray dashboard URL (http://head:8265): submit the run as a Ray Job there and follow it. "
+        "Default: an embedded local Ray.",
+    ),
+]
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=code)
@@ -145,15 +156,7 @@ def validate(manifest: ManifestArg, root: RootOption = None) -> None:
 def train(
     manifest: ManifestArg,
     root: RootOption = None,
-    address: Annotated[
-        str | None,
-        typer.Option(
-            "--address",
-            envvar="RAY_API_SERVER_ADDRESS",
-            help="Ray dashboard URL (http://head:8265): submit the run as a Ray Job there and follow it. "
-            "Default: an embedded local Ray.",
-        ),
-    ] = None,
+    address: AddressOption = None,
     concurrency: Annotated[
         int | None, typer.Option("--concurrency", min=1, help="Most trainings at once (default: what fits).")
     ] = None,
@@ -179,7 +182,13 @@ def train(
     """
     spec = _load(manifest)
     if address:
-        _submit(spec, manifest, address, root, concurrency, gpus_per_task, dry_run, force, only or [], pushgateway)
+        argv = ["--concurrency", str(concurrency)] if concurrency else []
+        argv += ["--gpus-per-task", str(gpus_per_task)]
+        argv += ["--dry-run"] if dry_run else []
+        argv += ["--force"] if force else []
+        argv += [a for name in only or [] for a in ("--only", name)]
+        argv += ["--pushgateway", pushgateway] if pushgateway else []
+        _submit(spec, manifest, address, "train", argv, root)
         return
     from pipeline.manifest import ManifestError
     from pipeline.metrics import push_summary
@@ -211,23 +220,16 @@ def train(
         raise typer.Exit(code=1)
 
 
-def _submit(spec, manifest, address, root, concurrency, gpus_per_task, dry_run, force, only, pushgateway):  # type: ignore[no-untyped-def]
-    """Run the same command as a Ray Job on the cluster at `address`; exit with the job's status."""
+def _submit(spec, manifest: str, address: str, command: str, argv: list[str], root: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Run `perfusion-batch COMMAND MANIFEST ARGV...` as a Ray Job on the cluster at `address`; exit with the
+    job's status. The manifest's folder travels as the job's working_dir (images beside it come along)."""
     import shlex
 
     from pipeline import jobs
 
     folder = os.path.dirname(os.path.abspath(manifest)) if "://" not in manifest else None
     target = os.path.basename(manifest) if folder else manifest
-    argv = [target]
-    argv += ["--root", root] if root else []
-    argv += ["--concurrency", str(concurrency)] if concurrency else []
-    argv += ["--gpus-per-task", str(gpus_per_task)]
-    argv += ["--dry-run"] if dry_run else []
-    argv += ["--force"] if force else []
-    for name in only:
-        argv += ["--only", name]
-    argv += ["--pushgateway", pushgateway] if pushgateway else []
+    argv = [target, *(["--root", root] if root else []), *argv]
     root_uri = root or os.environ.get("PERFUSION_BATCH_ROOT") or spec.root
     if "://" not in root_uri or root_uri.startswith("file://"):
         typer.secho(
@@ -241,16 +243,81 @@ def _submit(spec, manifest, address, root, concurrency, gpus_per_task, dry_run, 
     if env_vars:
         runtime_env["env_vars"] = env_vars
     text = Path(manifest).read_text(encoding="utf-8") if folder else manifest
-    job_id = jobs.submission_id(spec.catalog, text, argv)
+    job_id = jobs.submission_id(command, spec.catalog, text, argv)
     status = jobs.submit_and_follow(
         address,
-        entrypoint="perfusion-batch train " + " ".join(shlex.quote(a) for a in argv),
+        entrypoint=f"perfusion-batch {command} " + " ".join(shlex.quote(a) for a in argv),
         base_id=job_id,
-        metadata={"catalog": spec.catalog, "manifest": os.path.basename(manifest), "command": "train"},
+        metadata={"catalog": spec.catalog, "manifest": os.path.basename(manifest), "command": command},
         runtime_env=runtime_env,
     )
     typer.echo(f"Ray job {job_id}: {status}")
     if status != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def render(
+    manifest: ManifestArg,
+    root: RootOption = None,
+    address: AddressOption = None,
+    job: Annotated[list[str] | None, typer.Option("--job", help="Render only this job (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; render nothing.")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Render at most N new images.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
+    actors: Annotated[
+        int | None, typer.Option("--actors", min=1, help="Renderer actors (default: one per GPU, else per CPU).")
+    ] = None,
+    gpus_per_actor: Annotated[
+        float, typer.Option("--gpus-per-actor", min=0.01, help="GPUs per renderer on GPU clusters.")
+    ] = 1.0,
+) -> None:
+    """Render the manifest's render jobs (prompts x concept combinations x seeds) with Ray Data.
+
+    Only images not rendered yet are rendered, so a scheduler can run this as often as it likes. Writes
+    {root}/renders/<render_id>.png, a row per image in {root}/index/renders, and a contact sheet and HTML
+    page per job under {root}/renders/sheets/. Exit code 0 when every image rendered, 1 when some failed
+    (recorded with their errors), 2 for an invalid manifest, flag, or a concept not trained (nothing ran).
+
+    Example: perfusion-batch render manifests/catalog.yaml --job new-scenes
+    """
+    spec = _load(manifest)
+    if address:
+        argv = [a for name in job or [] for a in ("--job", name)]
+        argv += ["--dry-run"] if dry_run else []
+        argv += ["--limit", str(limit)] if limit else []
+        argv += ["--batch-size", str(batch_size), "--gpus-per-actor", str(gpus_per_actor)]
+        argv += ["--actors", str(actors)] if actors else []
+        _submit(spec, manifest, address, "render", argv, root)
+        return
+    from pipeline.progress import render_progress
+    from pipeline.render import RenderOptions, RenderRun
+    from pipeline.render_plan import RenderPlanError
+    from pipeline.store import StoreError
+
+    options = RenderOptions(
+        root=root,
+        jobs=tuple(job or ()),
+        dry_run=dry_run,
+        limit=limit,
+        batch_size=batch_size,
+        actors=actors,
+        gpus_per_actor=gpus_per_actor,
+    )
+    from pipeline.manifest import ManifestError
+
+    try:
+        run = RenderRun(spec, options)
+        with render_progress() as progress:
+            summary = run.execute(progress, message=typer.echo)
+    except (ManifestError, StoreError, RenderPlanError) as error:
+        raise _fail(str(error)) from None
+    for error in summary.errors[:20]:
+        typer.secho(f"  failed: {error}", fg=typer.colors.RED, err=True)
+    for name, sheet in summary.sheets.items():
+        typer.echo(f"  {name}: contact sheet {sheet}, page {summary.pages[name]}")
+    typer.echo(summary.line())
+    if not summary.ok:
         raise typer.Exit(code=1)
 
 
@@ -319,7 +386,7 @@ def _cell(column: str, value: object) -> str:
         return f"{value:.4g}"
     if column == "created_at":
         return str(value)[:19].replace("T", " ")
-    if column == "file_uri":
+    if column in {"file_uri", "image_uri"}:
         return str(value).rsplit("/", 1)[-1][:16] + "..."
     return str(value)
 
@@ -394,6 +461,61 @@ def concepts_query(
     Example: perfusion-batch concepts query "SELECT status, count(*) FROM concepts GROUP BY status" -m catalog.yaml
     """
     index = _index(root, manifest)
+    try:
+        table = index.sql(sql)
+    except Exception as error:
+        raise _fail(f"query failed: {error}") from None
+    _emit(table.to_pylist(), table.column_names, fmt)
+
+
+renders_app = typer.Typer(
+    help="Query the render index: list, SQL. Example: perfusion-batch renders list -m manifests/catalog.yaml",
+    no_args_is_help=True,
+)
+app.add_typer(renders_app, name="renders")
+RENDER_COLUMNS = ["job", "prompt", "concept_names", "seed", "status", "seconds", "created_at", "image_uri"]
+
+
+def _render_index(root: str | None, manifest: str | None):  # type: ignore[no-untyped-def]
+    from pipeline.index import RenderIndex
+
+    return RenderIndex(_index(root, manifest).store)
+
+
+@renders_app.command("list")
+def renders_list(
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    job: Annotated[str | None, typer.Option("--job", help="Only this job.")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Failed attempts instead of rendered images.")] = False,
+    fmt: FormatOption = "table",
+) -> None:
+    """Rendered images (one row each), or with --failed the failed attempts with their errors.
+
+    Example: perfusion-batch renders list -m manifests/catalog.yaml --job new-scenes --format csv
+    """
+    import pyarrow.compute as pc
+
+    index = _render_index(root, manifest)
+    condition = pc.field("status") == ("failed" if failed else "succeeded")
+    if job:
+        condition = condition & (pc.field("job") == job)
+    rows = sorted(index.rows(filter=condition).to_pylist(), key=lambda r: (r["job"], r["prompt"], r["seed"]))
+    _emit(rows, [*RENDER_COLUMNS, "error"] if failed else RENDER_COLUMNS, fmt)
+
+
+@renders_app.command("query")
+def renders_query(
+    sql: Annotated[str, typer.Argument(help='SQL over the view `renders`, e.g. "SELECT job FROM renders".')],
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    fmt: FormatOption = "table",
+) -> None:
+    """Run SQL (DuckDB) over the render index, exposed as the table `renders`.
+
+    Example: perfusion-batch renders query "SELECT job, count(*) FROM renders GROUP BY job" -m catalog.yaml
+    """
+    index = _render_index(root, manifest)
     try:
         table = index.sql(sql)
     except Exception as error:

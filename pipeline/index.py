@@ -1,4 +1,5 @@
-"""The concept index: a Delta Lake table under {root}/index/concepts, one row per training attempt.
+"""The index: Delta Lake tables under {root}/index/. `concepts`: one row per training attempt;
+`renders`: one row per rendered image (pipeline/render.py).
 
 Downstream apps read it with this module, the CLI (`perfusion-batch concepts ...`), or any Delta reader
 (DuckDB, Spark, Polars, pyarrow). Rows are appended, never updated: the history of every attempt is kept,
@@ -26,6 +27,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from pipeline.store import Store
 
 CONCEPTS_TABLE = "index/concepts"
+RENDERS_TABLE = "index/renders"
 SUCCEEDED, FAILED = "succeeded", "failed"
 COMMIT_ATTEMPTS = 6
 
@@ -57,16 +59,49 @@ CONCEPT_SCHEMA = pa.schema(
 )
 
 
+RENDER_SCHEMA = pa.schema(
+    [
+        ("render_id", pa.string()),  # hash of everything that decides the pixels: same inputs, same id
+        ("attempt_id", pa.string()),
+        ("catalog", pa.string()),
+        ("job", pa.string()),
+        ("template", pa.string()),
+        ("prompt", pa.string()),  # the template filled with concept tokens
+        ("concept_names", pa.string()),  # JSON list, in placeholder order
+        ("concept_keys", pa.string()),  # JSON list, same order
+        ("seed", pa.int64()),
+        ("settings", pa.string()),  # JSON: steps, guidance_scale, resolution, scheduler, lock, gates, ...
+        ("base_model", pa.string()),
+        ("fingerprint", pa.string()),
+        ("image_uri", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("status", pa.string()),  # succeeded | failed
+        ("error", pa.string()),
+        ("seconds", pa.float64()),
+        ("device", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+        ("manifest_uri", pa.string()),
+    ]
+)
+
+
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class ConceptIndex:
-    """Append and query the concept rows of one store."""
+class DeltaIndex:
+    """An append-only Delta table of one store: batched atomic appends, Arrow reads, DuckDB SQL."""
+
+    TABLE = ""
+    SCHEMA = pa.schema([])
+    VIEW = ""  # the table's name in SQL
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.uri = store.uri(CONCEPTS_TABLE)
+        self.uri = store.uri(self.TABLE)
         self.storage_options = delta_storage_options(store)
 
     # -- writes ----------------------------------------------------------------------------------------
@@ -77,7 +112,7 @@ class ConceptIndex:
         "protocol changed") is retried here, so concurrent runs lose no rows."""
         if not rows:
             return
-        table = pa.Table.from_pylist([_normalise(r) for r in rows], schema=CONCEPT_SCHEMA)
+        table = pa.Table.from_pylist([_normalise(r, self.SCHEMA) for r in rows], schema=self.SCHEMA)
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 write_deltalake(self.uri, table, mode="append", storage_options=self.storage_options)
@@ -99,15 +134,42 @@ class ConceptIndex:
         """All rows (or a projection/filter of them) as an Arrow table; empty with the schema if no index yet."""
         table = self.table()
         if table is None:
-            empty = CONCEPT_SCHEMA.empty_table()
+            empty = self.SCHEMA.empty_table()
             return empty.select(list(columns)) if columns else empty
         dataset = table.to_pyarrow_dataset()
         return dataset.to_table(columns=list(columns) if columns else None, filter=filter)
 
+    def sql(self, query: str) -> pa.Table:
+        """Run SQL with DuckDB over the table, exposed as the view named VIEW (`concepts`, `renders`)."""
+        import duckdb
+
+        table = self.table()
+        source = table.to_pyarrow_dataset() if table is not None else self.SCHEMA.empty_table()
+        connection = duckdb.connect()
+        try:
+            connection.register(self.VIEW, source)
+            return connection.sql(query).to_arrow_table()
+        finally:
+            connection.close()
+
+    def compact(self) -> dict[str, Any]:
+        """Merge the small files that batched commits leave (run now and then; readers are unaffected)."""
+        table = self.table()
+        return {} if table is None else dict(table.optimize.compact())
+
+    def succeeded_ids(self, column: str) -> set[str]:
+        done = self.rows([column], filter=pc.field("status") == SUCCEEDED)
+        return set(done.column(column).to_pylist())
+
+
+class ConceptIndex(DeltaIndex):
+    """The concept rows of one store: one per training attempt."""
+
+    TABLE, SCHEMA, VIEW = CONCEPTS_TABLE, CONCEPT_SCHEMA, "concepts"
+
     def succeeded_keys(self) -> set[str]:
         """concept_keys with a successful attempt: what a rerun skips."""
-        done = self.rows(["concept_key"], filter=pc.field("status") == SUCCEEDED)
-        return set(done.column("concept_key").to_pylist())
+        return self.succeeded_ids("concept_key")
 
     def latest(
         self,
@@ -149,23 +211,27 @@ class ConceptIndex:
         found = self.latest([name], **filters)
         return found[0] if found else None
 
-    def sql(self, query: str) -> pa.Table:
-        """Run SQL with DuckDB over the index, exposed as the view `concepts`."""
-        import duckdb
 
-        table = self.table()
-        source = table.to_pyarrow_dataset() if table is not None else CONCEPT_SCHEMA.empty_table()
-        connection = duckdb.connect()
-        try:
-            connection.register("concepts", source)
-            return connection.sql(query).to_arrow_table()
-        finally:
-            connection.close()
+class RenderIndex(DeltaIndex):
+    """The render rows of one store: one per rendered image attempt."""
 
-    def compact(self) -> dict[str, Any]:
-        """Merge the small files that batched commits leave (run now and then; readers are unaffected)."""
-        table = self.table()
-        return {} if table is None else dict(table.optimize.compact())
+    TABLE, SCHEMA, VIEW = RENDERS_TABLE, RENDER_SCHEMA, "renders"
+
+    def succeeded_render_ids(self) -> set[str]:
+        """render_ids with a successful attempt: what a rerun skips."""
+        return self.succeeded_ids("render_id")
+
+    def of_job(self, job: str, catalog: str | None = None) -> list[dict[str, Any]]:
+        """The successful rows of a job (the latest per render_id), in plan order: template, names, seed."""
+        condition = (pc.field("job") == job) & (pc.field("status") == SUCCEEDED)
+        if catalog is not None:
+            condition = condition & (pc.field("catalog") == catalog)
+        latest: dict[str, dict[str, Any]] = {}
+        for row in self.rows(filter=condition).to_pylist():
+            seen = latest.get(row["render_id"])
+            if seen is None or row["created_at"] > seen["created_at"]:
+                latest[row["render_id"]] = row
+        return sorted(latest.values(), key=lambda r: (r["template"], r["concept_names"], r["seed"]))
 
 
 def delta_storage_options(store: Store) -> dict[str, str]:
@@ -192,10 +258,13 @@ def delta_storage_options(store: Store) -> dict[str, str]:
     return options
 
 
-def _normalise(row: Mapping[str, Any]) -> dict[str, Any]:
-    out = {name: row.get(name) for name in CONCEPT_SCHEMA.names}
-    if not isinstance(out["tags"], str):
-        out["tags"] = json.dumps(out["tags"] or {}, sort_keys=True)
+def _normalise(row: Mapping[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    out = {name: row.get(name) for name in schema.names}
+    for column in ("tags", "concept_names", "concept_keys", "settings"):  # JSON columns
+        if column in out and out[column] is not None and not isinstance(out[column], str):
+            out[column] = json.dumps(out[column], sort_keys=True)  # (lists keep their order)
+    if "tags" in out and out["tags"] is None:
+        out["tags"] = "{}"
     if out["created_at"] is None:
         out["created_at"] = now()
     return out

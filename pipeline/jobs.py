@@ -89,10 +89,10 @@ ProgressBoard = _LazyActor(_ProgressBoard)
 # -- remote submission -------------------------------------------------------------------------------------
 
 
-def submission_id(catalog: str, manifest_text: str, argv: list[str]) -> str:
-    """Same manifest + same flags -> same id, so a scheduler that fires twice does not start two jobs."""
+def submission_id(command: str, catalog: str, manifest_text: str, argv: list[str]) -> str:
+    """Same command + manifest + flags -> same id, so a scheduler that fires twice does not start two jobs."""
     digest = hashlib.sha256((manifest_text + "\0" + "\0".join(argv)).encode()).hexdigest()[:12]
-    return f"perfusion-train-{catalog}-{digest}"
+    return f"perfusion-{command}-{catalog}-{digest}"
 
 
 def submit_and_follow(

@@ -13,6 +13,18 @@
         masks: [masks/dotted-star/*.png]  # optional; one mask per image after expansion, same order
         training: {steps: 300}            # optional per-concept overrides of the defaults
         tags: {sku: A-1001, category: toys}
+    renders:                              # optional: batch render jobs (perfusion-batch render)
+      - name: new-scenes                  # names the job's files and rows
+        prompts:                          # {a}, {b}, ... are filled with concept tokens, in order
+          - "a photo of {a} on a green background"
+          - "a photo of {a} and {b} on a white background"
+        concepts: {tags: {category: stars}}   # which concepts fill them: names, tags, or "all" (default)
+        combinations: [[dotted-star, striped-square]]  # optional; default every k-combination of the selection
+        max_combinations: 50              # cap per prompt (the first ones in name order)
+        images_per_prompt: 2              # seeds seed, seed+1, ...
+        seed: 0
+        steps: 25                         # also: guidance_scale, resolution, scheduler, lock, negative_prompt
+        gates: {dotted-star: {beta: 0.6}} # per-concept inference-time overrides of the trained beta/tau
 
 `load_manifest` parses and checks the schema and the cross-field rules (duplicate names and tokens, token
 syntax) and raises ManifestError listing every problem with its path, e.g.
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +118,43 @@ class ConceptSpec(_Strict):
         return self.token if self.token is not None else f"<{self.name}>"
 
 
+class GateOverride(_Strict):
+    """Inference-time gate of one concept (PERFUSION.md: sigmoid((sim - beta) / tau)); None keeps the trained."""
+
+    beta: float | None = None
+    tau: float | None = Field(None, gt=0)
+
+
+class ConceptSelection(_Strict):
+    names: list[str] | None = None  # None: every concept of the catalog
+    tags: dict[str, Tag] = {}  # and only those whose tags all match
+
+
+SCHEDULERS = ("default", "ddim", "dpm", "euler", "pndm")
+
+
+class RenderJob(_Strict):
+    """One render job: prompt templates x concept combinations x seeds, with the sampler's settings."""
+
+    name: str
+    prompts: list[str] = Field(min_length=1)
+    concepts: ConceptSelection | Literal["all"] = "all"
+    combinations: list[list[str]] | None = None
+    max_combinations: int = Field(100, ge=1)
+    images_per_prompt: int = Field(1, ge=1, le=256)
+    seed: int = Field(0, ge=0)
+    steps: int = Field(25, ge=1, le=1000)
+    guidance_scale: float = Field(5.0, ge=0)
+    resolution: int | None = Field(None, ge=8, le=4096)
+    scheduler: Literal["default", "ddim", "dpm", "euler", "pndm"] = "default"
+    lock: Literal["local", "global"] = "local"
+    negative_prompt: str = ""
+    gates: dict[str, GateOverride] = {}
+
+    def selection(self) -> ConceptSelection:
+        return ConceptSelection() if self.concepts == "all" else self.concepts  # type: ignore[return-value]
+
+
 class Manifest(_Strict):
     version: Literal[1]
     catalog: str
@@ -112,6 +162,7 @@ class Manifest(_Strict):
     base_model: str = "toy"
     training: TrainingSettings = TrainingSettings()
     concepts: list[ConceptSpec] = Field(min_length=1)
+    renders: list[RenderJob] = []
     # Where the manifest was read from: relative image paths and a relative root resolve against its folder.
     source: str = Field("", exclude=True)
 
@@ -134,6 +185,19 @@ class Manifest(_Strict):
             if spec.name == name:
                 return spec
         raise KeyError(name)
+
+    def render_job(self, name: str) -> RenderJob:
+        for job in self.renders:
+            if job.name == name:
+                return job
+        raise KeyError(name)
+
+    def selected_concepts(self, job: RenderJob) -> list[ConceptSpec]:
+        """The concepts a job's selection names (all by default) whose tags match, in name order."""
+        chosen = job.selection()
+        pool = self.concepts if chosen.names is None else [c for c in self.concepts if c.name in chosen.names]
+        matching = [c for c in pool if all(str(c.tags.get(k)) == str(v) for k, v in chosen.tags.items())]
+        return sorted(matching, key=lambda c: c.name)
 
 
 def load_manifest(path: str | os.PathLike[str], text: str | None = None) -> Manifest:
@@ -215,6 +279,84 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
         merged = manifest.training_config(spec)
         if "batch_size" in merged and merged["batch_size"] % merged.get("grad_accumulation", 1):
             problems.append(Problem(f"{at}.training.batch_size", "must be a multiple of grad_accumulation"))
+    first_by_job: dict[str, int] = {}
+    for index, job in enumerate(manifest.renders):
+        at = f"renders[{index}]"
+        if not NAME_PATTERN.match(job.name):
+            problems.append(
+                Problem(f"{at}.name", f"{job.name!r} is not a valid job name (it names files): use {NAME_RULE}")
+            )
+        elif job.name in first_by_job:
+            problems.append(
+                Problem(f"{at}.name", f"duplicate job name {job.name!r} (also renders[{first_by_job[job.name]}])")
+            )
+        else:
+            first_by_job[job.name] = index
+        problems += _render_job_problems(manifest, job, at, set(first_by_name))
+    return problems
+
+
+def placeholders(template: str) -> list[str]:
+    """The placeholder names of a prompt template, in order: "{a} next to {b}" -> ["a", "b"].
+    ValueError naming the problem for anything but {a}, {b}, ... used once each without gaps."""
+    try:
+        fields = [
+            (name, spec, conversion)
+            for _, name, spec, conversion in string.Formatter().parse(template)
+            if name is not None
+        ]
+    except ValueError as error:
+        raise ValueError(f"not a valid template ({error}); write a literal brace as {{{{ or }}}}") from None
+    names = []
+    for name, spec, conversion in fields:
+        if len(name) != 1 or not "a" <= name <= "z" or spec or conversion:
+            raise ValueError(f"{{{name}}} is not a placeholder: use {{a}}, {{b}}, ... for the concepts")
+        if name in names:
+            raise ValueError(f"{{{name}}} appears twice: one concept per placeholder")
+        names.append(name)
+    expected = [chr(ord("a") + i) for i in range(len(names))]
+    if sorted(names) != expected:
+        raise ValueError(f"placeholders {names} must be {expected} (one letter each, from {{a}}, without gaps)")
+    return sorted(names)
+
+
+def _render_job_problems(manifest: Manifest, job: RenderJob, at: str, known: set[str]) -> list[Problem]:
+    """Names that exist, templates that parse, and a concept for every placeholder of every prompt."""
+    problems: list[Problem] = []
+
+    def unknown(name: str, where: str) -> None:
+        if name not in known:
+            problems.append(Problem(where, f"no concept named {name!r} in this manifest (known: {sorted(known)})"))
+
+    selection = job.selection()
+    for position, name in enumerate(selection.names or []):
+        unknown(name, f"{at}.concepts.names[{position}]")
+    for position, combination in enumerate(job.combinations or []):
+        for slot, name in enumerate(combination):
+            unknown(name, f"{at}.combinations[{position}][{slot}]")
+        if len(set(combination)) != len(combination):
+            problems.append(Problem(f"{at}.combinations[{position}]", "a concept appears twice in one combination"))
+    for name in job.gates:
+        unknown(name, f"{at}.gates.{name}")
+    selected = manifest.selected_concepts(job)
+    if not selected and job.combinations is None:
+        problems.append(Problem(f"{at}.concepts", "selects no concept (check the names and tags)"))
+    for position, template in enumerate(job.prompts):
+        where = f"{at}.prompts[{position}]"
+        try:
+            count = len(placeholders(template))
+        except ValueError as error:
+            problems.append(Problem(where, str(error)))
+            continue
+        if count and job.combinations is not None and not any(len(c) == count for c in job.combinations):
+            problems.append(
+                Problem(where, f"has {count} placeholder(s) but no entry of {at}.combinations has {count} concept(s)")
+            )
+        elif count and job.combinations is None and 0 < len(selected) < count:
+            missing = ", ".join(f"{{{chr(ord('a') + i)}}}" for i in range(len(selected), count))
+            problems.append(
+                Problem(where, f"placeholder(s) {missing} have no concept: the job selects only {len(selected)}")
+            )
     return problems
 
 

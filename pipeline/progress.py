@@ -3,10 +3,11 @@ a pipe), chosen by `make_display()`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.live import Live
@@ -128,3 +129,38 @@ def _elapsed(state: ConceptState) -> str:
     if state.started is not None:
         return f"{time.time() - state.started:.0f}s"
     return ""
+
+
+@contextlib.contextmanager
+def render_progress(console: Console | None = None) -> Iterator[Callable[[int, int, int], None]]:
+    """A progress callback (done, total, failed) for a render run: a bar in a terminal, else a log line at
+    every tenth of the rows."""
+    console = console or Console(stderr=False)
+    inside_ray_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
+    if console.is_terminal and not inside_ray_job:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("rendering"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[failed]} failed"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            task = bar.add_task("render", total=None, failed=0)
+
+            def update(done: int, total: int, failed: int) -> None:
+                bar.update(task, completed=done, total=total, failed=failed)
+
+            yield update
+        return
+    reported = [-1]
+
+    def log(done: int, total: int, failed: int) -> None:
+        tenth = 10 * done // total if total else 10
+        if tenth != reported[0]:
+            reported[0] = tenth
+            print(f"  rendered {done}/{total} ({failed} failed)", flush=True)
+
+    yield log

@@ -144,6 +144,20 @@ class Store:
                 handle.write(data)
         return Artifact(self.uri(relative), sha256_hex(data), len(data))
 
+    def put(self, relative: str, data: bytes) -> str:
+        """Write or replace a derived file that is not an artifact (a contact sheet: rebuilt from the index
+        on every run, never referenced by a row); returns its URI. Artifacts use write_once."""
+        path = self.path(relative)
+        if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = f"{path}.{uuid.uuid4().hex}.partial"
+            with open(partial, "wb") as handle:
+                handle.write(data)
+            os.replace(partial, path)  # readers see the old file or the new one, never half of one
+        else:
+            self.fs.pipe_file(path, data)
+        return self.uri(relative)
+
     def remove(self, relative: str) -> None:
         """Delete one artifact (only for a damaged file that blocks a retry: see pipeline/train.py)."""
         self.fs.rm_file(self.path(relative))

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from pipeline.index import ConceptIndex
+from pipeline.index import ConceptIndex, RenderIndex
 from pipeline.store import Store
 from tests.pipeline.conftest import write_catalog
 
@@ -103,6 +103,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     root = tmp_path / "store"
     manifest = write_catalog(tmp_path / "shop", "./store", names=("mug",))
+    manifest.write_text(manifest.read_text() + "renders:\n  - {name: shots, prompts: ['a photo of {a}'], steps: 2}\n")
     result = cli("train", str(manifest), "--address", ray_head.address, "--root", str(root))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -126,3 +127,10 @@ def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     assert any('status="succeeded"' in line and line.rstrip().endswith(" 1.0") for line in counted), counted
     steps = [line for line in text.splitlines() if line.startswith("ray_perfusion_training_steps_total")]
     assert steps and float(steps[0].split()[-1]) == 4.0, steps
+
+    # The render command goes the same way: a Ray Job whose Ray Data actors run on the cluster.
+    rendered = cli("render", str(manifest), "--address", ray_head.address, "--root", str(root))
+    assert rendered.returncode == 0, rendered.stdout + rendered.stderr
+    assert "submitted Ray job perfusion-render-test-shop-" in rendered.stdout + rendered.stderr
+    assert "rendered 1, skipped 0 (already rendered), failed 0" in rendered.stdout
+    assert len(RenderIndex(Store(str(root))).of_job("shots")) == 1

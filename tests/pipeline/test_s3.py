@@ -46,3 +46,30 @@ def test_train_to_s3_then_rerun_and_fix(tmp_path, s3_endpoint, ray_local):
     row = json.loads(shown.output)[0]
     assert row["status"] == "succeeded"
     assert "testing-secret" not in shown.output  # no credentials in rows
+
+
+def test_render_to_s3_then_rerun(tmp_path, s3_endpoint, ray_local):
+    from pipeline.index import RenderIndex
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="renders")
+    root = "s3://renders/shop"
+    manifest = write_catalog(tmp_path / "shop", "./unused-local-root", names=("mug", "bag"))
+    manifest.write_text(
+        manifest.read_text()
+        + "renders:\n  - name: shots\n    prompts: ['a photo of {a}', '{a} next to {b}']\n    steps: 2\n"
+    )
+    assert runner.invoke(app, ["train", str(manifest), "--root", root]).exit_code == 0
+    first = runner.invoke(app, ["render", str(manifest), "--root", root])
+    assert first.exit_code == 0, first.output
+    assert "rendered 3, skipped 0 (already rendered), failed 0" in first.output
+    rows = RenderIndex(Store(root)).of_job("shots")
+    assert len(rows) == 3 and all(r["image_uri"].startswith("s3://renders/shop/renders/") for r in rows)
+    store = Store(root)
+    for row in rows:
+        assert store.read(store.relative(row["image_uri"]), row["sha256"])[:8] == b"\x89PNG\r\n\x1a\n"
+    objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="renders", Prefix="shop/renders/")
+    keys = {o["Key"] for o in objects["Contents"]}
+    assert {"shop/renders/sheets/shots.png", "shop/renders/sheets/shots.html"} <= keys
+    again = runner.invoke(app, ["render", str(manifest), "--root", root])
+    assert again.exit_code == 0 and "rendered 0, skipped 3" in again.output
+    assert "testing-secret" not in first.output + again.output

@@ -1,0 +1,284 @@
+"""The render run: a manifest's render jobs -> Ray Data -> PNGs, render rows, contact sheets.
+
+    run = RenderRun(manifest, RenderOptions(jobs=("new-scenes",)))
+    summary = run.execute(progress)
+
+1. A Ray task loads the base model where the renderers will run: its fingerprint, its C^-1 in the store
+   (computed once if missing), and the token length of every prompt template (a prompt longer than the text
+   encoder's limit is an error before anything renders).
+2. Every concept a job needs is resolved in the concept index (latest success for this catalog and base)
+   and its file's checksum verified; a concept that is not trained, failed, or damaged is named, with the
+   fix, and nothing renders (RenderPlanError).
+3. The plan (pipeline/render_plan.py): one row per image with a render_id; ids with a successful row in the
+   render index are dropped (idempotent: a scheduler may rerun this as often as it likes), then --limit.
+4. Ray Data: from_items(rows).map_batches(Renderer, ActorPoolStrategy) with one actor per GPU (one per CPU
+   without GPUs); the driver streams the results and commits rows in batches, each after its PNG exists.
+5. A contact sheet and an HTML page per job, from every successful row of the job (this run's and earlier).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, RenderIndex, now
+from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
+from pipeline.render_plan import ConceptRef, RenderPlanError, RenderRow, needed_names, plan_job, resolve_concepts
+from pipeline.store import Store
+from pipeline.train import resolve_base, resolve_root
+
+COMMIT_EVERY = 64
+COMMIT_SECONDS = 10.0
+Progress = Callable[[int, int, int], None]  # (rows done, rows to do, rows failed)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    root: str | None = None  # overrides the manifest's root (flag or PERFUSION_BATCH_ROOT)
+    jobs: tuple[str, ...] = ()  # render just these jobs (default: all)
+    dry_run: bool = False
+    limit: int | None = None  # render at most this many new rows
+    batch_size: int = 8  # rows per actor call: one forward pass per group of equal settings
+    actors: int | None = None  # default: one per GPU, else one per CPU
+    gpus_per_actor: float = 1.0
+    max_retries: int = 2  # actor restarts and batch retries after a crash
+
+
+@dataclass
+class RenderSummary:
+    catalog: str
+    root: str
+    planned: int = 0  # rows in the plan
+    skipped: int = 0  # already rendered
+    rendered: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    sheets: dict[str, str] = field(default_factory=dict)  # job -> contact sheet URI
+    pages: dict[str, str] = field(default_factory=dict)  # job -> HTML page URI
+    seconds: float = 0.0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+    def line(self) -> str:
+        verb = "would render" if self.dry_run else "rendered"
+        count = self.planned - self.skipped if self.dry_run else self.rendered
+        return (
+            f"{self.catalog}: {verb} {count}, skipped {self.skipped} (already rendered), failed {self.failed} "
+            f"in {self.seconds:.1f}s; root {self.root}"
+        )
+
+
+class RenderRun:
+    def __init__(self, manifest: Manifest, options: RenderOptions = RenderOptions()) -> None:
+        self.manifest = manifest
+        self.options = options
+        if not manifest.renders:
+            raise ManifestError(
+                manifest.source, [Problem("renders", "the manifest has no render jobs: add a renders: section")]
+            )
+        known = {job.name for job in manifest.renders}
+        unknown = [
+            Problem("--job", f"no render job named {n!r} (jobs: {sorted(known)})")
+            for n in options.jobs
+            if n not in known
+        ]
+        if unknown:
+            raise ManifestError(manifest.source, unknown)
+        self.jobs: list[RenderJob] = [j for j in manifest.renders if not options.jobs or j.name in options.jobs]
+        self.store = Store(resolve_root(manifest, options.root))
+        self.concept_index = ConceptIndex(self.store)
+        self.index = RenderIndex(self.store)
+        self.base_model = resolve_base(manifest)
+
+    # -- planning --------------------------------------------------------------------------------------
+
+    def check_prompts(self, counts: list[int], limit: int) -> None:
+        """ManifestError for every template longer than the text encoder's limit (it would be truncated)."""
+        problems = []
+        positions = [(i, j) for i, job in enumerate(self.manifest.renders) for j in range(len(job.prompts))]
+        for (i, j), count in zip(positions, counts, strict=True):
+            if count > limit and self.manifest.renders[i] in self.jobs:
+                problems.append(
+                    Problem(
+                        f"renders[{i}].prompts[{j}]",
+                        f"{count} tokens, more than the text encoder's {limit}: shorten it (it would be cut)",
+                    )
+                )
+        if problems:
+            raise ManifestError(self.manifest.source, problems)
+
+    def resolve(self, fingerprint: str) -> dict[str, ConceptRef]:
+        """The trained concepts the jobs need, with each file's checksum verified now, before rendering."""
+        from pipeline.store import StoreError
+
+        refs = resolve_concepts(self.manifest, needed_names(self.manifest, self.jobs), self.concept_index, fingerprint)
+        problems = []
+        for name, ref in refs.items():
+            try:
+                self.store.read(self.store.relative(ref.file_uri), ref.sha256)
+            except (StoreError, OSError) as error:
+                problems.append(f"concept {name!r}: {error}")
+        if problems:
+            raise RenderPlanError(problems)
+        return refs
+
+    def plan(self, fingerprint: str, refs: dict[str, ConceptRef]) -> tuple[list[RenderRow], set[str]]:
+        rows = [row for job in self.jobs for row in plan_job(self.manifest, job, refs, fingerprint)]
+        return rows, self.index.succeeded_render_ids()
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def execute(self, progress: Progress | None = None, message: Callable[[str], None] = print) -> RenderSummary:
+        import ray
+
+        from pipeline import jobs
+
+        started = time.perf_counter()
+        summary = RenderSummary(self.manifest.catalog, self.store.root, dry_run=self.options.dry_run)
+        jobs.ensure_ray()
+        resources = self._actor_resources()
+        message(f"preparing base model {self.base_model!r} (fingerprint, C^-1, prompt lengths) ...")
+        templates = [t for job in self.manifest.renders for t in job.prompts]
+        base, counts, limit = ray.get(
+            jobs.remote(prepare_render_task, **resources).remote(self.base_model, self.store.root, templates)
+        )
+        self.check_prompts(counts, limit)
+        refs = self.resolve(base.fingerprint)
+        plan, done = self.plan(base.fingerprint, refs)
+        todo = [row for row in plan if row.render_id not in done]
+        summary.planned, summary.skipped = len(plan), len(plan) - len(todo)
+        if self.options.limit is not None:
+            todo = todo[: self.options.limit]
+        message(f"{len(plan)} image(s) planned in {len(self.jobs)} job(s); {summary.skipped} already rendered")
+        if not self.options.dry_run and todo:
+            self._render(todo, base, resources, summary, progress)
+        if not self.options.dry_run:
+            self._write_sheets(summary)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    def _actor_resources(self) -> dict[str, Any]:
+        import ray
+
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return {"num_gpus": self.options.gpus_per_actor, "num_cpus": 1}
+        return {"num_cpus": 1}
+
+    def _render(
+        self,
+        todo: list[RenderRow],
+        base: Any,
+        resources: dict[str, Any],
+        summary: RenderSummary,
+        progress: Progress | None,
+    ) -> None:
+        import ray
+        import ray.data
+
+        from pipeline import jobs
+        from pipeline.renderer import Renderer
+
+        actors = self.options.actors or max(
+            1, min(jobs.slots(resources), math.ceil(len(todo) / self.options.batch_size))
+        )
+        by_id = {row.render_id: row for row in todo}
+        blocks = max(1, math.ceil(len(todo) / self.options.batch_size))
+        # Bounded retries: Ray Data's default is to restart actors and retry batches forever, which never ends
+        # on a batch that kills its actor every time. Ray 2.60 has no named parameter for these two yet, only
+        # the **ray_remote_args it warns about; the warning is silenced here on purpose.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            dataset = ray.data.from_items([row.to_record() for row in todo], override_num_blocks=blocks).map_batches(
+                Renderer,
+                fn_constructor_kwargs={
+                    "base_model": self.base_model,
+                    "root": self.store.root,
+                    "fingerprint": base.fingerprint,
+                    "covariance": base.covariance,
+                    "covariance_sha256": base.covariance_sha256,
+                },
+                batch_size=self.options.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                max_restarts=self.options.max_retries,
+                max_task_retries=self.options.max_retries,
+                **resources,
+            )
+        pending: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        last_commit = time.perf_counter()
+        if progress:
+            progress(0, len(todo), 0)
+        try:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for result in batch.to_pylist():
+                    seen.add(result["render_id"])
+                    pending.append(self._row(by_id[result["render_id"]], result, base.fingerprint))
+                    if result["status"] == SUCCEEDED:
+                        summary.rendered += 1
+                    else:
+                        summary.failed += 1
+                        summary.errors.append(f"{result['render_id']}: {result['error']}")
+                if progress:
+                    progress(len(seen), len(todo), summary.failed)
+                if len(pending) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS:
+                    self.index.append(pending)
+                    pending.clear()
+                    last_commit = time.perf_counter()
+        except (ray.exceptions.RayError, RuntimeError) as error:
+            # The dataset gave up (an actor kept crashing): every row without a result is recorded as failed.
+            text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            for row in todo:
+                if row.render_id not in seen:
+                    failed = {"render_id": row.render_id, "status": FAILED, "error": f"gave up: {text}"}
+                    pending.append(self._row(row, failed, base.fingerprint))
+                    summary.failed += 1
+            summary.errors.append(f"the render dataset failed: {text}")
+        finally:
+            self.index.append(pending)
+
+    def _row(self, row: RenderRow, result: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+        return result | {
+            "attempt_id": uuid.uuid4().hex,
+            "catalog": self.manifest.catalog,
+            "job": row.job,
+            "template": row.template,
+            "prompt": row.prompt,
+            "concept_names": [ref.name for ref in row.concepts],
+            "concept_keys": [ref.concept_key for ref in row.concepts],
+            "seed": row.seed,
+            "settings": row.settings,
+            "base_model": self.manifest.base_model,
+            "fingerprint": fingerprint,
+            "manifest_uri": self.manifest.source,
+            "created_at": now(),
+        }
+
+    def _write_sheets(self, summary: RenderSummary) -> None:
+        from pipeline.sheets import contact_sheet, html_page
+
+        for job in self.jobs:
+            rows = self.index.of_job(job.name, catalog=self.manifest.catalog)
+            if not rows:
+                continue
+            images = {r["render_id"]: self.store.read(self.store.relative(r["image_uri"]), r["sha256"]) for r in rows}
+            sheet = self.store.put(f"renders/sheets/{job.name}.png", contact_sheet(rows, images, title=job.name))
+            page = self.store.put(f"renders/sheets/{job.name}.html", html_page(job.name, rows, self.store).encode())
+            summary.sheets[job.name], summary.pages[job.name] = sheet, page
+
+
+def prepare_render_task(spec: str, root: str, templates: list[str]) -> tuple[Any, list[int], int]:
+    """On a worker: the base's identity and C^-1 (pipeline.tasks.prepare_base), and each template's length
+    in tokens with the text encoder's limit."""
+    from pipeline.renderer import prompt_token_counts
+    from pipeline.tasks import prepare_base
+
+    return (prepare_base(spec, root), *prompt_token_counts(spec, templates))

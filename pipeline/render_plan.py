@@ -1,0 +1,157 @@
+"""Render planning: a manifest's render jobs -> one RenderRow per image, each with a deterministic render_id.
+
+    job (templates x combinations x seeds) --resolve names in the concept index--> RenderRow[]
+
+A template with k placeholders ({a}, {b}, ...) is filled with every k-combination of the job's selected
+concepts in name order (or the job's explicit combinations), capped at max_combinations; each filled prompt
+renders images_per_prompt seeds. render_id hashes everything that decides the pixels (base fingerprint,
+prompt, concept keys, seed, settings) plus the job, so a rerun skips rows already rendered and a retrained
+concept (new concept_key) renders anew. Nothing here touches Ray or a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.index import ConceptIndex
+from pipeline.manifest import Manifest, RenderJob, placeholders
+
+RENDER_VERSION = "1"  # bump when the same inputs would render different pixels
+
+
+class RenderPlanError(Exception):
+    """Concepts a render needs that are not usable (not trained, failed); nothing has rendered."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) before rendering:\n{lines}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.problems,))
+
+
+@dataclass(frozen=True)
+class ConceptRef:
+    """A trained concept as the renderers need it: where its file is and what it must hash to."""
+
+    name: str
+    token: str
+    concept_key: str
+    file_uri: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RenderRow:
+    """One image to render. Plain data: it travels to the Ray Data actors as a row of JSON strings."""
+
+    render_id: str
+    job: str
+    template: str
+    prompt: str
+    seed: int
+    concepts: tuple[ConceptRef, ...]  # in placeholder order
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        """The row as Ray Data carries it (strings and ints only, so every block has one Arrow schema)."""
+        return {
+            "render_id": self.render_id,
+            "job": self.job,
+            "template": self.template,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "concepts": json.dumps([ref.__dict__ for ref in self.concepts]),
+            "settings": json.dumps(self.settings, sort_keys=True),
+        }
+
+
+def combinations_for(manifest: Manifest, job: RenderJob, template: str) -> list[tuple[str, ...]]:
+    """The concept-name tuples that fill `template`, in a stable order, capped at job.max_combinations."""
+    count = len(placeholders(template))
+    if count == 0:
+        return [()]
+    if job.combinations is not None:
+        found = [tuple(c) for c in job.combinations if len(c) == count]
+    else:
+        names = [c.name for c in manifest.selected_concepts(job)]
+        found = list(itertools.combinations(names, count))
+    return found[: job.max_combinations]
+
+
+def needed_names(manifest: Manifest, jobs: Sequence[RenderJob]) -> list[str]:
+    names = {n for job in jobs for t in job.prompts for combo in combinations_for(manifest, job, t) for n in combo}
+    return sorted(names)
+
+
+def resolve_concepts(
+    manifest: Manifest, names: Sequence[str], index: ConceptIndex, fingerprint: str
+) -> dict[str, ConceptRef]:
+    """The latest successful training of each name for this catalog and base model; RenderPlanError naming
+    every concept that has none (never trained, or its latest attempt failed) with the fix."""
+    found = {row["name"]: row for row in index.latest(names, catalog=manifest.catalog, fingerprint=fingerprint)}
+    problems = []
+    for name in names:
+        if name in found:
+            continue
+        attempts = index.latest([name], catalog=manifest.catalog, status=None)
+        if attempts and attempts[0]["status"] != "succeeded":
+            problems.append(
+                f"concept {name!r} failed its last training ({attempts[0]['error']}); fix it and run "
+                "perfusion-batch train first"
+            )
+        elif attempts:
+            problems.append(
+                f"concept {name!r} was trained on another base model ({attempts[0]['base_model']}); train it on "
+                f"{manifest.base_model!r} with perfusion-batch train first"
+            )
+        else:
+            problems.append(f"concept {name!r} is not trained yet: run perfusion-batch train on this manifest first")
+    if problems:
+        raise RenderPlanError(problems)
+    return {
+        name: ConceptRef(name, row["token"], row["concept_key"], row["file_uri"], row["sha256"])
+        for name, row in found.items()
+    }
+
+
+def plan_job(manifest: Manifest, job: RenderJob, concepts: dict[str, ConceptRef], fingerprint: str) -> list[RenderRow]:
+    """Every image of one job: templates in order, then combinations, then seeds."""
+    rows = []
+    for template in job.prompts:
+        for names in combinations_for(manifest, job, template):
+            refs = tuple(concepts[n] for n in names)
+            prompt = template.format(**{chr(ord("a") + i): ref.token for i, ref in enumerate(refs)})
+            settings = {
+                "steps": job.steps,
+                "guidance_scale": job.guidance_scale,
+                "resolution": job.resolution,
+                "scheduler": job.scheduler,
+                "lock": job.lock,
+                "negative_prompt": job.negative_prompt,
+                "gates": {
+                    ref.token: [job.gates[ref.name].beta, job.gates[ref.name].tau]
+                    for ref in refs
+                    if ref.name in job.gates
+                },
+            }
+            for seed in range(job.seed, job.seed + job.images_per_prompt):
+                identity = {
+                    "version": RENDER_VERSION,
+                    "catalog": manifest.catalog,
+                    "job": job.name,
+                    "fingerprint": fingerprint,
+                    "prompt": prompt,
+                    "concept_keys": [ref.concept_key for ref in refs],
+                    "seed": seed,
+                    "settings": settings,
+                }
+                digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+                rows.append(RenderRow(digest, job.name, template, prompt, seed, refs, settings))
+    return rows

@@ -1,0 +1,248 @@
+"""What runs in a Ray Data actor: render rows of the render plan into PNGs in the store.
+
+    ds.map_batches(Renderer, fn_constructor_kwargs=..., batch_format="pyarrow", compute=ActorPoolStrategy(...))
+
+The base pipeline is loaded once per actor (pipeline.tasks.worker_base) and concept files once per actor
+(verified against their sha256 from the index). Rows in one batch that share sampler settings render in ONE
+forward pass even when their concept combinations differ: each row carries its own concept set
+(perfusion.ConceptRenderer, per-sample edits), weights are never merged per combination.
+
+Failure policy, row by row: a batch that fails is rendered again row by row, a row that fails is tried
+once more, then returned as a "failed" row with its error; a concept file that fails its checksum fails
+its rows at once (a retry cannot fix it). A crashed actor is restarted by Ray and its batch retried
+(max_restarts / max_task_retries in pipeline/render.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+import time
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.store import Store, sha256_hex
+from pipeline.tasks import device_name, worker_base
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("render_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("seconds", pa.float64()),
+        ("device", pa.string()),
+    ]
+)
+SCHEDULERS = {  # manifest name -> diffusers class name; "default" keeps the base model's own
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+def image_path(render_id: str) -> str:
+    return f"renders/{render_id}.png"
+
+
+class Renderer:
+    """A Ray Data callable class: one base pipeline per actor, concepts cached, rows in, result rows out."""
+
+    def __init__(self, base_model: str, root: str, fingerprint: str, covariance: str, covariance_sha256: str):
+        import perfusion
+
+        self.base = worker_base(base_model)
+        if self.base.fingerprint != fingerprint:
+            raise perfusion.BaseModelError(
+                f"base model {base_model!r} on this worker has fingerprint {self.base.fingerprint[:12]}, the run "
+                f"planned {fingerprint[:12]}: every worker must see the same weights"
+            )
+        self.store = Store(root)
+        data = self.store.read(covariance, covariance_sha256)
+        self.renderer = perfusion.ConceptRenderer(
+            self.base, perfusion.covariance_from_bytes(data, fingerprint, label=self.store.uri(covariance))
+        )
+        self.default_scheduler = self.base.pipeline.scheduler
+        self.attached: dict[str, str] = {}  # concept_key -> token
+        self.device = f"{device_name()}@{platform.node()}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(self.render_records(batch.to_pylist()), schema=OUTPUT_SCHEMA)
+
+    def render_records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Render plan records (RenderRow.to_record()) -> result rows (OUTPUT_SCHEMA), in input order."""
+        results: dict[str, dict[str, Any]] = {}
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for record in records:
+            existing = self._adopt(record["render_id"])
+            if existing is not None:  # an earlier attempt stored the PNG and died before its row was committed
+                results[record["render_id"]] = existing
+                continue
+            try:
+                self._attach(json.loads(record["concepts"]))
+            except Exception as error:  # a damaged or missing concept file: retrying cannot fix it
+                results[record["render_id"]] = self._failed(record, error)
+                continue
+            groups[record["settings"]].append(record)
+        for rows in groups.values():
+            for row in self._render_group(rows):
+                results[row["render_id"]] = row
+        return [results[record["render_id"]] for record in records]
+
+    # -- rendering -------------------------------------------------------------------------------------
+
+    def _render_group(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One forward pass for rows with the same settings; on failure, row by row, each tried twice."""
+        try:
+            return self._render(records)
+        except Exception:
+            pass
+        out = []
+        for record in records:
+            try:
+                out += self._render([record])
+            except Exception:
+                try:
+                    out += self._render([record])
+                except Exception as error:
+                    out.append(self._failed(record, error))
+        return out
+
+    def _render(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import perfusion
+
+        started = time.perf_counter()
+        settings = json.loads(records[0]["settings"])
+        self._use_scheduler(settings["scheduler"])
+        requests = []
+        for record in records:
+            tokens = tuple(ref["token"] for ref in json.loads(record["concepts"]))
+            gates = {}
+            for token, (beta, tau) in settings["gates"].items():
+                concept = self.renderer.concepts[token]
+                gates[token] = (concept.beta if beta is None else beta, concept.tau if tau is None else tau)
+            requests.append(
+                perfusion.RenderRequest(
+                    record["prompt"],
+                    seed=int(record["seed"]),
+                    concepts=tokens,
+                    negative_prompt=settings["negative_prompt"],
+                    gates=gates,
+                )
+            )
+        images = self.renderer.render(
+            requests,
+            perfusion.RenderSettings(
+                steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"],
+                height=settings["resolution"],
+                width=settings["resolution"],
+                lock=settings["lock"],
+                batch_size=len(requests),
+            ),
+        )
+        seconds = (time.perf_counter() - started) / len(records)
+        return [self._store(record, image, seconds) for record, image in zip(records, images, strict=True)]
+
+    def _store(self, record: dict[str, Any], image: Any, seconds: float) -> dict[str, Any]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        try:
+            artifact = self.store.write_once(image_path(record["render_id"]), buffer.getvalue())
+        except FileExistsError:  # a racing attempt stored it first: same inputs, same image
+            adopted = self._adopt(record["render_id"])
+            if adopted is None:
+                raise
+            return adopted
+        return {
+            "render_id": record["render_id"],
+            "image_uri": artifact.uri,
+            "sha256": artifact.sha256,
+            "bytes": artifact.bytes,
+            "width": image.width,
+            "height": image.height,
+            "status": "succeeded",
+            "error": None,
+            "seconds": seconds,
+            "device": self.device,
+        }
+
+    def _adopt(self, render_id: str) -> dict[str, Any] | None:
+        """A stored PNG for this render_id -> its result row; None if there is none (or it is unreadable,
+        which create-only writes make impossible short of tampering: then it is removed and rendered again)."""
+        from PIL import Image
+
+        relative = image_path(render_id)
+        if not self.store.exists(relative):
+            return None
+        data = self.store.read(relative)
+        try:
+            with Image.open(io.BytesIO(data)) as picture:
+                picture.load()
+                width, height = picture.size
+        except OSError:
+            self.store.remove(relative)
+            return None
+        return {
+            "render_id": render_id,
+            "image_uri": self.store.uri(relative),
+            "sha256": sha256_hex(data),
+            "bytes": len(data),
+            "width": width,
+            "height": height,
+            "status": "succeeded",
+            "error": None,
+            "seconds": 0.0,
+            "device": self.device,
+        }
+
+    def _attach(self, refs: list[dict[str, str]]) -> None:
+        """Load each concept once per actor, checking its sha256 against the index row it came from."""
+        import perfusion
+
+        for ref in refs:
+            if ref["concept_key"] in self.attached:
+                continue
+            data = self.store.read(self.store.relative(ref["file_uri"]), ref["sha256"])
+            concept = perfusion.load_concept(data, self.base, name=ref["file_uri"])
+            self.renderer.attach(concept)
+            self.attached[ref["concept_key"]] = concept.token
+
+    def _use_scheduler(self, name: str) -> None:
+        pipeline = self.base.pipeline
+        if name == "default":
+            pipeline.scheduler = self.default_scheduler
+            return
+        import diffusers
+
+        cls = getattr(diffusers, SCHEDULERS[name])
+        if type(pipeline.scheduler) is not cls:
+            pipeline.scheduler = cls.from_config(self.default_scheduler.config)
+
+    def _failed(self, record: dict[str, Any], error: Exception) -> dict[str, Any]:
+        return {
+            "render_id": record["render_id"],
+            "status": "failed",
+            "error": f"{type(error).__name__}: {error}",
+            "device": self.device,
+        }
+
+
+def prompt_token_counts(base_model: str, templates: list[str]) -> tuple[list[int], int]:
+    """Tokens per template once filled (a concept token is one token) and the text encoder's limit."""
+    from pipeline.manifest import placeholders
+
+    tokenizer = worker_base(base_model).tokenizer
+    counts = []
+    for template in templates:
+        filled = template.format(**{name: "x" for name in placeholders(template)})
+        counts.append(len(tokenizer(filled).input_ids))
+    return counts, int(tokenizer.model_max_length)
