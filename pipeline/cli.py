@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -101,6 +102,50 @@ AddressOption = Annotated[
 ]
 
 
+class Device(StrEnum):
+    """Where trainings and renderers run (jobs.task_resources)."""
+
+    auto = "auto"
+    gpu = "gpu"
+    cpu = "cpu"
+
+
+DeviceOption = Annotated[
+    Device,
+    typer.Option(
+        "--device",
+        envvar="PERFUSION_BATCH_DEVICE",
+        help="auto: GPUs when the cluster has some now; gpu: ask for GPUs even before an autoscaling GPU group "
+        "has workers; cpu: never.",
+    ),
+]
+PushgatewayOption = Annotated[
+    str | None,
+    typer.Option("--pushgateway", envvar="PERFUSION_BATCH_PUSHGATEWAY", help="Push a run summary to this Pushgateway."),
+]
+
+
+def _remote(address: str | None) -> bool:
+    """Submit as a Ray Job? Not from inside one: its driver is on the cluster already (RAY_API_SERVER_ADDRESS
+    set in a pod's environment must not make the job submit itself again)."""
+    from pipeline import jobs
+
+    return bool(address) and not jobs.inside_ray_job()
+
+
+def _push(
+    gateway: str | None, job: str, catalog: str, counts: dict[str, int], seconds: float, ok: bool, unit: str
+) -> None:
+    from pipeline.metrics import push_summary
+
+    if not gateway:
+        return
+    try:
+        push_summary(gateway, job, catalog, counts, seconds, ok, unit=unit)
+    except OSError as error:
+        typer.secho(f"warning: could not push the summary to the Pushgateway: {error}", fg="yellow", err=True)
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=code)
@@ -166,12 +211,8 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; train nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain concepts that already succeeded.")] = False,
     only: Annotated[list[str] | None, typer.Option("--only", help="Train only this concept (repeatable).")] = None,
-    pushgateway: Annotated[
-        str | None,
-        typer.Option(
-            "--pushgateway", envvar="PERFUSION_BATCH_PUSHGATEWAY", help="Push a run summary to this Pushgateway."
-        ),
-    ] = None,
+    device: DeviceOption = Device.auto,
+    pushgateway: PushgatewayOption = None,
 ) -> None:
     """Train every concept of the catalog that is not trained yet, one Ray task per concept.
 
@@ -181,9 +222,9 @@ def train(
     Example: perfusion-batch train manifests/catalog.yaml --root s3://bucket/catalogs/demo
     """
     spec = _load(manifest)
-    if address:
+    if address and _remote(address):
         argv = ["--concurrency", str(concurrency)] if concurrency else []
-        argv += ["--gpus-per-task", str(gpus_per_task)]
+        argv += ["--gpus-per-task", str(gpus_per_task), "--device", device.value]
         argv += ["--dry-run"] if dry_run else []
         argv += ["--force"] if force else []
         argv += [a for name in only or [] for a in ("--only", name)]
@@ -191,7 +232,6 @@ def train(
         _submit(spec, manifest, address, "train", argv, root)
         return
     from pipeline.manifest import ManifestError
-    from pipeline.metrics import push_summary
     from pipeline.progress import make_display
     from pipeline.store import StoreError
     from pipeline.train import TrainOptions, TrainRun
@@ -203,19 +243,23 @@ def train(
         dry_run=dry_run,
         max_concurrency=concurrency,
         gpus_per_task=gpus_per_task,
+        device=device.value,
     )
     try:
         run = TrainRun(spec, options)
         summary = run.execute(make_display())
     except (ManifestError, StoreError) as error:
         raise _fail(str(error)) from None
-    if pushgateway and not dry_run:
-        try:
-            push_summary(
-                pushgateway, "perfusion-batch-train", spec.catalog, summary.counts(), summary.seconds, summary.ok
-            )
-        except OSError as error:
-            typer.secho(f"warning: could not push the summary to the Pushgateway: {error}", fg="yellow", err=True)
+    if not dry_run:
+        _push(
+            pushgateway,
+            "perfusion-batch-train",
+            spec.catalog,
+            summary.counts(),
+            summary.seconds,
+            summary.ok,
+            "concepts",
+        )
     if not summary.ok:
         raise typer.Exit(code=1)
 
@@ -271,6 +315,8 @@ def render(
     gpus_per_actor: Annotated[
         float, typer.Option("--gpus-per-actor", min=0.01, help="GPUs per renderer on GPU clusters.")
     ] = 1.0,
+    device: DeviceOption = Device.auto,
+    pushgateway: PushgatewayOption = None,
 ) -> None:
     """Render the manifest's render jobs (prompts x concept combinations x seeds) with Ray Data.
 
@@ -282,12 +328,13 @@ def render(
     Example: perfusion-batch render manifests/catalog.yaml --job new-scenes
     """
     spec = _load(manifest)
-    if address:
+    if address and _remote(address):
         argv = [a for name in job or [] for a in ("--job", name)]
         argv += ["--dry-run"] if dry_run else []
         argv += ["--limit", str(limit)] if limit else []
-        argv += ["--batch-size", str(batch_size), "--gpus-per-actor", str(gpus_per_actor)]
+        argv += ["--batch-size", str(batch_size), "--gpus-per-actor", str(gpus_per_actor), "--device", device.value]
         argv += ["--actors", str(actors)] if actors else []
+        argv += ["--pushgateway", pushgateway] if pushgateway else []
         _submit(spec, manifest, address, "render", argv, root)
         return
     from pipeline.progress import render_progress
@@ -303,6 +350,7 @@ def render(
         batch_size=batch_size,
         actors=actors,
         gpus_per_actor=gpus_per_actor,
+        device=device.value,
     )
     from pipeline.manifest import ManifestError
 
@@ -312,12 +360,51 @@ def render(
             summary = run.execute(progress, message=typer.echo)
     except (ManifestError, StoreError, RenderPlanError) as error:
         raise _fail(str(error)) from None
-    for error in summary.errors[:20]:
-        typer.secho(f"  failed: {error}", fg=typer.colors.RED, err=True)
+    for failure in summary.errors[:20]:
+        typer.secho(f"  failed: {failure}", fg=typer.colors.RED, err=True)
     for name, sheet in summary.sheets.items():
         typer.echo(f"  {name}: contact sheet {sheet}, page {summary.pages[name]}")
     typer.echo(summary.line())
+    if not dry_run:
+        _push(
+            pushgateway, "perfusion-batch-render", spec.catalog, summary.counts(), summary.seconds, summary.ok, "images"
+        )
     if not summary.ok:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def doctor(
+    manifest: Annotated[
+        str | None, typer.Option("--manifest", "-m", help="Check this manifest's storage root and base model.")
+    ] = None,
+    root: RootOption = None,
+    address: AddressOption = None,
+    base: Annotated[str | None, typer.Option("--base", help="Check this base model (default: the manifest's).")] = None,
+    device: DeviceOption = Device.auto,
+    pushgateway: PushgatewayOption = None,
+) -> None:
+    """Check what a run here would get: versions, the Ray cluster, GPUs, storage, base model, Pushgateway.
+
+    One line per check: ok, warn (it runs, maybe not as intended) or FAIL (a run would fail); exit code 1
+    when any check fails. Reads the same flags and environment variables as train and render, and never
+    prints a secret.
+
+    Example: perfusion-batch doctor -m manifests/catalog.yaml --address http://head:8265
+    """
+    from pipeline.doctor import FAIL, run_checks
+    from pipeline.train import resolve_base, resolve_root
+
+    spec = _load(manifest) if manifest else None
+    root_uri = resolve_root(spec, root) if spec else root or os.environ.get("PERFUSION_BATCH_ROOT")
+    base_model = base or (resolve_base(spec) if spec else None)
+    checks = run_checks(address, root_uri, base_model, pushgateway, device.value)
+    for check in checks:
+        color = {FAIL: typer.colors.RED, "warn": typer.colors.YELLOW}.get(check.verdict, typer.colors.GREEN)
+        typer.secho(check.line(), fg=color)
+    failed = [c.name for c in checks if c.verdict == FAIL]
+    typer.echo(f"verdict: {'not ready (' + ', '.join(failed) + ')' if failed else 'ready'}")
+    if failed:
         raise typer.Exit(code=1)
 
 

@@ -19,7 +19,23 @@ from typing import Any
 from pipeline.tasks import RetryableTaskError
 
 AGENT_WAIT_SECONDS = 60.0
-__all__ = ["RetryableTaskError", "ensure_ray", "remote", "slots", "submission_id", "submit_and_follow"]
+DEVICES = ("auto", "gpu", "cpu")
+__all__ = [
+    "DEVICES",
+    "RetryableTaskError",
+    "ensure_ray",
+    "inside_ray_job",
+    "remote",
+    "slots",
+    "submission_id",
+    "submit_and_follow",
+    "task_resources",
+]
+
+
+def inside_ray_job() -> bool:
+    """True in the driver of a Ray Job (the entrypoint's process), where the cluster is already at hand."""
+    return bool(os.environ.get("RAY_JOB_SUBMISSION_ID"))
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -45,6 +61,21 @@ def remote(function: Callable[..., Any], **options: Any) -> Any:
     import ray
 
     return ray.remote(function).options(**options)
+
+
+def task_resources(device: str, gpus: float) -> dict[str, float]:
+    """Ray resources for one training task or renderer actor.
+
+    auto: a GPU share (`gpus`) when the cluster has GPUs now, else one CPU. gpu: a GPU share even when the
+    cluster has none yet, so an autoscaling GPU group (KubeRay, min 0 workers) is scaled up for the work.
+    cpu: one CPU, GPUs or not."""
+    import ray
+
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, not {device!r}")
+    if device == "gpu" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0):
+        return {"num_gpus": gpus, "num_cpus": 1}
+    return {"num_cpus": 1}
 
 
 def slots(resources: dict[str, Any]) -> int:

@@ -4,7 +4,11 @@ driver at the end of a run (only when a Pushgateway is configured; nothing is pu
     perfusion_concepts_total{status}         training attempts finished, by status   (tasks)
     perfusion_training_steps_total           optimizer steps run                     (tasks)
     perfusion_training_seconds               seconds per concept (histogram)         (tasks)
-    perfusion_batch_job_*                    the run summary                          (Pushgateway)
+    perfusion_batch_job_*                    a run's summary, job=perfusion-batch-train or
+                                             perfusion-batch-render, catalog=<name>   (Pushgateway)
+        _duration_seconds, _last_run_timestamp_seconds, _last_success_timestamp_seconds,
+        _concepts{status} (train) or _images{status} (render)
+deploy/monitoring/alerts.yaml alerts on these names (tests/deploy checks that they agree).
 """
 
 from __future__ import annotations
@@ -44,18 +48,26 @@ def pushgateway_address(flag: str | None) -> str | None:
     return flag or os.environ.get(PUSHGATEWAY_ENV) or None
 
 
-def push_summary(gateway: str, job: str, catalog: str, counts: dict[str, int], seconds: float, ok: bool) -> None:
-    """Push the run summary (duration, concepts by status, last success time) under job=`job`."""
+def push_summary(
+    gateway: str,
+    job: str,
+    catalog: str,
+    counts: dict[str, int],
+    seconds: float,
+    ok: bool,
+    unit: str = "concepts",
+) -> None:
+    """Push the run summary (duration, `unit` by status, last success time) under job=`job`."""
     from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 
     registry = CollectorRegistry()
     duration = Gauge("perfusion_batch_job_duration_seconds", "Wall time of the last run.", registry=registry)
     duration.set(seconds)
-    concepts = Gauge(
-        "perfusion_batch_job_concepts", "Concepts in the last run, by status.", ["status"], registry=registry
+    by_status = Gauge(
+        f"perfusion_batch_job_{unit}", f"{unit.capitalize()} in the last run, by status.", ["status"], registry=registry
     )
     for status, count in counts.items():
-        concepts.labels(status=status).set(count)
+        by_status.labels(status=status).set(count)
     finished = Gauge("perfusion_batch_job_last_run_timestamp_seconds", "When the last run ended.", registry=registry)
     finished.set(time.time())
     if ok:

@@ -46,6 +46,7 @@ class RenderOptions:
     batch_size: int = 8  # rows per actor call: one forward pass per group of equal settings
     actors: int | None = None  # default: one per GPU, else one per CPU
     gpus_per_actor: float = 1.0
+    device: str = "auto"  # auto | gpu | cpu: see jobs.task_resources
     max_retries: int = 2  # actor restarts and batch retries after a crash
 
 
@@ -66,6 +67,10 @@ class RenderSummary:
     @property
     def ok(self) -> bool:
         return self.failed == 0
+
+    def counts(self) -> dict[str, int]:
+        """Images by status, for the Pushgateway summary."""
+        return {"succeeded": self.rendered, "failed": self.failed, "skipped": self.skipped}
 
     def line(self) -> str:
         verb = "would render" if self.dry_run else "rendered"
@@ -166,11 +171,9 @@ class RenderRun:
         return summary
 
     def _actor_resources(self) -> dict[str, Any]:
-        import ray
+        from pipeline import jobs
 
-        if ray.cluster_resources().get("GPU", 0) > 0:
-            return {"num_gpus": self.options.gpus_per_actor, "num_cpus": 1}
-        return {"num_cpus": 1}
+        return jobs.task_resources(self.options.device, self.options.gpus_per_actor)
 
     def _render(
         self,
@@ -186,6 +189,7 @@ class RenderRun:
         from pipeline import jobs
         from pipeline.renderer import Renderer
 
+        quiet_ray_data_console()
         actors = self.options.actors or max(
             1, min(jobs.slots(resources), math.ceil(len(todo) / self.options.batch_size))
         )
@@ -273,6 +277,22 @@ class RenderRun:
             sheet = self.store.put(f"renders/sheets/{job.name}.png", contact_sheet(rows, images, title=job.name))
             page = self.store.put(f"renders/sheets/{job.name}.html", html_page(job.name, rows, self.store).encode())
             summary.sheets[job.name], summary.pages[job.name] = sheet, page
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data logs each execution step at INFO and draws its own progress bars; the CLI shows its own
+    progress (pipeline/progress.py). Its console goes to warnings only; its log file in Ray's session folder
+    (logs/ray-data) still has everything."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
+            # ... and not the notice that its bars are off (we turned them off: ours are on).
+            handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars disabled"))
 
 
 def prepare_render_task(spec: str, root: str, templates: list[str]) -> tuple[Any, list[int], int]:

@@ -8,8 +8,9 @@
 2. The plan (pipeline/plan.py): images read and hashed, a concept_key per concept. Keys with a successful
    row in the index are skipped (idempotent; a run killed midway resumes), unless --force.
 3. One task per remaining concept, at most `max_concurrency` in flight, each asking for `gpus_per_task`
-   GPUs when the cluster has GPUs and one CPU otherwise. Ray retries crashed workers and RetryableTaskError;
-   a concept whose input is bad fails alone, recorded with its error, and the others go on.
+   GPUs when the cluster has GPUs (or with --device gpu) and one CPU otherwise. Ray retries crashed
+   workers and RetryableTaskError; a concept whose input is bad fails alone, recorded with its error, and
+   the others go on.
 4. Rows are committed by the driver in batches (every COMMIT_EVERY rows or COMMIT_SECONDS), always after
    the task wrote its file: an index row never points at nothing.
 """
@@ -41,6 +42,7 @@ class TrainOptions:
     dry_run: bool = False
     max_concurrency: int | None = None  # tasks in flight; default: what the cluster can run at once
     gpus_per_task: float = 1.0  # on clusters with GPUs; fractions pack several trainings on one GPU
+    device: str = "auto"  # auto | gpu | cpu: see jobs.task_resources
     max_retries: int = 2  # for crashed workers and retryable errors
 
 
@@ -167,11 +169,9 @@ class TrainRun:
     # -- internals -------------------------------------------------------------------------------------
 
     def _resources(self) -> dict[str, Any]:
-        import ray
+        from pipeline import jobs
 
-        if ray.cluster_resources().get("GPU", 0) > 0:
-            return {"num_gpus": self.options.gpus_per_task, "num_cpus": 1}
-        return {"num_cpus": 1}
+        return jobs.task_resources(self.options.device, self.options.gpus_per_task)
 
     def _concurrency(self, resources: dict[str, Any]) -> int:
         from pipeline import jobs

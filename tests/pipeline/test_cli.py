@@ -100,3 +100,74 @@ def test_bad_train_flags_name_the_flag(tmp_path, flag, value):
     result = runner.invoke(app, ["train", str(manifest), flag, value])
     assert result.exit_code == 2 and flag in result.output
     assert not (tmp_path / "store").exists()
+
+
+def doctor_lines(output: str) -> dict[str, tuple[str, str]]:
+    """check name -> (verdict, detail), from lines like 'ok    storage      /x is writable'."""
+    return {line[6:18].strip(): (line[:5].strip(), line[19:]) for line in output.splitlines() if line[:5].strip()
+            in {"ok", "warn", "FAIL"}}  # fmt: skip
+
+
+def test_doctor_passes_on_a_working_setup(tmp_path, monkeypatch):
+    from tests.helpers import http_receiver
+
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-print-me")
+    with http_receiver() as (gateway, _):
+        result = runner.invoke(
+            app, ["doctor", "--root", str(tmp_path / "store"), "--base", "tiny", "--pushgateway", gateway]
+        )
+    assert result.exit_code == 0, result.output
+    lines = doctor_lines(result.output)
+    assert set(lines) == {"versions", "ray", "gpus", "storage", "base model", "pushgateway"}
+    assert all(verdict in {"ok", "warn"} for verdict, _ in lines.values())
+    assert "torch 2." in lines["versions"][1] and "ray 2." in lines["versions"][1]
+    assert lines["ray"][1].startswith("no address: runs start an embedded Ray")
+    assert lines["storage"] == ("ok", f"{tmp_path / 'store'} is writable; credentials from the environment: "
+                                "AWS_SECRET_ACCESS_KEY")  # fmt: skip
+    assert lines["base model"][0] == "ok" and "'tiny' loads" in lines["base model"][1]
+    assert lines["pushgateway"] == ("ok", f"{gateway} is healthy")
+    assert "do-not-print-me" not in result.output
+    assert result.output.rstrip().endswith("verdict: ready")
+    assert list((tmp_path / "store").iterdir()) == []  # the storage probe cleaned up after itself
+
+
+def test_doctor_names_each_failure_and_exits_1(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token-value")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    args = ["--address", "http://127.0.0.1:1", "--root", str(not_a_folder / "store"), "--base", "no-such-model"]
+    result = runner.invoke(app, ["doctor", *args, "--pushgateway", "http://127.0.0.1:1"])
+    assert result.exit_code == 1
+    lines = doctor_lines(result.output)
+    assert lines["ray"][0] == lines["storage"][0] == lines["base model"][0] == lines["pushgateway"][0] == "FAIL"
+    assert "http://127.0.0.1:1 not reachable" in lines["ray"][1] and "http://HEAD:8265" in lines["ray"][1]
+    assert "is not writable" in lines["storage"][1]
+    assert "'no-such-model' does not load" in lines["base model"][1]
+    assert "verdict: not ready (ray, storage, base model, pushgateway)" in result.output
+    assert "secret-token-value" not in result.output
+
+
+def test_device_flag_and_its_environment_variable():
+    from pipeline import jobs
+
+    assert jobs.task_resources("gpu", 0.5) == {"num_gpus": 0.5, "num_cpus": 1}  # even with no GPU in sight
+    assert jobs.task_resources("cpu", 1.0) == {"num_cpus": 1}
+    with pytest.raises(ValueError, match="device must be one of"):
+        jobs.task_resources("tpu", 1.0)
+    result = runner.invoke(app, ["render", "catalog.yaml", "--device", "tpu"])
+    assert result.exit_code == 2 and "--device" in result.output
+    result = runner.invoke(app, ["train", "catalog.yaml"], env={"PERFUSION_BATCH_DEVICE": "tpu"})
+    assert result.exit_code == 2 and "tpu" in result.output
+
+
+def test_inside_a_ray_job_the_address_from_the_environment_is_not_resubmitted(tmp_path, ray_local):
+    """In a Ray Job's driver (a KubeRay head pod may carry RAY_API_SERVER_ADDRESS) the run happens right there
+    instead of submitting itself again."""
+    from tests.pipeline.conftest import write_catalog
+
+    manifest = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug",))
+    env = {"RAY_JOB_SUBMISSION_ID": "raysubmit_test", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}
+    result = runner.invoke(app, ["train", str(manifest), "--dry-run"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "would train 1" in result.output and "submitted" not in result.output

@@ -3,10 +3,8 @@ HTTP receiver, and nothing is pushed when none is configured."""
 
 from __future__ import annotations
 
-import http.server
 import threading
 import time
-from typing import ClassVar
 
 import psutil
 from typer.testing import CliRunner
@@ -14,6 +12,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.index import ConceptIndex
 from pipeline.store import Store
+from tests.helpers import http_receiver
 from tests.pipeline.conftest import write_catalog
 
 runner = CliRunner()
@@ -46,37 +45,16 @@ def test_a_killed_worker_is_retried_and_the_concept_still_trains(tmp_path, ray_l
     assert row["status"] == "succeeded" and row["steps"] == 150
 
 
-class Receiver(http.server.BaseHTTPRequestHandler):
-    requests: ClassVar[list[tuple[str, str, bytes]]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        Receiver.requests.append(("POST", self.path, body))
-        self.send_response(200)
-        self.end_headers()
-
-    do_PUT = do_POST
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 def test_the_run_summary_is_pushed_only_when_configured(tmp_path, ray_local, monkeypatch):
     monkeypatch.delenv("PERFUSION_BATCH_PUSHGATEWAY", raising=False)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    gateway = f"http://127.0.0.1:{server.server_address[1]}"
     manifest = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug",))
-    try:
-        Receiver.requests.clear()
+    with http_receiver() as (gateway, received):
         assert runner.invoke(app, ["train", str(manifest), "--dry-run"]).exit_code == 0
         assert runner.invoke(app, ["train", str(manifest)]).exit_code == 0
-        assert Receiver.requests == []  # no gateway configured: nothing pushed
+        assert received == []  # no gateway configured: nothing pushed
         result = runner.invoke(app, ["train", str(manifest), "--pushgateway", gateway])
         assert result.exit_code == 0, result.output
-    finally:
-        server.shutdown()
-    ((method, path, body),) = Receiver.requests
+    ((method, path, body),) = received
     assert method == "POST"  # pushadd: a failed run would keep the last success time
     assert path == "/metrics/job/perfusion-batch-train/catalog/test-shop"
     text = body.decode()

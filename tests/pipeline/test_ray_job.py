@@ -91,12 +91,11 @@ def ray_head(tmp_path, monkeypatch):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The real command in its own process (a Ray client keeps its auth token per process, and this test
     process may already host the embedded test Ray with a token of its own)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=300, env=os.environ.copy()
-    )
+    command = [sys.executable, "-m", "pipeline", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=os.environ | (env or {}))
 
 
 @pytest.mark.slow
@@ -134,3 +133,11 @@ def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     assert "submitted Ray job perfusion-render-test-shop-" in rendered.stdout + rendered.stderr
     assert "rendered 1, skipped 0 (already rendered), failed 0" in rendered.stdout
     assert len(RenderIndex(Store(str(root))).of_job("shots")) == 1
+
+    # doctor: the job API answers with the token, and refuses a wrong one (the token itself is never shown).
+    doctor = cli("doctor", "--address", ray_head.address, "--root", str(root))
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "ok    ray          Ray 2." in doctor.stdout and "(token accepted)" in doctor.stdout
+    wrong = cli("doctor", "--address", ray_head.address, env={"RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 1 and "FAIL  ray" in wrong.stdout and "is not this cluster's" in wrong.stdout
+    assert os.environ["RAY_AUTH_TOKEN"] not in doctor.stdout + wrong.stdout and "not-the-token" not in wrong.stdout

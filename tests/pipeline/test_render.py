@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.index import ConceptIndex, RenderIndex
 from pipeline.store import Store
+from tests.helpers import http_receiver
 from tests.pipeline.conftest import write_catalog
 
 runner = CliRunner()
@@ -59,8 +60,13 @@ def test_render_single_and_pairs_then_rerun_and_add_a_concept(tmp_path, ray_loca
     page = (root / "renders" / "sheets" / "shots.html").read_text()
     assert page.count("<tr>") == 7 and "&lt;bag&gt; next to &lt;mug&gt;" in page
 
-    again = cli("render", str(manifest))  # a scheduler firing again: nothing new
+    with http_receiver() as (gateway, received):  # a scheduler firing again: nothing new, summary pushed
+        again = cli("render", str(manifest), "--pushgateway", gateway)
     assert again.exit_code == 0 and "rendered 0, skipped 6" in again.output
+    ((method, path, body),) = received
+    assert (method, path) == ("POST", "/metrics/job/perfusion-batch-render/catalog/test-shop")
+    assert 'perfusion_batch_job_images{status="skipped"} 6.0' in body.decode()
+    assert "perfusion_batch_job_last_success_timestamp_seconds" in body.decode()
     assert len(index.rows(["render_id"])) == 6
 
     grown = catalog_with_renders(tmp_path, names=("mug", "bag", "cup"))
