@@ -111,18 +111,25 @@ class Device(StrEnum):
 
 
 DeviceOption = Annotated[
-    Device,
+    Device | None,
     typer.Option(
         "--device",
         envvar="PERFUSION_BATCH_DEVICE",
+        case_sensitive=False,
         help="auto: GPUs when the cluster has some now; gpu: ask for GPUs even before an autoscaling GPU group "
-        "has workers; cpu: never.",
+        "has workers; cpu: never. Default auto; with --address, the cluster's own setting unless given.",
     ),
 ]
 PushgatewayOption = Annotated[
     str | None,
     typer.Option("--pushgateway", envvar="PERFUSION_BATCH_PUSHGATEWAY", help="Push a run summary to this Pushgateway."),
 ]
+
+
+def _device_flag(device: Device | None) -> list[str]:
+    """--device for a submitted run only when given here: otherwise the cluster's PERFUSION_BATCH_DEVICE
+    (e.g. `gpu` on an autoscaling KubeRay cluster, deploy/kuberay/config.yaml) decides there."""
+    return ["--device", device.value] if device else []
 
 
 def _remote(address: str | None) -> bool:
@@ -133,15 +140,16 @@ def _remote(address: str | None) -> bool:
     return bool(address) and not jobs.inside_ray_job()
 
 
-def _push(
-    gateway: str | None, job: str, catalog: str, counts: dict[str, int], seconds: float, ok: bool, unit: str
-) -> None:
+def _push(gateway: str | None, command: str, catalog: str, summary, unit: str, schedule: str | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Push a run's summary (job=perfusion-batch-COMMAND) when a Pushgateway is configured; a push that fails
+    is a warning, never the run's failure."""
     from pipeline.metrics import push_summary
 
     if not gateway:
         return
     try:
-        push_summary(gateway, job, catalog, counts, seconds, ok, unit=unit)
+        job = f"perfusion-batch-{command}"
+        push_summary(gateway, job, catalog, summary.counts(), summary.seconds, summary.ok, unit=unit, schedule=schedule)
     except OSError as error:
         typer.secho(f"warning: could not push the summary to the Pushgateway: {error}", fg="yellow", err=True)
 
@@ -211,7 +219,7 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan and print; train nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Retrain concepts that already succeeded.")] = False,
     only: Annotated[list[str] | None, typer.Option("--only", help="Train only this concept (repeatable).")] = None,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = None,
     pushgateway: PushgatewayOption = None,
 ) -> None:
     """Train every concept of the catalog that is not trained yet, one Ray task per concept.
@@ -224,7 +232,7 @@ def train(
     spec = _load(manifest)
     if address and _remote(address):
         argv = ["--concurrency", str(concurrency)] if concurrency else []
-        argv += ["--gpus-per-task", str(gpus_per_task), "--device", device.value]
+        argv += ["--gpus-per-task", str(gpus_per_task), *_device_flag(device)]
         argv += ["--dry-run"] if dry_run else []
         argv += ["--force"] if force else []
         argv += [a for name in only or [] for a in ("--only", name)]
@@ -243,7 +251,7 @@ def train(
         dry_run=dry_run,
         max_concurrency=concurrency,
         gpus_per_task=gpus_per_task,
-        device=device.value,
+        device=(device or Device.auto).value,
     )
     try:
         run = TrainRun(spec, options)
@@ -251,15 +259,7 @@ def train(
     except (ManifestError, StoreError) as error:
         raise _fail(str(error)) from None
     if not dry_run:
-        _push(
-            pushgateway,
-            "perfusion-batch-train",
-            spec.catalog,
-            summary.counts(),
-            summary.seconds,
-            summary.ok,
-            "concepts",
-        )
+        _push(pushgateway, "train", spec.catalog, summary, "concepts")
     if not summary.ok:
         raise typer.Exit(code=1)
 
@@ -288,16 +288,17 @@ def _submit(spec, manifest: str, address: str, command: str, argv: list[str], ro
         runtime_env["env_vars"] = env_vars
     text = Path(manifest).read_text(encoding="utf-8") if folder else manifest
     job_id = jobs.submission_id(command, spec.catalog, text, argv)
-    status = jobs.submit_and_follow(
+    outcome = jobs.submit_and_follow(
         address,
         entrypoint=f"perfusion-batch {command} " + " ".join(shlex.quote(a) for a in argv),
         base_id=job_id,
         metadata={"catalog": spec.catalog, "manifest": os.path.basename(manifest), "command": command},
         runtime_env=runtime_env,
     )
-    typer.echo(f"Ray job {job_id}: {status}")
-    if status != "SUCCEEDED":
-        raise typer.Exit(code=1)
+    typer.echo(f"Ray job {job_id}: {outcome.status}")
+    if outcome.status != "SUCCEEDED":
+        # The entrypoint's own code (1: some items failed; 2: bad input, nothing ran), else 1 (stopped, lost).
+        raise typer.Exit(code=outcome.exit_code if outcome.exit_code in (1, 2) else 1)
 
 
 @app.command()
@@ -315,8 +316,17 @@ def render(
     gpus_per_actor: Annotated[
         float, typer.Option("--gpus-per-actor", min=0.01, help="GPUs per renderer on GPU clusters.")
     ] = 1.0,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = None,
     pushgateway: PushgatewayOption = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            "--schedule",
+            envvar="PERFUSION_BATCH_SCHEDULE",
+            help="Name of the schedule this run belongs to (e.g. nightly): its Pushgateway summary carries "
+            "schedule=NAME, which the alert rules watch; ad-hoc runs leave it out.",
+        ),
+    ] = None,
 ) -> None:
     """Render the manifest's render jobs (prompts x concept combinations x seeds) with Ray Data.
 
@@ -332,9 +342,10 @@ def render(
         argv = [a for name in job or [] for a in ("--job", name)]
         argv += ["--dry-run"] if dry_run else []
         argv += ["--limit", str(limit)] if limit else []
-        argv += ["--batch-size", str(batch_size), "--gpus-per-actor", str(gpus_per_actor), "--device", device.value]
+        argv += ["--batch-size", str(batch_size), "--gpus-per-actor", str(gpus_per_actor), *_device_flag(device)]
         argv += ["--actors", str(actors)] if actors else []
         argv += ["--pushgateway", pushgateway] if pushgateway else []
+        argv += ["--schedule", schedule] if schedule else []
         _submit(spec, manifest, address, "render", argv, root)
         return
     from pipeline.progress import render_progress
@@ -350,7 +361,7 @@ def render(
         batch_size=batch_size,
         actors=actors,
         gpus_per_actor=gpus_per_actor,
-        device=device.value,
+        device=(device or Device.auto).value,
     )
     from pipeline.manifest import ManifestError
 
@@ -366,9 +377,7 @@ def render(
         typer.echo(f"  {name}: contact sheet {sheet}, page {summary.pages[name]}")
     typer.echo(summary.line())
     if not dry_run:
-        _push(
-            pushgateway, "perfusion-batch-render", spec.catalog, summary.counts(), summary.seconds, summary.ok, "images"
-        )
+        _push(pushgateway, "render", spec.catalog, summary, "images", schedule=schedule)
     if not summary.ok:
         raise typer.Exit(code=1)
 
@@ -381,7 +390,7 @@ def doctor(
     root: RootOption = None,
     address: AddressOption = None,
     base: Annotated[str | None, typer.Option("--base", help="Check this base model (default: the manifest's).")] = None,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = None,
     pushgateway: PushgatewayOption = None,
 ) -> None:
     """Check what a run here would get: versions, the Ray cluster, GPUs, storage, base model, Pushgateway.
@@ -398,7 +407,7 @@ def doctor(
     spec = _load(manifest) if manifest else None
     root_uri = resolve_root(spec, root) if spec else root or os.environ.get("PERFUSION_BATCH_ROOT")
     base_model = base or (resolve_base(spec) if spec else None)
-    checks = run_checks(address, root_uri, base_model, pushgateway, device.value)
+    checks = run_checks(address, root_uri, base_model, pushgateway, (device or Device.auto).value)
     for check in checks:
         color = {FAIL: typer.colors.RED, "warn": typer.colors.YELLOW}.get(check.verdict, typer.colors.GREEN)
         typer.secho(check.line(), fg=color)

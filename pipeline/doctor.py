@@ -52,7 +52,7 @@ def run_checks(
     return [
         versions(),
         ray_cluster(address),
-        gpus(device),
+        gpus(device, remote=bool(address)),
         storage(root),
         base(base_model),
         gateway(pushgateway),
@@ -77,7 +77,7 @@ def ray_cluster(address: str | None) -> Check:
     if not address:
         return Check("ray", OK, f"no address: runs start an embedded Ray on this machine ({os.cpu_count()} CPUs)")
     request = urllib.request.Request(address.rstrip("/") + "/api/version")
-    token = os.environ.get("RAY_AUTH_TOKEN")
+    token = auth_token()
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     shown = redact(address)
@@ -99,18 +99,36 @@ def ray_cluster(address: str | None) -> Check:
     return Check("ray", OK, f"Ray {version} at {shown}: job API reachable" + (" (token accepted)" if token else ""))
 
 
-def gpus(device: str) -> Check:
+def auth_token() -> str | None:
+    """The token Ray's job client would send: RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else
+    ~/.ray/auth_token (the same order as Ray's own lookup)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip() or None
+    except OSError:
+        return None
+
+
+def gpus(device: str, remote: bool = False) -> Check:
+    """GPUs of THIS machine; with --address the cluster's workers are not visible from here."""
     import torch
+
+    where = " (the cluster's own GPUs: see its dashboard)" if remote else ""
 
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         memory = torch.cuda.get_device_properties(0).total_memory / 2**30
-        detail = f"{len(names)} on this machine: {names[0]} ({memory:.0f} GiB)"
+        detail = f"{len(names)} on this machine: {names[0]} ({memory:.0f} GiB){where}"
         if device == "cpu":
             return Check("gpus", WARN, detail + "; but PERFUSION_BATCH_DEVICE/--device is cpu: they stay unused")
         return Check("gpus", OK, detail)
     if device == "gpu":
         return Check("gpus", OK, "none on this machine; --device gpu: tasks wait for the cluster's GPU workers")
+    if remote:
+        return Check("gpus", OK, f"none on this machine, which only submits{where}")
     return Check("gpus", WARN, "none on this machine: trainings and renders run on CPU here")
 
 
@@ -144,6 +162,8 @@ def base(spec: str | None) -> Check:
 def gateway(address: str | None) -> Check:
     if not address:
         return Check("pushgateway", OK, "not configured: no run summary is pushed")
+    if "://" not in address:
+        address = f"http://{address}"  # as prometheus_client does for host:port
     shown = redact(address)
     try:
         with urllib.request.urlopen(address.rstrip("/") + "/-/healthy", timeout=HTTP_TIMEOUT) as response:

@@ -4,7 +4,7 @@
   otherwise start an embedded local Ray (`ray.init(address="local")`): no cluster, nothing to install.
 - `submit_and_follow(address, ...)`: `perfusion-batch train --address URL` submits the same command as a
   Ray Job (deterministic submission id, runtime env, metadata naming the manifest), streams its logs and
-  returns its final status, so the CLI's exit code is the job's.
+  returns its final status and the entrypoint's exit code, so the CLI's exit code is the job's.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.tasks import RetryableTaskError
@@ -22,6 +25,7 @@ AGENT_WAIT_SECONDS = 60.0
 DEVICES = ("auto", "gpu", "cpu")
 __all__ = [
     "DEVICES",
+    "JobOutcome",
     "RetryableTaskError",
     "ensure_ray",
     "inside_ray_job",
@@ -34,8 +38,10 @@ __all__ = [
 
 
 def inside_ray_job() -> bool:
-    """True in the driver of a Ray Job (the entrypoint's process), where the cluster is already at hand."""
-    return bool(os.environ.get("RAY_JOB_SUBMISSION_ID"))
+    """True in the driver of a Ray Job (the entrypoint's process), where the cluster is already at hand.
+    Ray's job supervisor gives every entrypoint RAY_JOB_CONFIG_JSON_ENV_VAR (and RAY_ADDRESS=the GCS);
+    KubeRay's submitter pod has RAY_JOB_SUBMISSION_ID."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -126,6 +132,12 @@ def submission_id(command: str, catalog: str, manifest_text: str, argv: list[str
     return f"perfusion-{command}-{catalog}-{digest}"
 
 
+@dataclass(frozen=True)
+class JobOutcome:
+    status: str  # SUCCEEDED, FAILED, STOPPED, ...
+    exit_code: int | None  # the entrypoint's exit code, when it ran to the end
+
+
 def submit_and_follow(
     address: str,
     entrypoint: str,
@@ -133,8 +145,11 @@ def submit_and_follow(
     metadata: dict[str, str],
     runtime_env: dict[str, Any],
     echo: Callable[[str], None] = lambda text: print(text, end="", flush=True),
-) -> str:
-    """Submit (or re-attach to) the job, stream its logs until it ends; returns the final status name."""
+) -> JobOutcome:
+    """Submit (or re-attach to) the job and stream its logs until it ends.
+
+    SIGTERM (what Kubernetes sends at a CronJob's activeDeadlineSeconds, or a scheduler's timeout) stops the
+    Ray job before this process exits, so a deadline really ends the run; Ctrl-C only stops following."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -146,20 +161,32 @@ def submit_and_follow(
     else:
         echo(f"Ray job {job_id} is already {existing.value}: following it\n")
 
+    def stop_on_sigterm(signum: int, frame: Any) -> None:
+        echo(f"\nSIGTERM: stopping Ray job {job_id}\n")
+        client.stop_job(job_id)
+        raise SystemExit(128 + signum)
+
     async def follow() -> None:
         async for lines in client.tail_job_logs(job_id):
             echo(lines)
 
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm) if in_main_thread else None
     try:
-        asyncio.run(follow())
-    except Exception as error:
-        echo(f"(log stream ended: {error})\n")
-    deadline = time.monotonic() + 30
-    status = client.get_job_status(job_id)
-    while not status.is_terminal() and time.monotonic() < deadline:
-        time.sleep(0.5)
+        try:
+            asyncio.run(follow())
+        except Exception as error:
+            echo(f"(log stream ended: {error})\n")
+        deadline = time.monotonic() + 30
         status = client.get_job_status(job_id)
-    return str(status.value if isinstance(status, JobStatus) else status)
+        while not status.is_terminal() and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = client.get_job_status(job_id)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    exit_code = getattr(client.get_job_info(job_id), "driver_exit_code", None)
+    return JobOutcome(str(status.value if isinstance(status, JobStatus) else status), exit_code)
 
 
 def _submit_when_ready(

@@ -5,7 +5,8 @@ driver at the end of a run (only when a Pushgateway is configured; nothing is pu
     perfusion_training_steps_total           optimizer steps run                     (tasks)
     perfusion_training_seconds               seconds per concept (histogram)         (tasks)
     perfusion_batch_job_*                    a run's summary, job=perfusion-batch-train or
-                                             perfusion-batch-render, catalog=<name>   (Pushgateway)
+                                             perfusion-batch-render, catalog=<name>,
+                                             schedule=<name> for scheduled runs       (Pushgateway)
         _duration_seconds, _last_run_timestamp_seconds, _last_success_timestamp_seconds,
         _concepts{status} (train) or _images{status} (render)
 deploy/monitoring/alerts.yaml alerts on these names (tests/deploy checks that they agree).
@@ -56,8 +57,10 @@ def push_summary(
     seconds: float,
     ok: bool,
     unit: str = "concepts",
+    schedule: str | None = None,
 ) -> None:
-    """Push the run summary (duration, `unit` by status, last success time) under job=`job`."""
+    """Push the run summary (duration, `unit` by status, last success time) under job=`job`, grouped by
+    catalog and, for a scheduled run, schedule: an ad-hoc run never refreshes a schedule's success time."""
     from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 
     registry = CollectorRegistry()
@@ -78,4 +81,5 @@ def push_summary(
         )
         success.set(time.time())
     # pushadd (POST): replaces only the metrics pushed now, so a failed run keeps the last success time.
-    pushadd_to_gateway(gateway, job=job, registry=registry, grouping_key={"catalog": catalog})
+    grouping = {"catalog": catalog} | ({"schedule": schedule} if schedule else {})
+    pushadd_to_gateway(gateway, job=job, registry=registry, grouping_key=grouping)

@@ -217,6 +217,10 @@ def test_entrypoints_are_real_cli_commands_with_valid_flags(monkeypatch):
         assert context.params["manifest"] == "/config/catalog.yaml", where
     assert entrypoints()["rayjob"][1] == "train"
     assert entrypoints()["raycronjob"][1] == entrypoints()["cronjob"][1] == "render"
+    # Scheduled renders label their summaries with the schedule the alert rules watch.
+    for where in ("raycronjob", "cronjob"):
+        argv = entrypoints()[where]
+        assert argv[argv.index("--schedule") + 1] == "nightly", where
     with pytest.raises(Exception, match="No such option: --actor"):
         group.commands["render"].make_context("render", ["/config/catalog.yaml", "--actor", "4"])
 
@@ -296,7 +300,11 @@ def test_alert_rules_use_the_metric_names_the_code_exports():
             else:
                 assert f'"{exported}"' in source, metric
         for job in re.findall(r'job="([^"]+)"', r["expr"]):
-            assert f'"{job}"' in cli_source, job  # the job name the CLI pushes under
+            # the job name the CLI pushes under: perfusion-batch-<command> (tests/pipeline check the pushes)
+            assert 'f"perfusion-batch-{command}"' in cli_source
+            assert job.removeprefix("perfusion-batch-") in typer.main.get_command(app).commands, job  # type: ignore[attr-defined]
+        if 'job="perfusion-batch-render"' in r["expr"]:
+            assert 'schedule!=""' in r["expr"], r["alert"]  # only scheduled runs (render --schedule)
         assert r["for"] and r["labels"]["severity"] and r["annotations"]["summary"]
 
 
@@ -308,6 +316,7 @@ def test_the_dockerfile_copies_files_that_exist_and_the_context_sends_them():
     sources = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
     sources += [s for line in text.splitlines() if line.startswith("COPY ") for s in line.split()[2:-1]]
     assert {"pyproject.toml", "README.md", "perfusion", "pipeline", "manifests", "tests"} <= set(sources)
+    assert {"benchmarks", "deploy", ".dockerignore"} <= set(sources)  # what the test suite in the cpu image reads
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"}
     for source in sources:
         assert (REPO / source).exists(), source
@@ -317,6 +326,10 @@ def test_the_dockerfile_copies_files_that_exist_and_the_context_sends_them():
     assert re.search(r"^ARG TORCH_VERSION=", text, flags=re.M) and re.search(r"^ARG PYTHON_VERSION=", text, flags=re.M)
     assert "download.pytorch.org/whl/cu" in text and "download.pytorch.org/whl/cpu" in text
     assert not re.search(r"(AWS_SECRET|AWS_ACCESS|TOKEN)\S*=", text)  # no credentials baked in
+    # The Ray in the image is the Ray the KubeRay specs announce (head, workers and clients must agree).
+    (ray_version,) = set(re.findall(r"^ARG RAY_VERSION=(\S+)", text, flags=re.M))
+    assert {spec["rayVersion"] for spec in cluster_specs().values()} == {ray_version}
+    assert text.count('"ray[default,data]==${RAY_VERSION}"') == 2
 
 
 @pytest.mark.slow

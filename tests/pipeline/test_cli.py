@@ -111,12 +111,20 @@ def doctor_lines(output: str) -> dict[str, tuple[str, str]]:
 def test_doctor_passes_on_a_working_setup(tmp_path, monkeypatch):
     from tests.helpers import http_receiver
 
+    from pipeline.doctor import CREDENTIAL_VARIABLES
+
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    for name in CREDENTIAL_VARIABLES:  # (the S3 tests' fixture may have set some)
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-print-me")
     with http_receiver() as (gateway, _):
         result = runner.invoke(
             app, ["doctor", "--root", str(tmp_path / "store"), "--base", "tiny", "--pushgateway", gateway]
         )
+        bare = runner.invoke(app, ["doctor", "--pushgateway", gateway.removeprefix("http://"), "--device", "GPU"])
+    # host:port works as prometheus_client takes it; --device is case-insensitive
+    assert doctor_lines(bare.output)["pushgateway"] == ("ok", f"{gateway} is healthy")
+    assert doctor_lines(bare.output)["gpus"][1].startswith("none on this machine; --device gpu")
     assert result.exit_code == 0, result.output
     lines = doctor_lines(result.output)
     assert set(lines) == {"versions", "ray", "gpus", "storage", "base model", "pushgateway"}
@@ -167,7 +175,8 @@ def test_inside_a_ray_job_the_address_from_the_environment_is_not_resubmitted(tm
     from tests.pipeline.conftest import write_catalog
 
     manifest = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug",))
-    env = {"RAY_JOB_SUBMISSION_ID": "raysubmit_test", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}
+    # What Ray's job supervisor sets for every entrypoint (test_ray_job.py checks it on a real head).
+    env = {"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1"}
     result = runner.invoke(app, ["train", str(manifest), "--dry-run"], env=env)
     assert result.exit_code == 0, result.output
     assert "would train 1" in result.output and "submitted" not in result.output

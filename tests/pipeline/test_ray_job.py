@@ -63,7 +63,15 @@ def ray_head(tmp_path, monkeypatch):
             f"--metrics-export-port={metrics}",
         ],
         # Workers report metrics every second instead of every 10 s, so the scrape below sees them soon.
-        env=os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_metrics_report_interval_ms": "1000"},
+        # RAY_API_SERVER_ADDRESS in the head's environment (as a pod's ConfigMap might put it there) reaches
+        # every job's driver: the CLI must run the job there, not submit it again (to a dead address here).
+        env=os.environ
+        | {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "RAY_metrics_report_interval_ms": "1000",
+            "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:1",
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: we stop exactly what we started
@@ -103,6 +111,10 @@ def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     root = tmp_path / "store"
     manifest = write_catalog(tmp_path / "shop", "./store", names=("mug",))
     manifest.write_text(manifest.read_text() + "renders:\n  - {name: shots, prompts: ['a photo of {a}'], steps: 2}\n")
+    # Rendering before training: the job's driver exits 2 (nothing rendered), and so does the CLI here.
+    early = cli("render", str(manifest), "--address", ray_head.address, "--root", str(root))
+    assert early.returncode == 2, early.stdout + early.stderr
+    assert "concept 'mug' is not trained yet" in early.stdout + early.stderr
     result = cli("train", str(manifest), "--address", ray_head.address, "--root", str(root))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -133,6 +145,38 @@ def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     assert "submitted Ray job perfusion-render-test-shop-" in rendered.stdout + rendered.stderr
     assert "rendered 1, skipped 0 (already rendered), failed 0" in rendered.stdout
     assert len(RenderIndex(Store(str(root))).of_job("shots")) == 1
+
+    # SIGTERM to the following CLI (a CronJob's activeDeadlineSeconds) stops the Ray job itself.
+    slow = manifest.with_name("slow.yaml")
+    slow.write_text(manifest.read_text().replace("steps: 2}", "steps: 500, images_per_prompt: 16}"))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "render", str(slow), "--address", ray_head.address, "--root", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    job_id = None
+    assert follower.stdout is not None
+    for line in follower.stdout:
+        if line.startswith("submitted Ray job "):
+            job_id = line.split()[3]
+            break
+    assert job_id, "the render was never submitted"
+    time.sleep(3)
+    follower.send_signal(signal.SIGTERM)
+    rest = follower.communicate(timeout=60)[0]
+    assert follower.returncode == 128 + signal.SIGTERM and f"stopping Ray job {job_id}" in rest
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    deadline = time.monotonic() + 30
+    while True:
+        shown = subprocess.run(
+            [ray_bin, "job", "status", "--address", ray_head.address, job_id], capture_output=True, text=True
+        )
+        status = shown.stdout + shown.stderr
+        if f"Job '{job_id}' was stopped" in status or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert f"Job '{job_id}' was stopped" in status, status
 
     # doctor: the job API answers with the token, and refuses a wrong one (the token itself is never shown).
     doctor = cli("doctor", "--address", ray_head.address, "--root", str(root))

@@ -61,10 +61,10 @@ def test_render_single_and_pairs_then_rerun_and_add_a_concept(tmp_path, ray_loca
     assert page.count("<tr>") == 7 and "&lt;bag&gt; next to &lt;mug&gt;" in page
 
     with http_receiver() as (gateway, received):  # a scheduler firing again: nothing new, summary pushed
-        again = cli("render", str(manifest), "--pushgateway", gateway)
+        again = cli("render", str(manifest), "--pushgateway", gateway, "--schedule", "nightly")
     assert again.exit_code == 0 and "rendered 0, skipped 6" in again.output
     ((method, path, body),) = received
-    assert (method, path) == ("POST", "/metrics/job/perfusion-batch-render/catalog/test-shop")
+    assert (method, path) == ("POST", "/metrics/job/perfusion-batch-render/catalog/test-shop/schedule/nightly")
     assert 'perfusion_batch_job_images{status="skipped"} 6.0' in body.decode()
     assert "perfusion_batch_job_last_success_timestamp_seconds" in body.decode()
     assert len(index.rows(["render_id"])) == 6
