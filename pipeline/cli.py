@@ -556,7 +556,11 @@ def concepts_query(
 
     Example: perfusion-batch concepts query "SELECT status, count(*) FROM concepts GROUP BY status" -m catalog.yaml
     """
-    index = _index(root, manifest)
+    _query(_index(root, manifest), sql, fmt)
+
+
+def _query(index, sql: str, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    """SQL (DuckDB) over a Delta index; any query error is a message, exit code 2."""
     try:
         table = index.sql(sql)
     except Exception as error:
@@ -611,9 +615,4 @@ def renders_query(
 
     Example: perfusion-batch renders query "SELECT job, count(*) FROM renders GROUP BY job" -m catalog.yaml
     """
-    index = _render_index(root, manifest)
-    try:
-        table = index.sql(sql)
-    except Exception as error:
-        raise _fail(f"query failed: {error}") from None
-    _emit(table.to_pylist(), table.column_names, fmt)
+    _query(_render_index(root, manifest), sql, fmt)
