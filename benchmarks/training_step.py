@@ -79,9 +79,7 @@ def plain_steps(base, images, steps: int, batch: int) -> list[float]:  # type: i
             mean[picks] + std[picks] * torch.randn(mean[picks].shape, generator=generator, device=device)
         ) * 0.18215
         noise = torch.randn(clean.shape, generator=generator, device=device)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device
-        )
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
         prompts = [rng.choice(NEUTRAL_TEMPLATES).format("<bench-2>") for _ in range(batch)]
         ids = base.tokenizer(
             prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"

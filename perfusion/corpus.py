@@ -11,8 +11,8 @@ Two consumers:
 from __future__ import annotations
 
 import itertools
-from typing import Any
 import random
+from typing import Any
 
 # Neutral context templates (CLIP ImageNet style). "{}" is the concept (or superclass) phrase.
 NEUTRAL_TEMPLATES: tuple[str, ...] = (

@@ -197,12 +197,13 @@ def _train(
     best: tuple[float, int, Concept] | None = None
     started = time.perf_counter()
 
+    templates = config.templates or default_templates(base)  # (train_concept resolved it; this tells mypy)
     for step in range(1, config.steps + 1):
         # All randomness of the step is drawn for the full batch, then split into micro-batches, so
         # gradient accumulation computes the same update as one big batch.
         picks = [rng.randrange(originals) for _ in range(batch)]
         flips = [rng.random() < config.flip_probability for _ in range(batch)]
-        prompts = [rng.choice(config.templates).format(state.token) for _ in range(batch)]
+        prompts = [rng.choice(templates).format(state.token) for _ in range(batch)]
         rows = torch.tensor([p + (originals if f else 0) for p, f in zip(picks, flips, strict=True)])
         mean, std = latents[0][rows], latents[1][rows]  # (batch, c, h, w)
         clean = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * _scaling(base)

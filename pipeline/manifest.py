@@ -152,7 +152,7 @@ class RenderJob(_Strict):
     gates: dict[str, GateOverride] = {}
 
     def selection(self) -> ConceptSelection:
-        return ConceptSelection() if self.concepts == "all" else self.concepts  # type: ignore[return-value]
+        return ConceptSelection() if self.concepts == "all" else self.concepts
 
 
 class Manifest(_Strict):

@@ -223,7 +223,7 @@ class RenderRun:
             progress(0, len(todo), 0)
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for result in batch.to_pylist():
+                for result in batch.to_pylist():  # type: ignore[union-attr]  # pyarrow, as batch_format asks
                     seen.add(result["render_id"])
                     pending.append(self._row(by_id[result["render_id"]], result, base.fingerprint))
                     if result["status"] == SUCCEEDED:

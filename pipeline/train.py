@@ -219,7 +219,7 @@ class TrainRun:
         from pipeline import jobs
 
         resources = self._resources()
-        board = jobs.ProgressBoard.remote()  # type: ignore[attr-defined]
+        board = jobs.ProgressBoard.remote()
         remote_train = jobs.remote(
             train_task, max_retries=self.options.max_retries, retry_exceptions=[jobs.RetryableTaskError], **resources
         )

@@ -67,7 +67,7 @@ def pretrain(
     steps: int | None = None,
     two_objects: float = TWO_OBJECTS,
     device: str = "cpu",
-) -> dict[str, float]:
+) -> dict[str, object]:
     """Train until the time budget (`minutes`) or, when given, the step count (`steps`) is spent."""
     pipeline = build_toy_pipeline(weights=None, seed=seed)
     pipeline.to(device)

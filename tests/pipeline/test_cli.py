@@ -109,9 +109,8 @@ def doctor_lines(output: str) -> dict[str, tuple[str, str]]:
 
 
 def test_doctor_passes_on_a_working_setup(tmp_path, monkeypatch):
-    from tests.helpers import http_receiver
-
     from pipeline.doctor import CREDENTIAL_VARIABLES
+    from tests.helpers import http_receiver
 
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     for name in CREDENTIAL_VARIABLES:  # (the S3 tests' fixture may have set some)
