@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a type only: importing the corpus stays free of torch and diffusers
+    from perfusion.models import BaseModel
 
 # Neutral context templates (CLIP ImageNet style). "{}" is the concept (or superclass) phrase.
 NEUTRAL_TEMPLATES: tuple[str, ...] = (
@@ -262,11 +265,11 @@ def read_caption_file(path: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def default_templates(base: Any) -> tuple[str, ...]:
+def default_templates(base: BaseModel) -> tuple[str, ...]:
     """The training prompts' contexts in the base model's own language: the toy model knows only the toy
     world's words (any other word is an embedding it never trained, noise around the concept token), every
     real text encoder knows the neutral ImageNet-style templates."""
-    if getattr(base, "source", None) == "toy":
+    if base.source == "toy":
         from perfusion.toyworld.world import TOY_TEMPLATES
 
         return TOY_TEMPLATES

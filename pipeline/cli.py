@@ -132,12 +132,12 @@ def _device_flag(device: Device | None) -> list[str]:
     return ["--device", device.value] if device else []
 
 
-def _remote(address: str | None) -> bool:
-    """Submit as a Ray Job? Not from inside one: its driver is on the cluster already (RAY_API_SERVER_ADDRESS
-    set in a pod's environment must not make the job submit itself again)."""
+def _remote(address: str | None) -> str | None:
+    """The cluster to submit this run to as a Ray Job, if any. None inside a Ray Job: its driver is on the
+    cluster already (RAY_API_SERVER_ADDRESS set in a pod's environment must not make it submit itself again)."""
     from pipeline import jobs
 
-    return bool(address) and not jobs.inside_ray_job()
+    return None if not address or jobs.inside_ray_job() else address
 
 
 def _push(gateway: str | None, command: str, catalog: str, summary, unit: str, schedule: str | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -230,14 +230,14 @@ def train(
     Example: perfusion-batch train manifests/catalog.yaml --root s3://bucket/catalogs/demo
     """
     spec = _load(manifest)
-    if address and _remote(address):
+    if cluster := _remote(address):
         argv = ["--concurrency", str(concurrency)] if concurrency else []
         argv += ["--gpus-per-task", str(gpus_per_task), *_device_flag(device)]
         argv += ["--dry-run"] if dry_run else []
         argv += ["--force"] if force else []
         argv += [a for name in only or [] for a in ("--only", name)]
         argv += ["--pushgateway", pushgateway] if pushgateway else []
-        _submit(spec, manifest, address, "train", argv, root)
+        _submit(spec, manifest, cluster, "train", argv, root)
         return
     from pipeline.manifest import ManifestError
     from pipeline.progress import make_display
@@ -338,7 +338,7 @@ def render(
     Example: perfusion-batch render manifests/catalog.yaml --job new-scenes
     """
     spec = _load(manifest)
-    if address and _remote(address):
+    if cluster := _remote(address):
         argv = [a for name in job or [] for a in ("--job", name)]
         argv += ["--dry-run"] if dry_run else []
         argv += ["--limit", str(limit)] if limit else []
@@ -346,8 +346,9 @@ def render(
         argv += ["--actors", str(actors)] if actors else []
         argv += ["--pushgateway", pushgateway] if pushgateway else []
         argv += ["--schedule", schedule] if schedule else []
-        _submit(spec, manifest, address, "render", argv, root)
+        _submit(spec, manifest, cluster, "render", argv, root)
         return
+    from pipeline.manifest import ManifestError
     from pipeline.progress import render_progress
     from pipeline.render import RenderOptions, RenderRun
     from pipeline.render_plan import RenderPlanError
@@ -363,8 +364,6 @@ def render(
         gpus_per_actor=gpus_per_actor,
         device=(device or Device.auto).value,
     )
-    from pipeline.manifest import ManifestError
-
     try:
         run = RenderRun(spec, options)
         with render_progress() as progress:

@@ -130,9 +130,6 @@ class ConceptSelection(_Strict):
     tags: dict[str, Tag] = {}  # and only those whose tags all match
 
 
-SCHEDULERS = ("default", "ddim", "dpm", "euler", "pndm")
-
-
 class RenderJob(_Strict):
     """One render job: prompt templates x concept combinations x seeds, with the sampler's settings."""
 
@@ -146,7 +143,7 @@ class RenderJob(_Strict):
     steps: int = Field(25, ge=1, le=1000)
     guidance_scale: float = Field(5.0, ge=0)
     resolution: int | None = Field(None, ge=8, le=4096)
-    scheduler: Literal["default", "ddim", "dpm", "euler", "pndm"] = "default"
+    scheduler: Literal["default", "ddim", "dpm", "euler", "pndm"] = "default"  # pipeline/renderer.py SCHEDULERS
     lock: Literal["local", "global"] = "local"
     negative_prompt: str = ""
     gates: dict[str, GateOverride] = {}
@@ -184,12 +181,6 @@ class Manifest(_Strict):
         for spec in self.concepts:
             if spec.name == name:
                 return spec
-        raise KeyError(name)
-
-    def render_job(self, name: str) -> RenderJob:
-        for job in self.renders:
-            if job.name == name:
-                return job
         raise KeyError(name)
 
     def selected_concepts(self, job: RenderJob) -> list[ConceptSpec]:

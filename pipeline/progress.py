@@ -24,10 +24,15 @@ STATUS_STYLE = {
 }
 
 
+def _live(console: Console) -> bool:
+    """Redraw in place only on a terminal and outside a Ray Job (whose log is a file: plain lines there)."""
+    inside_ray_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
+    return console.is_terminal and not inside_ray_job
+
+
 def make_display(console: Console | None = None) -> Display:
     console = console or Console(stderr=False)
-    inside_ray_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
-    if console.is_terminal and not inside_ray_job:
+    if _live(console):
         return LiveDisplay(console)
     return LogDisplay(print_line=lambda text: print(text, file=sys.stdout, flush=True))
 
@@ -136,8 +141,7 @@ def render_progress(console: Console | None = None) -> Iterator[Callable[[int, i
     """A progress callback (done, total, failed) for a render run: a bar in a terminal, else a log line at
     every tenth of the rows."""
     console = console or Console(stderr=False)
-    inside_ray_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
-    if console.is_terminal and not inside_ray_job:
+    if _live(console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(

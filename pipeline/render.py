@@ -267,14 +267,16 @@ class RenderRun:
         }
 
     def _write_sheets(self, summary: RenderSummary) -> None:
-        from pipeline.sheets import contact_sheet, html_page
+        from pipeline.sheets import contact_sheet, html_page, sheet_rows
 
         for job in self.jobs:
             rows = self.index.of_job(job.name, catalog=self.manifest.catalog)
             if not rows:
                 continue
-            images = {r["render_id"]: self.store.read(self.store.relative(r["image_uri"]), r["sha256"]) for r in rows}
-            sheet = self.store.put(f"renders/sheets/{job.name}.png", contact_sheet(rows, images, title=job.name))
+            shown = sheet_rows(rows)
+            images = {r["render_id"]: self.store.read(self.store.relative(r["image_uri"]), r["sha256"]) for r in shown}
+            picture = contact_sheet(shown, images, title=job.name, total=len(rows))
+            sheet = self.store.put(f"renders/sheets/{job.name}.png", picture)
             page = self.store.put(f"renders/sheets/{job.name}.html", html_page(job.name, rows, self.store).encode())
             summary.sheets[job.name], summary.pages[job.name] = sheet, page
 

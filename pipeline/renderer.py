@@ -24,23 +24,24 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline.index import RENDER_SCHEMA
 from pipeline.store import Store, sha256_hex
 from pipeline.tasks import device_name, worker_base
 
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("render_id", pa.string()),
-        ("image_uri", pa.string()),
-        ("sha256", pa.string()),
-        ("bytes", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("seconds", pa.float64()),
-        ("device", pa.string()),
-    ]
+# What an actor returns per row: the render table's columns that only rendering can fill (pipeline/index.py).
+OUTPUT_COLUMNS = (
+    "render_id",
+    "image_uri",
+    "sha256",
+    "bytes",
+    "width",
+    "height",
+    "status",
+    "error",
+    "seconds",
+    "device",
 )
+OUTPUT_SCHEMA = pa.schema([RENDER_SCHEMA.field(name) for name in OUTPUT_COLUMNS])
 SCHEDULERS = {  # manifest name -> diffusers class name; "default" keeps the base model's own
     "ddim": "DDIMScheduler",
     "dpm": "DPMSolverMultistepScheduler",

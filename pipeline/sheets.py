@@ -15,12 +15,22 @@ from PIL import Image, ImageDraw, ImageFont
 from pipeline.store import Store
 
 CELL = 128  # pixels per image in the sheet (small renders are scaled up, without smoothing)
+MAX_PROMPTS = 100  # rows of a sheet: a catalog-sized job is browsed in its HTML page, which lists every image
 CAPTION = 260  # width of the caption column
 PAD = 6
 
 
-def contact_sheet(rows: Sequence[Mapping[str, Any]], images: Mapping[str, bytes], title: str) -> bytes:
-    """PNG bytes of the grid: rows = prompts in plan order, columns = seeds."""
+def sheet_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows a contact sheet shows: those of its first MAX_PROMPTS prompts (only their images are read)."""
+    shown = set(list(dict.fromkeys(r["prompt"] for r in rows))[:MAX_PROMPTS])
+    return [r for r in rows if r["prompt"] in shown]
+
+
+def contact_sheet(
+    rows: Sequence[Mapping[str, Any]], images: Mapping[str, bytes], title: str, total: int | None = None
+) -> bytes:
+    """PNG bytes of the grid: rows = prompts in plan order, columns = seeds. `total`: the job's image count
+    when `rows` is a part of it (sheet_rows)."""
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     seeds = sorted({int(r["seed"]) for r in rows})
     by_cell = {(r["prompt"], int(r["seed"])): r for r in rows}
@@ -30,7 +40,10 @@ def contact_sheet(rows: Sequence[Mapping[str, Any]], images: Mapping[str, bytes]
     height = header + len(prompts) * (CELL + PAD) + PAD
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((PAD, 4), f"{title}: {len(rows)} image(s)", fill="black", font=font)
+    shown = (
+        f"{len(rows)} image(s)" if total in (None, len(rows)) else f"{len(rows)} of {total} images (all in the page)"
+    )
+    draw.text((PAD, 4), f"{title}: {shown}", fill="black", font=font)
     for column, seed in enumerate(seeds):
         draw.text((CAPTION + column * (CELL + PAD) + PAD, header - 14), f"seed {seed}", fill="gray", font=font)
     for line, prompt in enumerate(prompts):
@@ -61,11 +74,10 @@ def html_page(job: str, rows: Sequence[Mapping[str, Any]], store: Store) -> str:
         "<table><tr><th>image</th><th>prompt</th><th>concepts</th><th>seed</th><th>render_id</th></tr>",
     ]
     for row in rows:
-        relative = store.relative(row["image_uri"])  # renders/<id>.png
+        image = html.escape("../" + store.relative(row["image_uri"]).split("/", 1)[1])  # renders/<id>.png
         names = ", ".join(json.loads(row["concept_names"]))
         lines.append(
-            f"<tr><td><a href='../{html.escape(relative.split('/', 1)[1])}'>"
-            f"<img src='../{html.escape(relative.split('/', 1)[1])}' alt='{html.escape(row['prompt'])}'></a></td>"
+            f"<tr><td><a href='{image}'><img src='{image}' alt='{html.escape(row['prompt'])}'></a></td>"
             f"<td>{html.escape(row['prompt'])}</td><td>{html.escape(names)}</td><td>{row['seed']}</td>"
             f"<td><code>{row['render_id']}</code></td></tr>"
         )

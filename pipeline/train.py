@@ -160,7 +160,7 @@ class TrainRun:
             display.finish(summary)
             return summary
         todo = [item for item in plan if item.ready and item.concept_key not in done]
-        self._dispatch(todo, base, summary, display, pending_rows)
+        self._dispatch(todo, base, resources, summary, display, pending_rows)
         ray.wait(warming, num_returns=len(warming))  # (done long ago; a warm-up's failure is prepare_base's too)
         summary.seconds = time.perf_counter() - started
         display.finish(summary)
@@ -210,6 +210,7 @@ class TrainRun:
         self,
         todo: list[PlannedConcept],
         base: BaseInfo,
+        resources: dict[str, Any],
         summary: RunSummary,
         display: Display,
         rows: list[dict[str, Any]],
@@ -218,7 +219,6 @@ class TrainRun:
 
         from pipeline import jobs
 
-        resources = self._resources()
         board = jobs.ProgressBoard.remote()
         remote_train = jobs.remote(
             train_task, max_retries=self.options.max_retries, retry_exceptions=[jobs.RetryableTaskError], **resources
