@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -334,9 +335,17 @@ def test_the_dockerfile_copies_files_that_exist_and_the_context_sends_them():
 
 @pytest.mark.slow
 def test_a_regular_install_carries_the_toy_model(tmp_path):
-    """The image runs `pip install .` (not editable): the shipped toy model must be package data."""
+    """The image runs `pip install .` (not editable): the shipped toy model must be package data. Built from
+    a copy of what the Dockerfile copies, so the build leaves nothing in the working tree."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("perfusion", "pipeline"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (source / "perfusion/assets/toy/checkpoint.safetensors").write_bytes(b"a pretraining leftover")
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
-    subprocess.run([*build, str(REPO)], check=True)
+    subprocess.run([*build, str(source)], check=True)
     (wheel,) = tmp_path.glob("perfusion_batch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for asset in ("toy.safetensors", "oracle.safetensors", "pretrain.json"):
