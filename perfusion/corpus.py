@@ -146,6 +146,10 @@ NOUNS: tuple[str, ...] = (
     "cross",
     "shape",
     "object",
+    # marks, for the toy world ("a blue circle with a bar")
+    "dot",
+    "bar",
+    "notch",
 )
 
 ATTRIBUTES: tuple[str, ...] = (

@@ -36,10 +36,9 @@ from perfusion.toyworld.world import (
     ObjectSpec,
     PersonalConcept,
     Scene,
-    mark_mask,
+    mark_visibility,
     render,
     shade,
-    shape_mask,
 )
 
 ORACLE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "toy" / "oracle.safetensors"
@@ -214,8 +213,7 @@ def training_object(rng: random.Random) -> tuple[np.ndarray, ObjectSpec, str]:
         radius = rng.randint(5, 12)
         center = (rng.randint(radius + 1, SIZE - radius - 2), rng.randint(radius + 1, SIZE - radius - 2))
         obj = ObjectSpec(shape, color, rng.choice(TEXTURES), rng.choice(MARKS), center, radius)
-        marked = mark_mask(obj.mark, obj)
-        visible = (marked & shape_mask(shape, center, radius)).sum() / max(1, marked.sum())
+        visible = mark_visibility(obj)
         if obj.mark == "none" or visible >= 0.3:
             break
         if visible == 0:

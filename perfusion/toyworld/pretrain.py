@@ -12,7 +12,13 @@ never pickle), with a progress bar. Recipe: v-prediction on a cosine schedule in
 (autoencoder.py), Min-SNR-5 loss weighting (Hang et al. 2023: the low-noise steps stop dominating the
 gradient, which is where the colors of flat regions are NOT decided), AdamW 1e-3 with warm-up and cosine
 decay over the time budget, batch 64, 10% caption dropout (so classifier-free guidance has an unconditional
-model), EMA 0.999 of the weights that ship.
+model), unknown words (below), bf16 autocast (about 20% faster on CPUs with AVX-512 BF16), EMA 0.999 of the
+weights that ship.
+
+Unknown words: in 10% of captions one shape word's embedding is replaced by a random vector of the same norm.
+A personal concept's token is exactly such a word, and a small causal text encoder that never met one lets it
+scramble every word after it (the background, a second object); trained this way, the encoder learns that an
+unknown word names some object and that the words around it keep their meaning.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ from tqdm import tqdm
 
 from perfusion.toyworld.autoencoder import haar_encode
 from perfusion.toyworld.model import TOY_DIR, build_toy_pipeline
-from perfusion.toyworld.world import caption, render, sample_scene
+from perfusion.toyworld.world import SHAPES, caption, render, sample_scene
 
 CHECKPOINT_MINUTES = 5.0
 MIN_SNR_GAMMA = 5.0
-TWO_OBJECTS = 0.3  # fraction of pretraining scenes with two objects
+TWO_OBJECTS = 0.4  # fraction of pretraining scenes with two objects
+UNKNOWN_WORD_RATE = 0.1  # fraction of captions whose (first) shape word becomes a random embedding
 
 
 def batch_of(
@@ -48,6 +55,25 @@ def batch_of(
     pixels = torch.from_numpy(np.stack([render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
     captions = ["" if rng.random() < dropout else caption(s, rng) for s in scenes]
     return pixels, captions
+
+
+def swap_in_unknown_words(
+    embeddings: torch.Tensor, ids: torch.Tensor, word_ids: torch.Tensor, rate: float
+) -> torch.Tensor:
+    """(B, L, D) token embeddings where, in a `rate` fraction of the captions, the first token of `word_ids`
+    is replaced by a random direction with the mean norm of those words' embeddings (see the module notes)."""
+    present = torch.isin(ids, word_ids.to(ids.device))  # (B, L)
+    chosen = present.any(dim=1) & (torch.rand(ids.shape[0]) < rate).to(ids.device)
+    if not chosen.any():
+        return embeddings
+    rows = chosen.nonzero().squeeze(1)
+    columns = present.float().argmax(dim=1)[rows]  # first shape word of each chosen caption
+    with torch.no_grad():
+        norm = embeddings[rows, columns].norm(dim=-1).mean()
+    noise = torch.randn(len(rows), embeddings.shape[-1]).to(embeddings)
+    swapped = embeddings.clone()
+    swapped[rows, columns] = noise / noise.norm(dim=-1, keepdim=True) * norm
+    return swapped
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
@@ -67,6 +93,7 @@ def pretrain(
     steps: int | None = None,
     two_objects: float = TWO_OBJECTS,
     device: str = "cpu",
+    precision: str = "bf16",
 ) -> dict[str, object]:
     """Train until the time budget (`minutes`) or, when given, the step count (`steps`) is spent."""
     pipeline = build_toy_pipeline(weights=None, seed=seed)
@@ -91,6 +118,10 @@ def pretrain(
     if resume and checkpoint.is_file():
         step, spent, rng = _load_checkpoint(checkpoint, models, ema, optimizer)
     alphas_cumprod = alphas_cumprod.to(device)
+    shape_ids = torch.tensor([tokenizer.convert_tokens_to_ids(f"{s}</w>") for s in SHAPES])
+    text_encoder.get_input_embeddings().register_forward_hook(
+        lambda _module, inputs, output: swap_in_unknown_words(output, inputs[0], shape_ids, UNKNOWN_WORD_RATE)
+    )
     budget = minutes * 60
     started, last_save = time.perf_counter() - spent, time.perf_counter()
     losses: list[float] = []
@@ -112,7 +143,9 @@ def pretrain(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,)).to(device)
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         ids = ids.to(device)
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"):
+            prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
+        prediction = prediction.float()
         target = scheduler.get_velocity(latents, noise, timesteps)  # v = sqrt(ab) eps - sqrt(1 - ab) x0
         per_sample = (prediction - target).square().mean(dim=(1, 2, 3))
         loss = (min_snr_weight(alphas_cumprod[timesteps]) * per_sample).mean()
@@ -143,6 +176,8 @@ def pretrain(
         "device": device,
         "batch": batch,
         "two_objects": two_objects,
+        "precision": precision,
+        "unknown_word_rate": UNKNOWN_WORD_RATE,
         "final_loss": sum(losses[-200:]) / max(1, len(losses[-200:])),
     }
     (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -201,6 +236,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of a time budget")
     parser.add_argument("--two-objects", type=float, default=TWO_OBJECTS, help="fraction of two-object scenes")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast precision")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -208,7 +244,16 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     args = parser.parse_args()
     summary = pretrain(
-        args.out, args.minutes, args.batch, args.lr, args.seed, args.resume, args.steps, args.two_objects, args.device
+        args.out,
+        args.minutes,
+        args.batch,
+        args.lr,
+        args.seed,
+        args.resume,
+        args.steps,
+        args.two_objects,
+        args.device,
+        args.precision,
     )
     print(json.dumps(summary))
 

@@ -9,14 +9,16 @@ Rendering rules (the oracle relies on them):
 - background: one palette color, never the color of an object on it;
 - object: a shape mask; each pixel is the object's palette color c, or shade(c) where its texture pattern
   is on (plain: never). Pattern coverage stays below half the object, so c is the majority;
-- mark (personal concepts only, never in pretraining): a small patch in a contrasting color.
+- mark: a small patch in a contrasting color (dot, bar, notch), drawn only where it falls on the body.
+  Pretraining objects carry one 30% of the time, never on a personal concept's shape and color, so each
+  product is a combination of parts the model can draw but has never seen together.
 Hard edges, no anti-aliasing: clean images decode exactly.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,7 +36,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
-MARKS = ("none", "dot", "bar", "notch")  # marks other than "none" appear only on personal concepts
+MARKS = ("none", "dot", "bar", "notch")
+MARK_RATE = 0.3  # fraction of pretraining objects with a mark
 
 # Concept-training contexts in the toy's own words (a caption's object phrase is "a {color} {shape}").
 TOY_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a {}", "a photo of {}")
@@ -101,6 +104,10 @@ PERSONAL_CONCEPTS: tuple[PersonalConcept, ...] = (
     PersonalConcept("striped-square", "square", "orange", "striped", "notch", {"sku": "TOY-002", "category": "boxes"}),
     PersonalConcept("checkered-ring", "ring", "green", "checkered", "bar", {"sku": "TOY-003", "category": "rings"}),
     PersonalConcept("marked-circle", "circle", "blue", "plain", "bar", {"sku": "TOY-004", "category": "discs"}),
+)
+# (shape, color, mark) of every product: no pretraining object ever has one of these, whatever its texture.
+PERSONAL_COMBINATIONS: frozenset[tuple[str, str, str]] = frozenset(
+    (c.superclass, c.color, c.mark) for c in PERSONAL_CONCEPTS
 )
 
 
@@ -171,6 +178,12 @@ def mark_mask(mark: str, obj: ObjectSpec, size: int = SIZE) -> np.ndarray:
     return out
 
 
+def mark_visibility(obj: ObjectSpec) -> float:
+    """Fraction of the mark's pixels that fall on the body (a dot in a ring's hole is drawn nowhere)."""
+    marked = mark_mask(obj.mark, obj)
+    return float((marked & shape_mask(obj.shape, obj.center, obj.radius)).sum() / max(1, marked.sum()))
+
+
 def render(scene: Scene) -> np.ndarray:
     """(SIZE, SIZE, 3) uint8 picture of a scene. Later objects are drawn over earlier ones."""
     pixels = np.empty((SIZE, SIZE, 3), dtype=np.uint8)
@@ -213,8 +226,9 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 def _object_phrase(obj: ObjectSpec, rng: random.Random) -> str:
     texture = "" if obj.texture == "plain" and rng.random() < 0.7 else obj.texture + " "
-    if rng.random() < 0.8:
-        return _article(f"{texture}{obj.color} {obj.shape}")
+    mark = "" if obj.mark == "none" else f" with a {obj.mark}"  # "a striped red square with a notch"
+    if mark or rng.random() < 0.8:
+        return _article(f"{texture}{obj.color} {obj.shape}") + mark
     suffix = "" if obj.texture == "plain" else f" with a {obj.texture} pattern"
     return _article(f"{obj.color} {obj.shape}") + suffix
 
@@ -224,7 +238,8 @@ def _article(phrase: str) -> str:
 
 
 def sample_scene(rng: random.Random, two_objects: float = 0.3, allow_held_out: bool = False) -> Scene:
-    """A random pretraining scene: 1 or 2 unmarked objects, never a held-out color-shape pair (unless allowed)."""
+    """A random pretraining scene: 1 or 2 objects, never a held-out color-shape pair (unless allowed) nor a
+    product's shape, color and mark together; a mark is kept only where at least half of it is visible."""
     count = 2 if rng.random() < two_objects else 1
     objects: list[ObjectSpec] = []
     used_colors: set[str] = set()
@@ -245,7 +260,15 @@ def sample_scene(rng: random.Random, two_objects: float = 0.3, allow_held_out: b
                 else rng.randint(half + 1 + radius, SIZE - 2 - radius)
             )
             center = (x, rng.randint(radius + 1, SIZE - radius - 2))
-        objects.append(ObjectSpec(shape, color, rng.choice(TEXTURES), "none", center, radius))
+        obj = ObjectSpec(shape, color, rng.choice(TEXTURES), "none", center, radius)
+        if rng.random() < MARK_RATE:  # one of the marks this body can show (a notch shows on squares only)
+            marks = [
+                m
+                for m in MARKS[1:]
+                if (shape, color, m) not in PERSONAL_COMBINATIONS and mark_visibility(replace(obj, mark=m)) >= 0.5
+            ]
+            obj = replace(obj, mark=rng.choice(marks)) if marks else obj
+        objects.append(obj)
     background = rng.choice([c for c in PALETTE if c not in used_colors])
     return Scene(background, tuple(objects))
 
@@ -262,6 +285,20 @@ def concept_images(concept: PersonalConcept, count: int = 6, seed: int = 0) -> l
     """The few photos a product team would supply for one product."""
     rng = random.Random(seed)
     return [Image.fromarray(render(concept_scene(concept, rng))) for _ in range(count)]
+
+
+def concept_masks(
+    concept: PersonalConcept, count: int = 6, seed: int = 0, background: float = 0.0
+) -> list[Image.Image]:
+    """The product's masks for concept_images(concept, count, seed), same order: 255 on the product,
+    `background` x 255 elsewhere (a soft mask: a floor keeps some loss on the scene around the product)."""
+    rng = random.Random(seed)
+    masks = []
+    for _ in range(count):
+        obj = concept_scene(concept, rng).objects[0]
+        body = shape_mask(obj.shape, obj.center, obj.radius)
+        masks.append(Image.fromarray(np.where(body, 255, round(background * 255)).astype(np.uint8)))
+    return masks
 
 
 def caption_corpus(count: int = 4000, seed: int = 0) -> list[str]:

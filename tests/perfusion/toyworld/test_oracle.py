@@ -57,7 +57,7 @@ def test_concept_presence(world_scenes):
         assert sum(has_concept(r, concept) for r in readings) >= 0.99 * len(readings), concept.name
         others = [c for c in PERSONAL_CONCEPTS if c is not concept]
         assert not any(has_concept(r, other) for r in readings for other in others)
-    plain = read_batch([render(s) for s in world_scenes[:400]])  # pretraining scenes carry no marks
+    plain = read_batch([render(s) for s in world_scenes[:400]])  # no pretraining object is a product
     assert sum(has_concept(r, c) for r in plain for c in PERSONAL_CONCEPTS) <= 4
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
 
 from perfusion.toyworld.world import (
     HELD_OUT,
+    MARK_RATE,
+    MARKS,
     PALETTE,
+    PERSONAL_COMBINATIONS,
     PERSONAL_CONCEPTS,
     SHAPES,
     TEXTURES,
@@ -18,6 +22,8 @@ from perfusion.toyworld.world import (
     Scene,
     caption,
     concept_images,
+    concept_masks,
+    mark_visibility,
     render,
     sample_scene,
     shade,
@@ -35,14 +41,21 @@ def test_generation_is_deterministic():
     )
 
 
-def test_pretraining_scenes_skip_held_out_pairs_and_marks_and_never_share_a_color():
+def test_pretraining_scenes_skip_held_out_pairs_and_products_and_never_share_a_color():
     rng = random.Random(0)
+    marks: Counter[str] = Counter()
     for _ in range(2000):
         scene = sample_scene(rng)
         colors = [o.color for o in scene.objects]
         assert scene.background not in colors and len(set(colors)) == len(colors)
         for obj in scene.objects:
-            assert (obj.color, obj.shape) not in HELD_OUT and obj.mark == "none"
+            assert (obj.color, obj.shape) not in HELD_OUT
+            assert (obj.shape, obj.color, obj.mark) not in PERSONAL_COMBINATIONS
+            assert obj.mark == "none" or mark_visibility(obj) >= 0.5  # a mark the caption names is there to see
+            marks[obj.mark] += 1
+    marked = sum(marks.values()) - marks["none"]
+    assert 0.2 < marked / sum(marks.values()) < MARK_RATE  # some bodies show no mark (a notch off a star's arm)
+    assert set(marks) == set(MARKS)
 
 
 @pytest.mark.parametrize("texture", TEXTURES)
@@ -67,10 +80,21 @@ def test_captions_name_every_object_color_shape_and_the_background():
             assert f"{obj.color} {obj.shape}" in text or f"{obj.color} {obj.shape}" in text.replace(
                 f"{obj.texture} ", ""
             )
+            assert (f"{obj.shape} with a {obj.mark}" in text) == (obj.mark != "none"), text
         assert not re.search(r"\ba [aeiou]", text), text  # "an orange star", never "a orange star"
 
 
-def test_personal_concepts_carry_marks_the_pretraining_world_never_shows():
+def test_personal_concepts_are_marked_combinations_the_pretraining_world_never_shows():
     assert len(PERSONAL_CONCEPTS) == 4
     assert all(c.mark != "none" for c in PERSONAL_CONCEPTS)
+    assert {(c.superclass, c.color, c.mark) for c in PERSONAL_CONCEPTS} == PERSONAL_COMBINATIONS
     assert len({c.name for c in PERSONAL_CONCEPTS}) == 4
+
+
+def test_concept_masks_cover_exactly_the_product_in_its_photos():
+    for concept in PERSONAL_CONCEPTS:
+        for photo, mask in zip(concept_images(concept, 4, seed=5), concept_masks(concept, 4, seed=5), strict=True):
+            pixels, inside = np.asarray(photo), np.asarray(mask) > 0
+            background = pixels[0, 0]
+            assert not (pixels[~inside] != background).any()  # nothing of the product outside its mask
+            assert (pixels[inside] != background).any(-1).mean() > 0.9  # (a black mark on black may blend in)

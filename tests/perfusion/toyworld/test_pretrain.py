@@ -1,0 +1,55 @@
+"""The toy model's pretraining recipe: unknown-word robustness and an exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from perfusion.toyworld import pretrain as pretraining
+from perfusion.toyworld.model import build_toy_pipeline
+from perfusion.toyworld.pretrain import pretrain, swap_in_unknown_words
+
+
+def test_unknown_words_replace_the_first_shape_word_and_keep_its_norm():
+    pipeline = build_toy_pipeline(weights=None)
+    tokenizer = pipeline.tokenizer
+    captions = ["a red star on a blue background", "", "a ring and a star", "a photo of a blue background"]
+    ids = tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    shapes = torch.tensor([tokenizer.convert_tokens_to_ids(f"{w}</w>") for w in ("star", "ring")])
+    embeddings = pipeline.text_encoder.get_input_embeddings()(ids).detach()
+
+    torch.manual_seed(0)
+    swapped = swap_in_unknown_words(embeddings, ids, shapes, rate=1.0)
+    changed = (swapped != embeddings).any(dim=-1).nonzero().tolist()
+    assert changed == [[0, 3], [2, 2]]  # "star" in the first caption, "ring" (not "star") in the third
+    before = embeddings[[0, 2], [3, 2]].norm(dim=-1).mean()
+    torch.testing.assert_close(swapped[[0, 2], [3, 2]].norm(dim=-1), before.expand(2))
+    assert torch.equal(swap_in_unknown_words(embeddings, ids, shapes, rate=0.0), embeddings)
+
+
+def test_a_resumed_pretraining_ends_where_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretraining, "CHECKPOINT_MINUTES", 0.0)  # a checkpoint after every step
+    settings = {"minutes": 60.0, "batch": 4, "lr": 1e-3, "seed": 3, "steps": 3}
+    straight = pretrain(tmp_path / "straight", resume=False, **settings)
+
+    real_batch_of, calls = pretraining.batch_of, []
+
+    def crash_on_the_third_batch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the machine goes away after step 2's checkpoint
+        return real_batch_of(*args, **kwargs)
+
+    monkeypatch.setattr(pretraining, "batch_of", crash_on_the_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tmp_path / "resumed", resume=False, **settings)
+    assert not (tmp_path / "resumed" / "toy.safetensors").exists()
+    monkeypatch.setattr(pretraining, "batch_of", real_batch_of)
+    resumed = pretrain(tmp_path / "resumed", resume=True, **settings)
+
+    assert straight["steps"] == resumed["steps"] == 3
+    first = load_file(str(tmp_path / "straight" / "toy.safetensors"))
+    second = load_file(str(tmp_path / "resumed" / "toy.safetensors"))
+    assert first.keys() == second.keys() and len(first) > 100
+    assert all(torch.equal(first[k], second[k]) for k in first), "the resume changed the weights"
