@@ -4,7 +4,8 @@
 
 Prompts come from scenes of a seed the pretraining never drew, plus every held-out color-shape pair
 (never shown in pretraining: a test of composition). For single-object prompts the oracle checks shape,
-object color and background; for two-object prompts, that both objects are right. Target (issue 3):
+object color and background; for two-object prompts, that both objects are right; for prompts that ask for a
+mark ("... with a notch"), that an object of that shape carries it. Target (issue 3):
 shape, object color and background each >= 85% on unseen prompts. Writes benchmarks/results/toy_samples.png.
 """
 
@@ -46,10 +47,16 @@ def score(scenes: list[Scene], images: np.ndarray) -> dict[str, dict[str, float]
     for scene, reading in zip(scenes, readings, strict=True):
         held_out = any((o.color, o.shape) in HELD_OUT for o in scene.objects)
         name = "held-out pairs" if held_out else ("two objects" if len(scene.objects) == 2 else "one object")
-        group = groups.setdefault(name, {"shape": [], "object color": [], "background": [], "all right": []})
+        group = groups.setdefault(
+            name, {"shape": [], "object color": [], "background": [], "all right": [], "mark": []}
+        )
         group["background"].append(reading.background == scene.background)
         shapes = all(reading.describes(o.shape) for o in scene.objects)
         colors = all(any(r.color == o.color for r in reading.objects) for o in scene.objects)
+        if any(o.mark != "none" for o in scene.objects):  # nan for a group without marked prompts
+            group["mark"].append(
+                all(any(r.shape == o.shape and r.mark == o.mark for r in reading.objects) for o in scene.objects)
+            )
         group["shape"].append(shapes)
         group["object color"].append(colors)
         group["all right"].append(
@@ -59,7 +66,8 @@ def score(scenes: list[Scene], images: np.ndarray) -> dict[str, dict[str, float]
             and all(reading.describes(o.shape, o.color) for o in scene.objects)
         )
     return {
-        name: {k: float(np.mean(v)) for k, v in g.items()} | {"n": float(len(g["shape"]))} for name, g in groups.items()
+        name: {k: float(np.mean(v)) if v else float("nan") for k, v in g.items()} | {"n": float(len(g["shape"]))}
+        for name, g in groups.items()
     }
 
 
@@ -99,11 +107,12 @@ def main() -> None:
     results = score(scenes, pixels)
     print(f"{args.weights or 'shipped toy weights'}, {args.device}")
     print(f"toy model on {len(scenes)} unseen prompts (DDIM {args.steps}, guidance {args.guidance}), oracle-scored:")
-    print(f"{'prompts':16} {'n':>4} {'shape':>7} {'color':>7} {'backgr.':>8} {'all right':>10}")
+    print(f"{'prompts':16} {'n':>4} {'shape':>7} {'color':>7} {'backgr.':>8} {'all right':>10} {'mark':>7}")
     for name, row in sorted(results.items()):
+        mark = "-" if np.isnan(row["mark"]) else f"{row['mark']:.1%}"
         print(
             f"{name:16} {int(row['n']):>4} {row['shape']:>7.1%} {row['object color']:>7.1%} "
-            f"{row['background']:>8.1%} {row['all right']:>10.1%}"
+            f"{row['background']:>8.1%} {row['all right']:>10.1%} {mark:>7}"
         )
     args.sheet.parent.mkdir(parents=True, exist_ok=True)
     sheet = Image.new("RGB", (8 * 100, 4 * 118), "white")
