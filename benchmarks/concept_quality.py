@@ -1,6 +1,7 @@
 """The paper's claims in the toy world, scored by the oracle (issue 3's quality benchmark).
 
     python benchmarks/concept_quality.py [--steps 400] [--images 6] [--samples 16] [--quick] [--device cuda]
+    python benchmarks/concept_quality.py --steps 800 --masks --variants untrained,perfusion,"trained keys"
 
 Per personal concept, from a few training images:
 - fidelity: fraction of renders of "a photo of <concept>" in which the oracle finds the concept
@@ -27,7 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
 from perfusion.toyworld.oracle import Reading, has_concept, read_batch
-from perfusion.toyworld.world import PALETTE, PERSONAL_CONCEPTS, PersonalConcept, caption_corpus, concept_images
+from perfusion.toyworld.world import (
+    PALETTE,
+    PERSONAL_CONCEPTS,
+    PersonalConcept,
+    caption_corpus,
+    concept_images,
+    concept_masks,
+)
 from perfusion.training import initial_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -101,6 +109,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="one concept, Perfusion only (smoke run)")
+    parser.add_argument("--masks", action="store_true", help="train with the products' masks (paper sec. 4.4)")
+    parser.add_argument(
+        "--mask-background", type=float, default=0.25, help="the masks' value off the product (0: cut-outs)"
+    )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (quality figures do not depend on it)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the table and the plot")
     args = parser.parse_args()
@@ -112,9 +125,15 @@ def main() -> None:
     base = load_base()
     covariance = perfusion.estimate_covariance(base, caption_corpus())
     concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
-    variants = {"untrained": {}, "perfusion": {}} if args.quick else VARIANTS
+    chosen = ["untrained", "perfusion"] if args.quick else args.variants.split(",")
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or "perfusion" not in chosen:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, perfusion included")
+    variants = {v: VARIANTS[v] for v in chosen}
+    masked = f", masks (background {args.mask_background})" if args.masks else ""
     lines = [
-        f"# Concept quality on the toy model ({args.images} images, {args.steps} steps, {args.samples} samples)",
+        f"# Concept quality on the toy model ({args.images} images, {args.steps} steps{masked}, "
+        f"{args.samples} samples)",
         "",
     ]
     lines += [
@@ -125,12 +144,15 @@ def main() -> None:
     for spec in concepts:
         token = f"<{spec.name}>"
         images = concept_images(spec, args.images, seed=11)
+        masks = concept_masks(spec, args.images, seed=11, background=args.mask_background) if args.masks else None
         for variant, overrides in variants.items():
             if variant == "untrained":
                 concept = initial_concept(base, token, spec.superclass)
             else:
-                config = perfusion.TrainConfig(steps=args.steps, batch_size=8, **overrides)
-                concept = perfusion.train_concept(base, images, token, spec.superclass, config, covariance=covariance)
+                config = perfusion.TrainConfig(steps=args.steps, batch_size=8, flip_probability=0.0, **overrides)
+                concept = perfusion.train_concept(
+                    base, images, token, spec.superclass, config, covariance=covariance, masks=masks
+                )
             trained[(spec.name, variant)] = concept
             renderer = perfusion.ConceptRenderer(load_base(), covariance)
             renderer.attach(concept)
@@ -184,8 +206,9 @@ def main() -> None:
             concept_images(first, 1, seed=11),
             f"<{first.name}>",
             first.superclass,
-            perfusion.TrainConfig(steps=args.steps, batch_size=8),
+            perfusion.TrainConfig(steps=args.steps, batch_size=8, flip_probability=0.0),
             covariance=covariance,
+            masks=concept_masks(first, 1, seed=11, background=args.mask_background) if args.masks else None,
         )
         single = perfusion.ConceptRenderer(load_base(), covariance)
         single.attach(one_shot)

@@ -65,7 +65,7 @@ def demo_setup(base: str, steps: int) -> DemoSetup:
             products=[(f"<{c.name}>", c.superclass, concept_images(c, 6, seed=i)) for i, c in enumerate(chosen)],
             prompts=TOY_PROMPTS,
             covariance_prompts=caption_corpus(),  # the toy text encoder's own language
-            config=perfusion.TrainConfig(steps=steps, batch_size=8),
+            config=perfusion.TrainConfig(steps=steps, batch_size=8, flip_probability=0.0),  # a notch has a side
         )
     return DemoSetup(
         base=base,
