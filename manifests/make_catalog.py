@@ -4,7 +4,8 @@
 
 The products are the toy world's personal concepts (perfusion/toyworld/world.py): shapes with their own
 color, texture and mark that the toy base model never saw. Six photos each, on varied backgrounds, as a
-product team would shoot them. Deterministic: rerunning rewrites the same bytes.
+product team would shoot them, with a soft mask per photo (255 on the product, 64 around it: the loss
+weighs the product fully and the scene a quarter). Deterministic: rerunning rewrites the same bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perfusion.toyworld.world import PERSONAL_CONCEPTS, concept_images
+from perfusion.toyworld.world import PERSONAL_CONCEPTS, concept_images, concept_masks
 
 HERE = Path(__file__).resolve().parent
 PHOTOS = 6
@@ -29,9 +30,28 @@ catalog: toy-catalog
 root: ./store                  # relative to this file; --root or PERFUSION_BATCH_ROOT override it
 base_model: toy                # the project's pretrained toy-world model (perfusion/assets/toy)
 training:                      # defaults for every concept (perfusion.TrainConfig fields)
-  steps: 120
+  steps: 400                   # the paper's budget; about a minute a concept on one CPU core
   batch_size: 8
+  flip_probability: 0          # products have a side (a notch sits top-right): no mirrored copies
 concepts:
+"""
+MASK_BACKGROUND = 0.25  # benchmarks/concept_quality.py --masks: cut-outs (0) let the color flood the scene
+
+RENDERS = """\
+renders:                       # perfusion-batch render manifests/catalog.yaml
+  - name: new-scenes           # every product alone on new backgrounds
+    prompts:
+      - "{a} on a green background"
+      - "{a} on a white background"
+    images_per_prompt: 2
+    steps: 20
+    guidance_scale: 4.0
+  - name: pairs                # two products in one scene: every pair of the catalog
+    prompts:
+      - "{a} and {b} on a blue background"
+    images_per_prompt: 2
+    steps: 20
+    guidance_scale: 4.0
 """
 
 
@@ -40,15 +60,21 @@ def main() -> None:
     for index, concept in enumerate(PERSONAL_CONCEPTS):
         folder = HERE / "catalog" / concept.name
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(exist_ok=True)
         for number, photo in enumerate(concept_images(concept, PHOTOS, seed=100 + index)):
             photo.save(folder / f"{number:02d}.png", optimize=True)
+        masks = concept_masks(concept, PHOTOS, seed=100 + index, background=MASK_BACKGROUND)
+        for number, mask in enumerate(masks):
+            mask.save(folder / "masks" / f"{number:02d}.png", optimize=True)
         tags = ", ".join(f"{k}: {v}" for k, v in concept.tags.items())
         lines.append(
             f"  - name: {concept.name}\n"
             f"    superclass: {concept.superclass}\n"
             f"    images: [catalog/{concept.name}/*.png]\n"
+            f"    masks: [catalog/{concept.name}/masks/*.png]\n"
             f"    tags: {{{tags}}}\n"
         )
+    lines.append(RENDERS)
     (HERE / "catalog.yaml").write_text("".join(lines))
     print(f"wrote {HERE / 'catalog.yaml'} and {len(PERSONAL_CONCEPTS) * PHOTOS} photos")
 
