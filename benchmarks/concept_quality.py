@@ -13,7 +13,7 @@ Per personal concept, from a few training images:
 - the inference-time beta/tau trade-off for one concept, no retraining (the Pareto front), as a PNG;
 - two concepts in one prompt (both present, background right); 1-shot vs few-shot.
 Target (issue 3): Perfusion fidelity >= 70% and alignment >= 70% on at least 3 of 4 concepts.
-Writes benchmarks/results/concept_quality.md and concept_pareto.png.
+Writes benchmarks/results/concept_quality.md and concept_pareto.png (with --masks: *_masked.md / .png).
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def main() -> None:
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, perfusion included")
     variants = {v: VARIANTS[v] for v in chosen}
     masked = f", masks (background {args.mask_background})" if args.masks else ""
+    suffix = "_masked" if args.masks else ""  # both recipes' results kept side by side
+    table, plot = out / f"concept_quality{suffix}.md", out / f"concept_pareto{suffix}.png"
     lines = [
         f"# Concept quality on the toy model ({args.images} images, {args.steps} steps{masked}, "
         f"{args.samples} samples)",
@@ -185,7 +187,7 @@ def main() -> None:
     ]
     lines += [f"| {b} | {t} | {f:.0%} | {a:.0%} |" for b, t, f, a in points]
     out.mkdir(parents=True, exist_ok=True)
-    _plot(points, out / "concept_pareto.png", spec.name)
+    _plot(points, plot, spec.name)
 
     if not args.quick:  # two concepts in one prompt; one-shot vs few-shot
         first, second = PERSONAL_CONCEPTS[0], PERSONAL_CONCEPTS[1]
@@ -215,8 +217,8 @@ def main() -> None:
         fidelity, alignment = evaluate(single, first, f"<{first.name}>", args.samples)
         lines += [f"One-shot {first.name}: fidelity {fidelity:.0%}, alignment {alignment:.0%}"]
         print("\n".join(lines[-2:]))
-    (out / "concept_quality.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'concept_quality.md'} and {out / 'concept_pareto.png'}")
+    table.write_text("\n".join(lines) + "\n")
+    print(f"wrote {table} and {plot}")
 
 
 def _plot(points: list[tuple[float, float, float, float]], path: Path, name: str) -> None:
