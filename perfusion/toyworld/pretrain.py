@@ -119,6 +119,8 @@ def pretrain(
         step, spent, rng = _load_checkpoint(checkpoint, models, ema, optimizer)
     alphas_cumprod = alphas_cumprod.to(device)
     shape_ids = torch.tensor([tokenizer.convert_tokens_to_ids(f"{s}</w>") for s in SHAPES])
+    if (shape_ids == tokenizer.unk_token_id).any():  # a shape word split into pieces: the swap would hit EOS
+        raise ValueError(f"every shape word must be one token of the toy tokenizer: {SHAPES}")
     text_encoder.get_input_embeddings().register_forward_hook(
         lambda _module, inputs, output: swap_in_unknown_words(output, inputs[0], shape_ids, UNKNOWN_WORD_RATE)
     )

@@ -281,10 +281,14 @@ def concept_scene(concept: PersonalConcept, rng: random.Random, background: str 
     return Scene(bg, (concept.object(center, radius),))
 
 
+def _concept_scenes(concept: PersonalConcept, count: int, seed: int) -> list[Scene]:
+    rng = random.Random(seed)
+    return [concept_scene(concept, rng) for _ in range(count)]
+
+
 def concept_images(concept: PersonalConcept, count: int = 6, seed: int = 0) -> list[Image.Image]:
     """The few photos a product team would supply for one product."""
-    rng = random.Random(seed)
-    return [Image.fromarray(render(concept_scene(concept, rng))) for _ in range(count)]
+    return [Image.fromarray(render(scene)) for scene in _concept_scenes(concept, count, seed)]
 
 
 def concept_masks(
@@ -292,10 +296,9 @@ def concept_masks(
 ) -> list[Image.Image]:
     """The product's masks for concept_images(concept, count, seed), same order: 255 on the product,
     `background` x 255 elsewhere (a soft mask: a floor keeps some loss on the scene around the product)."""
-    rng = random.Random(seed)
     masks = []
-    for _ in range(count):
-        obj = concept_scene(concept, rng).objects[0]
+    for scene in _concept_scenes(concept, count, seed):
+        obj = scene.objects[0]
         body = shape_mask(obj.shape, obj.center, obj.radius)
         masks.append(Image.fromarray(np.where(body, 255, round(background * 255)).astype(np.uint8)))
     return masks
