@@ -5,7 +5,11 @@ CLIP's conventions (`</w>` end-of-word suffix, `<|startoftext|>` / `<|endoftext|
 perfusion/corpus.py, and ship vocab.json + merges.txt under perfusion/assets/tokenizer/. Every corpus word
 becomes one token; any other text still tokenizes through the byte alphabet.
 
-Regenerate with `python -m perfusion.vocab` (a test checks the shipped files match a fresh build).
+The shipped files are the source of truth, not a cache: token ids index the rows of the toy model's
+embedding table. The trainer breaks ties between equally frequent pairs in hash order, so two fresh builds
+have the same tokens and merges but may number tied ones differently. `python -m perfusion.vocab` therefore
+rewrites the files only when the corpus gained or lost tokens (and then the toy model must be pretrained
+again); a test checks the shipped files still hold exactly what a fresh build holds.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def _byte_alphabet() -> list[str]:
 
 
 def build_vocab() -> tuple[dict[str, int], list[str]]:
-    """Train the BPE on the corpus. Deterministic: same corpus -> same vocab and merges."""
+    """Train the BPE on the corpus: same corpus -> same tokens and merges (tied ones maybe renumbered)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     alphabet = _byte_alphabet()
@@ -68,22 +72,35 @@ def build_vocab() -> tuple[dict[str, int], list[str]]:
     return {token: index for index, token in enumerate(vocab_list)}, merges
 
 
-def write_tokenizer_files(out_dir: Path = TOKENIZER_DIR) -> None:
+def same_tokens(a: tuple[dict[str, int], list[str]], b: tuple[dict[str, int], list[str]]) -> bool:
+    """Two (vocab, merges) pairs hold the same tokens and merges, whatever their numbering."""
+    return set(a[0]) == set(b[0]) and set(a[1]) == set(b[1])
+
+
+def read_tokenizer_files(directory: Path = TOKENIZER_DIR) -> tuple[dict[str, int], list[str]]:
+    vocab = json.loads((directory / "vocab.json").read_text())
+    lines = (directory / "merges.txt").read_text().splitlines()
+    return vocab, [line for line in lines[1:] if line.strip()]
+
+
+def write_tokenizer_files(out_dir: Path = TOKENIZER_DIR) -> bool:
+    """Write a fresh build unless `out_dir` already holds the same tokens; True if it wrote."""
     vocab, merges = build_vocab()
+    if (out_dir / "vocab.json").exists() and same_tokens(read_tokenizer_files(out_dir), (vocab, merges)):
+        return False  # keep the shipped numbering: the toy weights depend on it
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0) + "\n")
     (out_dir / "merges.txt").write_text("#version: perfusion-batch tiny\n" + "\n".join(merges) + "\n")
+    return True
 
 
 def load_tiny_tokenizer(directory: Path = TOKENIZER_DIR) -> CLIPTokenizer:
     """The shipped tokenizer. Built from in-memory vocab/merges: on transformers 5.x,
     CLIPTokenizer(vocab_file=..., merges_file=...) silently builds a 2-token tokenizer."""
-    vocab = json.loads((directory / "vocab.json").read_text())
-    lines = (directory / "merges.txt").read_text().splitlines()
-    merges = [tuple(line.split()) for line in lines[1:] if line.strip()]
+    vocab, merges = read_tokenizer_files(directory)
     return CLIPTokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=[tuple(merge.split()) for merge in merges],
         model_max_length=MAX_LENGTH,
         bos_token=BOS,
         eos_token=EOS,
@@ -93,5 +110,7 @@ def load_tiny_tokenizer(directory: Path = TOKENIZER_DIR) -> CLIPTokenizer:
 
 
 if __name__ == "__main__":
-    write_tokenizer_files()
-    print(f"wrote {TOKENIZER_DIR}")
+    if write_tokenizer_files():
+        print(f"wrote {TOKENIZER_DIR}: the tokens changed, so pretrain the toy model again")
+    else:
+        print(f"{TOKENIZER_DIR} already holds the corpus's tokens; left unchanged")
