@@ -4,6 +4,12 @@ PYTHON ?= python3
 # On a GPU machine pick the CUDA build you want, e.g. `make install TORCH="torch==2.13.0"` from the CUDA index.
 TORCH ?= torch==2.13.0
 STAMP := .make/installed
+# The stamp only counts if this checkout is what Python imports: an editable install made from another copy
+# of the repository (a moved or re-cloned folder) would run that copy's code, inside Ray jobs too.
+INSTALLED_FROM := $(shell cd / && $(PYTHON) -c "import importlib.util as u, pathlib; s = u.find_spec('pipeline'); print(pathlib.Path(s.origin).resolve().parent.parent if s else '')" 2>/dev/null)
+ifneq ($(INSTALLED_FROM),$(realpath $(CURDIR)))
+$(shell rm -f $(STAMP))
+endif
 
 .PHONY: install demo test lint format bench clean
 
