@@ -39,16 +39,16 @@ MASK_BACKGROUND = 0.25  # benchmarks/concept_quality.py --masks: cut-outs (0) le
 
 RENDERS = """\
 renders:                       # perfusion-batch render manifests/catalog.yaml
-  - name: new-scenes           # every product alone on new backgrounds
+  - name: new-scenes           # every product alone on two backgrounds (no product has their color)
     prompts:
-      - "{a} on a green background"
+      - "{a} on a yellow background"
       - "{a} on a white background"
     images_per_prompt: 2
     steps: 20
     guidance_scale: 4.0
   - name: pairs                # two products in one scene: every pair of the catalog
     prompts:
-      - "{a} and {b} on a blue background"
+      - "{a} and {b} on a white background"
     images_per_prompt: 2
     steps: 20
     guidance_scale: 4.0
