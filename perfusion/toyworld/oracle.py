@@ -11,8 +11,8 @@ How, per picture (32x32 RGB, uint8):
    background's color excluded); the majority wins;
 4. shape, texture, mark: a small CNN on three channels per object: its mask, its pixels that voted for the
    shaded color (the texture pattern), and its pixels that voted for neither (a mark). Trained on
-   generator objects with noise and jitter (`python -m perfusion.toyworld.oracle` retrains it; weights
-   are shipped in perfusion/assets/toy/oracle.safetensors).
+   generator objects with pixel noise, half of them slightly blurred: renders have soft edges
+   (`python -m perfusion.toyworld.oracle` retrains it; weights in perfusion/assets/toy/oracle.safetensors).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -223,16 +224,26 @@ def training_object(rng: random.Random) -> tuple[np.ndarray, ObjectSpec, str]:
     return render(Scene(background, (obj,))), obj, background
 
 
-def train_oracle(samples: int = 32000, epochs: int = 8, seed: int = 0, noise: float = 12.0) -> OracleNet:
-    """Fit the CNN on generator objects; pixel noise so it also reads (muted, noisy) model renders."""
+def render_like(image: np.ndarray, rng: random.Random, noise: float = 12.0, blur: float = 0.7) -> np.ndarray:
+    """A generator picture as a model might render it: half of them slightly blurred (Gaussian sigma up to
+    `blur` px: soft edges, a ring's hole or a stripe partly filled in), all with pixel noise."""
+    pixels = image
+    if blur and rng.random() < 0.5:
+        pixels = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, blur))))
+    noisy = pixels.astype(np.float32) + np.random.default_rng(rng.randrange(2**31)).normal(0, noise, image.shape)
+    return np.clip(noisy, 0, 255)
+
+
+def train_oracle(
+    samples: int = 32000, epochs: int = 8, seed: int = 0, noise: float = 12.0, blur: float = 0.7
+) -> OracleNet:
+    """Fit the CNN on generator objects, noisy and some blurred, so it also reads (soft, noisy) model renders."""
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     inputs, labels = [], []
     for _ in range(samples):
         image, obj, _ = training_object(rng)
-        noisy = np.clip(
-            image.astype(np.float32) + np.random.default_rng(rng.randrange(2**31)).normal(0, noise, image.shape), 0, 255
-        )
+        noisy = render_like(image, rng, noise, blur)
         _, objects = _segment(noisy)
         if not objects:
             continue
@@ -256,8 +267,13 @@ def train_oracle(samples: int = 32000, epochs: int = 8, seed: int = 0, noise: fl
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="retrain the oracle's CNN")
+    parser.add_argument("--out", type=Path, default=ORACLE_WEIGHTS)
+    out: Path = parser.parse_args().out
     torch.set_num_threads(1)  # leave the other core to whatever else is running (e.g. pretraining)
     trained = train_oracle()
-    ORACLE_WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(ORACLE_WEIGHTS))
-    print(f"wrote {ORACLE_WEIGHTS}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(out))
+    print(f"wrote {out}")
