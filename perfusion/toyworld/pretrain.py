@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from perfusion.toyworld.autoencoder import haar_encode
 from perfusion.toyworld.model import TOY_DIR, build_toy_pipeline
-from perfusion.toyworld.world import SHAPES, caption, render, sample_scene
+from perfusion.toyworld.world import MARK_RATE, NO_BACKGROUND_RATE, SHAPES, caption, render, sample_scene
 
 CHECKPOINT_MINUTES = 5.0
 MIN_SNR_GAMMA = 5.0
@@ -180,6 +180,8 @@ def pretrain(
         "two_objects": two_objects,
         "precision": precision,
         "unknown_word_rate": UNKNOWN_WORD_RATE,
+        "mark_rate": MARK_RATE,
+        "no_background_rate": NO_BACKGROUND_RATE,
         "final_loss": sum(losses[-200:]) / max(1, len(losses[-200:])),
     }
     (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -37,7 +37,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 MARKS = ("none", "dot", "bar", "notch")
-MARK_RATE = 0.3  # fraction of pretraining objects with a mark
+MARK_RATE = 0.45  # fraction of pretraining objects with a mark
+# Fraction of captions that leave the background unsaid, as "a photo of <product>" does: without them the
+# model reads a lone color word as the background and floods the canvas with it (toy v2 did).
+NO_BACKGROUND_RATE = 0.25
 
 # Concept-training contexts in the toy's own words (a caption's object phrase is "a {color} {shape}").
 TOY_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a {}", "a photo of {}")
@@ -208,9 +211,12 @@ def _checker_excess(body: np.ndarray, pattern: np.ndarray) -> np.ndarray:
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
-    """A natural caption in one of several word orders (so no word position can be learned by rote)."""
+    """A natural caption in one of several word orders (so no word position can be learned by rote); a quarter
+    leave the background unsaid."""
     phrases = [_object_phrase(obj, rng) for obj in scene.objects]
     things = " and ".join(phrases)
+    if rng.random() < NO_BACKGROUND_RATE:
+        return rng.choice(["{things}", "a photo of {things}"]).format(things=things)
     background = _article(f"{scene.background} background")
     template = rng.choice(
         [

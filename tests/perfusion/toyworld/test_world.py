@@ -13,6 +13,7 @@ from perfusion.toyworld.world import (
     HELD_OUT,
     MARK_RATE,
     MARKS,
+    NO_BACKGROUND_RATE,
     PALETTE,
     PERSONAL_COMBINATIONS,
     PERSONAL_CONCEPTS,
@@ -54,7 +55,8 @@ def test_pretraining_scenes_skip_held_out_pairs_and_products_and_never_share_a_c
             assert obj.mark == "none" or mark_visibility(obj) >= 0.5  # a mark the caption names is there to see
             marks[obj.mark] += 1
     marked = sum(marks.values()) - marks["none"]
-    assert 0.2 < marked / sum(marks.values()) < MARK_RATE  # some bodies show no mark (a notch off a star's arm)
+    # some bodies show no mark (a notch off a star's arm)
+    assert MARK_RATE - 0.15 < marked / sum(marks.values()) < MARK_RATE
     assert set(marks) == set(MARKS)
 
 
@@ -70,18 +72,21 @@ def test_the_object_color_is_the_majority_of_its_pixels(shape, texture):
         assert (patterned > 0) == (texture != "plain")
 
 
-def test_captions_name_every_object_color_shape_and_the_background():
+def test_captions_name_every_object_color_shape_and_mostly_the_background():
     rng = random.Random(1)
-    for _ in range(200):
+    unsaid = 0
+    for _ in range(400):
         scene = sample_scene(rng)
         text = caption(scene, rng)
-        assert f"{scene.background} background" in text
+        unsaid += "background" not in text
+        assert "background" not in text or f"{scene.background} background" in text
         for obj in scene.objects:
             assert f"{obj.color} {obj.shape}" in text or f"{obj.color} {obj.shape}" in text.replace(
                 f"{obj.texture} ", ""
             )
             assert (f"{obj.shape} with a {obj.mark}" in text) == (obj.mark != "none"), text
         assert not re.search(r"\ba [aeiou]", text), text  # "an orange star", never "a orange star"
+    assert abs(unsaid / 400 - NO_BACKGROUND_RATE) < 0.06  # "a photo of a red square", as product prompts say
 
 
 def test_personal_concepts_are_marked_combinations_the_pretraining_world_never_shows():
