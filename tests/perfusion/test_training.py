@@ -137,6 +137,27 @@ def test_step_selection_keeps_the_best_scored_step(base, covariance, mug_images)
     assert not torch.equal(last.embedding, concept.embedding)
 
 
+def test_the_embedding_norm_stays_under_its_cap(base, covariance, mug_images):
+    start = float(initial_concept(base, "<mug-1>", "mug").embedding.norm())
+    fast = {"steps": 8, "batch_size": 4, "lr_embedding": 0.5}  # a large step that would leave the word norms
+    free = perfusion.train_concept(
+        base,
+        mug_images,
+        "<mug-1>",
+        "mug",
+        perfusion.TrainConfig(**fast, embedding_norm_cap=None),
+        covariance=covariance,
+    )
+    capped = perfusion.train_concept(
+        base, mug_images, "<mug-1>", "mug", perfusion.TrainConfig(**fast, embedding_norm_cap=1.2), covariance=covariance
+    )
+    assert float(free.embedding.norm()) > 1.2 * start
+    assert float(capped.embedding.norm()) <= 1.2 * start * (1 + 1e-5)
+    assert not torch.allclose(capped.embedding, free.embedding)
+    with pytest.raises(TrainingError, match="embedding_norm_cap must be > 0"):
+        perfusion.TrainConfig(embedding_norm_cap=0)
+
+
 def test_config_errors_are_reported_together():
     with pytest.raises(TrainingError) as error:
         perfusion.TrainConfig(steps=0, batch_size=6, grad_accumulation=4, train_tau=0, method="dreambooth")
