@@ -1,7 +1,8 @@
 """The paper's claims in the toy world, scored by the oracle (issue 3's quality benchmark).
 
     python benchmarks/concept_quality.py [--steps 400] [--images 6] [--samples 16] [--quick] [--device cuda]
-    python benchmarks/concept_quality.py --steps 800 --masks --variants untrained,perfusion,"trained keys"
+    python benchmarks/concept_quality.py --steps 800 --masks    # the README's table (27 min on 2 cores)
+    python benchmarks/concept_quality.py --variants untrained,perfusion,"trained keys"
 
 Per personal concept, from a few training images:
 - fidelity: fraction of renders of "a photo of <concept>" in which the oracle finds the concept
@@ -134,8 +135,8 @@ def main() -> None:
     suffix = "_masked" if args.masks else ""  # both recipes' results kept side by side
     table, plot = out / f"concept_quality{suffix}.md", out / f"concept_pareto{suffix}.png"
     lines = [
-        f"# Concept quality on the toy model ({args.images} images, {args.steps} steps{masked}, "
-        f"{args.samples} samples)",
+        f"# Concept quality on toy {base.fingerprint[:12]} ({args.images} images, {args.steps} steps{masked}, "
+        f"embedding norm cap {perfusion.TrainConfig().embedding_norm_cap}, {args.samples} samples)",
         "",
     ]
     lines += [

@@ -245,7 +245,7 @@ def _train(
         optimizer.step()
         if norm_limit is not None:
             with torch.no_grad():  # project back onto the ball: the word-like norms the encoder knows
-                state.embedding.mul_(min(1.0, norm_limit / float(state.embedding.norm())))
+                state.embedding.mul_((norm_limit / state.embedding.norm()).clamp(max=1.0))  # no host sync
         _update_target_input(state, torch.cat(concept_encodings), config.ema_decay)
         losses.append(step_loss)
         if not math.isfinite(step_loss):

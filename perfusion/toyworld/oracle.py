@@ -224,12 +224,15 @@ def training_object(rng: random.Random) -> tuple[np.ndarray, ObjectSpec, str]:
     return render(Scene(background, (obj,))), obj, background
 
 
+def soften(image: np.ndarray, sigma: float) -> np.ndarray:
+    """(SIZE, SIZE, 3) uint8 picture with a Gaussian blur of `sigma` px: the soft edges of a model's render."""
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(sigma)))
+
+
 def render_like(image: np.ndarray, rng: random.Random, noise: float = 12.0, blur: float = 0.7) -> np.ndarray:
     """A generator picture as a model might render it: half of them slightly blurred (Gaussian sigma up to
     `blur` px: soft edges, a ring's hole or a stripe partly filled in), all with pixel noise."""
-    pixels = image
-    if blur and rng.random() < 0.5:
-        pixels = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, blur))))
+    pixels = soften(image, rng.uniform(0.3, blur)) if blur and rng.random() < 0.5 else image
     noisy = pixels.astype(np.float32) + np.random.default_rng(rng.randrange(2**31)).normal(0, noise, image.shape)
     return np.clip(noisy, 0, 255)
 

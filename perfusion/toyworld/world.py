@@ -10,7 +10,7 @@ Rendering rules (the oracle relies on them):
 - object: a shape mask; each pixel is the object's palette color c, or shade(c) where its texture pattern
   is on (plain: never). Pattern coverage stays below half the object, so c is the majority;
 - mark: a small patch in a contrasting color (dot, bar, notch), drawn only where it falls on the body.
-  Pretraining objects carry one 30% of the time, never on a personal concept's shape and color, so each
+  A MARK_RATE share of pretraining objects carry one, never on a personal concept's shape and color, so each
   product is a combination of parts the model can draw but has never seen together.
 Hard edges, no anti-aliasing: clean images decode exactly.
 """

@@ -6,9 +6,8 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
 
-from perfusion.toyworld.oracle import has_concept, read_batch
+from perfusion.toyworld.oracle import has_concept, read_batch, soften
 from perfusion.toyworld.world import PERSONAL_CONCEPTS, concept_scene, render, sample_scene
 
 
@@ -16,7 +15,7 @@ def _score(scenes, noise: float = 0.0, seed: int = 0, blur: float = 0.0) -> dict
     rng = np.random.default_rng(seed)
     images = [render(s) for s in scenes]
     if blur:  # soft edges, as a model renders them
-        images = [np.asarray(Image.fromarray(i).filter(ImageFilter.GaussianBlur(blur))) for i in images]
+        images = [soften(i, blur) for i in images]
     images = [i.astype(np.float32) for i in images]
     if noise:
         images = [np.clip(i + rng.normal(0, noise, i.shape), 0, 255) for i in images]
