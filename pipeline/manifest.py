@@ -85,6 +85,7 @@ class TrainingSettings(_Strict):
     grad_accumulation: int | None = Field(None, ge=1)
     lr_value: float | None = Field(None, gt=0)
     lr_embedding: float | None = Field(None, gt=0)
+    lr_schedule: Literal["constant", "cosine"] | None = None
     embedding_norm_cap: float | None = Field(None, gt=0)  # x the superclass word's norm (a large value: no cap)
     train_beta: float | None = None
     train_tau: float | None = Field(None, gt=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from PIL import Image
@@ -156,6 +158,26 @@ def test_the_embedding_norm_stays_under_its_cap(base, covariance, mug_images):
     assert not torch.allclose(capped.embedding, free.embedding)
     with pytest.raises(TrainingError, match="embedding_norm_cap must be > 0"):
         perfusion.TrainConfig(embedding_norm_cap=0)
+
+
+def test_cosine_schedule_settles_the_last_steps(base, covariance, mug_images):
+    def trajectory(schedule: str) -> list[torch.Tensor]:
+        rows: list[torch.Tensor] = [initial_concept(base, "<mug-1>", "mug").embedding]
+
+        def record(snapshot: perfusion.Concept, step: int) -> float:
+            rows.append(snapshot.embedding.detach().clone())
+            return 0.0
+
+        config = perfusion.TrainConfig(steps=6, batch_size=4, select_every=1, lr_schedule=schedule)
+        perfusion.train_concept(base, mug_images, "<mug-1>", "mug", config, covariance=covariance, scorer=record)
+        return [float((b - a).norm()) for a, b in itertools.pairwise(rows)]  # movement per step
+
+    constant, cosine = trajectory("constant"), trajectory("cosine")
+    assert cosine[0] == pytest.approx(constant[0], rel=1e-4)  # step 1 runs at the full rate in both
+    # step 6 of 6 runs at 0.5 (1 + cos(5 pi / 6)) = 0.067 x the rate (Adam steps scale with the rate)
+    assert cosine[-1] < 0.25 * constant[-1], (cosine, constant)
+    with pytest.raises(TrainingError, match="lr_schedule must be"):
+        perfusion.TrainConfig(lr_schedule="linear")
 
 
 def test_config_errors_are_reported_together():

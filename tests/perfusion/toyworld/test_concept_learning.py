@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import perfusion
-from benchmarks.concept_quality import aligned, context_prompts
 from perfusion.toyworld.oracle import Reading, read_batch
+from perfusion.toyworld.scoring import aligned, context_prompts
 from perfusion.toyworld.world import PERSONAL_CONCEPTS, PersonalConcept, concept_images, concept_masks
 from perfusion.training import initial_concept
 
@@ -36,12 +36,10 @@ def _score(concept: perfusion.Concept, spec: PersonalConcept, covariance) -> tup
     renderer.attach(concept)
     contexts = context_prompts(spec, concept.token, SAMPLES)
     requests = [perfusion.RenderRequest(f"a photo of {concept.token}", seed=s) for s in range(SAMPLES)]
-    requests += [perfusion.RenderRequest(prompt, seed=100 + s) for s, (prompt, _, _) in enumerate(contexts)]
+    requests += [perfusion.RenderRequest(c.prompt, seed=100 + s) for s, c in enumerate(contexts)]
     readings = read_batch(list(renderer.render_arrays(requests, perfusion.RenderSettings(steps=15, batch_size=16))))
     fidelity = float(np.mean([has_appearance(r, spec) for r in readings[:SAMPLES]]))
-    alignment = float(
-        np.mean([aligned(r, bg, second) for r, (_, bg, second) in zip(readings[SAMPLES:], contexts, strict=True)])
-    )
+    alignment = float(np.mean([aligned(r, c) for r, c in zip(readings[SAMPLES:], contexts, strict=True)]))
     return fidelity, alignment
 
 
