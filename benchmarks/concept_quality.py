@@ -106,6 +106,7 @@ def main() -> None:
     masked = f", masks (background {args.mask_background})" if args.masks else ""
     selection = f", step selected every {args.select_every}" if args.select_every else ""
     selection += ", cosine learning rate" if args.lr_schedule == "cosine" else ""
+    selection += f", reported on seeds from {args.render_seed}" if args.render_seed else ""
     suffix = "_masked" if args.masks else ""  # both recipes' results kept side by side
     table, plot = out / f"concept_quality{suffix}.md", out / f"concept_pareto{suffix}.png"
     lines = [
