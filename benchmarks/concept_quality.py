@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
 from perfusion.toyworld.oracle import has_concept, read_batch
-from perfusion.toyworld.scoring import ATTRIBUTES, ConceptScore, oracle_scorer, score_concept
+from perfusion.toyworld.scoring import ATTRIBUTES, RENDER, oracle_scorer, score_concept
 from perfusion.toyworld.world import (
     PERSONAL_CONCEPTS,
-    PersonalConcept,
     caption_corpus,
     concept_images,
     concept_masks,
@@ -47,19 +46,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "trained keys": {"lock_keys": False},
     "textual inversion": {"method": "textual_inversion"},
 }
-
-
-def evaluate(
-    renderer: perfusion.ConceptRenderer,
-    concept: PersonalConcept,
-    token: str,
-    samples: int,
-    gates: dict[str, tuple[float, float]] | None = None,
-    seed: int = 0,
-) -> ConceptScore:
-    """Fidelity and alignment on the reported seeds (seed.. and seed+1000..; below scoring.VALIDATION_SEED,
-    so step selection never sees them)."""
-    return score_concept(renderer, concept, token, samples, gates=gates, seed=seed)
 
 
 def main() -> None:
@@ -84,7 +70,10 @@ def main() -> None:
         "--lr-schedule", default="constant", choices=("constant", "cosine"), help="TrainConfig.lr_schedule"
     )
     parser.add_argument(
-        "--render-seed", type=int, default=0, help="first seed of the reported renders (another draw: 2000)"
+        "--render-seed",
+        type=int,
+        default=0,
+        help="first seed of the reported renders (another draw: 2000; validation uses 5000 and up)",
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (quality figures do not depend on it)")
@@ -143,7 +132,7 @@ def main() -> None:
             trained[(spec.name, variant)] = concept
             renderer = perfusion.ConceptRenderer(load_base(), covariance)
             renderer.attach(concept)
-            score = evaluate(renderer, spec, token, args.samples, seed=args.render_seed)
+            score = score_concept(renderer, spec, token, args.samples, seed=args.render_seed)
             if variant == "perfusion":
                 fidelities[spec.name] = score.fidelity
             lines.append(
@@ -163,7 +152,7 @@ def main() -> None:
     for tau in (0.1, 0.15, 0.2):
         for beta in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
             gate = {token: (beta, tau)}
-            swept = evaluate(renderer, spec, token, args.samples // 2, gates=gate, seed=args.render_seed)
+            swept = score_concept(renderer, spec, token, args.samples // 2, gates=gate, seed=args.render_seed)
             fidelity, alignment = swept.fidelity, swept.alignment
             points.append((beta, tau, fidelity, alignment))
             print(f"pareto beta {beta} tau {tau}: fidelity {fidelity:.0%} alignment {alignment:.0%}", flush=True)
@@ -185,9 +174,7 @@ def main() -> None:
         pair.attach(trained[(second.name, "perfusion")])
         pair_prompt = f"<{first.name}> and <{second.name}> on a white background"
         requests = [perfusion.RenderRequest(pair_prompt, seed=args.render_seed + s) for s in range(args.samples)]
-        readings = read_batch(
-            list(pair.render_arrays(requests, perfusion.RenderSettings(steps=25, guidance_scale=4.0)))
-        )
+        readings = read_batch(list(pair.render_arrays(requests, RENDER)))
         found = {c.name: np.mean([has_concept(r, c) for r in readings]) for c in (first, second)}
         white = np.mean([r.background == "white" for r in readings])
         both = np.mean([has_concept(r, first) and has_concept(r, second) and r.background == "white" for r in readings])
@@ -208,7 +195,7 @@ def main() -> None:
         )
         single = perfusion.ConceptRenderer(load_base(), covariance)
         single.attach(one_shot)
-        shot = evaluate(single, first, f"<{first.name}>", args.samples, seed=args.render_seed)
+        shot = score_concept(single, first, f"<{first.name}>", args.samples, seed=args.render_seed)
         lines += [
             f"One-shot {first.name} (last step, no selection): fidelity {shot.fidelity:.0%}, "
             f"alignment {shot.alignment:.0%}"
