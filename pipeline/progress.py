@@ -4,7 +4,6 @@ a pipe), chosen by `make_display()`."""
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pipeline.jobs import inside_ray_job
 from pipeline.train import ConceptState, Display, RunSummary
 
 STATUS_STYLE = {
@@ -26,8 +26,7 @@ STATUS_STYLE = {
 
 def _live(console: Console) -> bool:
     """Redraw in place only on a terminal and outside a Ray Job (whose log is a file: plain lines there)."""
-    inside_ray_job = bool(os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
-    return console.is_terminal and not inside_ray_job
+    return console.is_terminal and not inside_ray_job()
 
 
 def make_display(console: Console | None = None) -> Display:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -116,3 +117,21 @@ def test_a_damaged_leftover_file_is_replaced_by_the_retry(tmp_path, ray_local):
     assert summary.concepts["mug"].status == "succeeded"
     (row,) = ConceptIndex(run.store).latest()
     assert run.store.read(item.file, row["sha256"]) != b"half a file"
+
+
+def test_display_is_live_only_on_a_terminal_outside_a_ray_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    from pipeline.progress import LiveDisplay, LogDisplay, make_display
+
+    for variable in ("RAY_JOB_SUBMISSION_ID", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(variable, raising=False)
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    assert isinstance(make_display(terminal), LiveDisplay)
+    assert isinstance(make_display(Console(file=io.StringIO(), force_terminal=False)), LogDisplay)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a driver on a laptop, attached to a cluster: still live
+    assert isinstance(make_display(terminal), LiveDisplay)
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")  # a Ray Job's log is a file: plain lines
+    assert isinstance(make_display(terminal), LogDisplay)
