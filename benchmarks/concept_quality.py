@@ -8,7 +8,8 @@ Per personal concept, from a few training images:
 - fidelity: fraction of renders of "a photo of <concept>" in which the oracle finds the concept
   (its shape, color, texture and mark), with each attribute's own rate beside it;
 - text alignment: fraction of renders of new-context prompts (a new background; a second object) in which
-  the oracle finds what the prompt asked for (the background; the second object's shape and color);
+  the oracle finds what the prompt asked for (the background; the second object's shape and color), and
+  "in context": how often the product itself is found in those renders (alignment does not ask for it);
 - variants: Perfusion (key-locked) vs the same training with trained keys vs textual inversion alone, and the
   untrained concept (step 0: the superclass's embedding, no edit) as the baseline;
 - the inference-time beta/tau trade-off for one concept, no retraining (the Pareto front), as a PNG;
@@ -104,8 +105,8 @@ def main() -> None:
         "",
     ]
     lines += [
-        "| concept | variant | step | fidelity | alignment | shape | color | texture | mark |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concept | variant | step | fidelity | alignment | in context | shape | color | texture | mark |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     trained: dict[tuple[str, str], perfusion.Concept] = {}
     fidelities: dict[str, float] = {}  # Perfusion's, per concept: the sweep and the pair use the best ones
@@ -137,7 +138,9 @@ def main() -> None:
                 fidelities[spec.name] = score.fidelity
             lines.append(
                 f"| {spec.name} | {variant} | {concept.metadata.get('selected_step', 0)} | {score.fidelity:.0%} | "
-                f"{score.alignment:.0%} | " + " | ".join(f"{score.rates[a]:.0%}" for a in ATTRIBUTES) + " |"
+                f"{score.alignment:.0%} | {score.in_context:.0%} | "
+                + " | ".join(f"{score.rates[a]:.0%}" for a in ATTRIBUTES)
+                + " |"
             )
             print(lines[-1], flush=True)
 

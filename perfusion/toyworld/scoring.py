@@ -5,6 +5,8 @@ selection (sec. 4.4) with the oracle in place of CLIP.
   color, texture and mark);
 - text alignment: fraction of renders of new-context prompts (a new background; a second object) in which the
   oracle finds what the prompt asked for (the background; the second object's shape and color).
+Beside them, `in_context`: how often the concept itself is found in those new-context renders (alignment does
+not ask for it, as the paper's text similarity does not; a product that vanishes from new scenes shows here).
 
 The benchmark (benchmarks/concept_quality.py) reports them on seeds 0.. and 1000..; step selection scores on
 seeds VALIDATION_SEED.. so that choosing a step never sees the renders it is reported on.
@@ -75,6 +77,7 @@ class ConceptScore:
     fidelity: float
     alignment: float
     rates: dict[str, float] = field(default_factory=dict)  # the fidelity renders' attribute rates
+    in_context: float = 0.0  # fraction of the new-context renders in which the concept is found
 
     @property
     def harmonic(self) -> float:
@@ -99,7 +102,8 @@ def score_concept(
     readings = read_batch(list(renderer.render_arrays(fidelity_requests + context_requests, RENDER)))
     fidelity = float(np.mean([has_concept(r, concept) for r in readings[:samples]]))
     alignment = float(np.mean([aligned(r, c) for r, c in zip(readings[samples:], contexts, strict=True)]))
-    return ConceptScore(fidelity, alignment, attribute_rates(readings[:samples], concept))
+    in_context = float(np.mean([has_concept(r, concept) for r in readings[samples:]]))
+    return ConceptScore(fidelity, alignment, attribute_rates(readings[:samples], concept), in_context)
 
 
 def oracle_scorer(

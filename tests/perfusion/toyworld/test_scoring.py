@@ -77,6 +77,7 @@ def test_oracle_scorer_scores_a_concept_on_validation_seeds():
     reported = score_concept(renderer, spec, "<product>", 2, seed=0)
     assert reported.fidelity == 0.0 and reported.rates["shape"] >= 0.5  # a star, not the product
     assert set(reported.rates) == {"shape", "color", "texture", "mark"}
+    assert reported.in_context == 0.0  # nor in the new-context renders
     pictures = [
         renderer.render_arrays([perfusion.RenderRequest("a photo of <product>", seed=s)], RENDER)[0]
         for s in (0, VALIDATION_SEED)
