@@ -27,6 +27,7 @@ from perfusion.concept import Concept, check_compatible
 from perfusion.covariance import Covariance
 from perfusion.errors import RenderError
 from perfusion.models import BaseModel
+from perfusion.rank1 import gate, similarity
 from perfusion.tokens import add_concept_token, remove_concept_token, substitute_superclass, superclass_token_ids
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,25 @@ class ConceptRenderer:
         if missing:
             raise RenderError(f"prompt {prompt!r} contains concept token(s) {missing} that are not attached")
         return list(dict.fromkeys(tokens))
+
+    @torch.no_grad()
+    def token_gates(self, request: RenderRequest) -> list[tuple[str, dict[str, float]]]:
+        """Where each concept of a request acts: for every prompt token up to EOS, gate(s(e)) of eq. (3) per
+        concept, with the request's gate overrides (the value path; local locking's key path too). The edit
+        is not tied to the concept's token: any encoding close to i* in the C^-1 metric is edited, and one
+        far from it (a concept token in a context it was never trained in) is not."""
+        concepts = self.concepts_for(request)
+        ids = self.base.tokenizer(request.prompt, truncation=True).input_ids  # BOS .. EOS, no padding
+        encodings = self.base.text_encoder(torch.tensor([ids], device=self.base.device))[0][0].double()  # (m, d)
+        c_inv = self.covariance.c_inv.to(encodings.device, torch.float64)
+        values = {
+            c.token: gate(
+                similarity(encodings, c.target_input.double(), c_inv), *request.gates.get(c.token, (c.beta, c.tau))
+            )
+            for c in concepts
+        }
+        words = self.base.tokenizer.convert_ids_to_tokens(ids)
+        return [(word, {token: float(v[k]) for token, v in values.items()}) for k, word in enumerate(words)]
 
     @torch.no_grad()
     def _render_batch(

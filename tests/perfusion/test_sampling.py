@@ -127,3 +127,25 @@ def test_half_precision_keeps_the_identity_and_the_picture(covariance, trained_p
             renderer.attach(concept)
     difference = np.abs(half.render_arrays(requests, SETTINGS) - full.render_arrays(requests, SETTINGS))
     assert difference.max() < bound
+
+
+def test_token_gates_show_where_each_concept_acts(base, covariance, trained_pair):
+    from perfusion.rank1 import gate
+    from perfusion.training import initial_concept
+
+    renderer = perfusion.ConceptRenderer(base, covariance)
+    renderer.attach(trained_pair[0])
+    # untrained, i* from the one template it is asked in: its token's encoding there IS i* (s = 1 exactly)
+    fresh = initial_concept(base, "<new>", "mug", perfusion.TrainConfig(templates=("a photo of a {}",)))
+    renderer.attach(fresh)
+    rows = renderer.token_gates(perfusion.RenderRequest("a photo of a <new> next to <mug-1>"))
+    words = [w for w, _ in rows]
+    assert words[0] == "<|startoftext|>" and words[-1] == "<|endoftext|>" and "<new>" in words
+    assert all(set(g) == {"<new>", "<mug-1>"} and all(0 <= v <= 1 for v in g.values()) for _, g in rows)
+    at_new = dict(rows)["<new>"]["<new>"]
+    assert at_new == pytest.approx(float(gate(torch.tensor(1.0), fresh.beta, fresh.tau)), abs=1e-4)
+    assert dict(rows)["<|startoftext|>"]["<new>"] < 0.05  # BOS is no mug
+    shut = renderer.token_gates(perfusion.RenderRequest("a photo of a <new>", gates={"<new>": (50.0, 0.15)}))
+    assert max(g["<new>"] for _, g in shut) < 1e-6
+    with pytest.raises(RenderError, match="does not use"):  # checked like a render request
+        renderer.token_gates(perfusion.RenderRequest("a photo of a mug", gates={"<new>": (0.5, 0.15)}))
