@@ -2,11 +2,11 @@
 of benchmarks/concept_quality.py; under a minute on 2 CPU cores).
 
 The product is "dotted-star": a purple star with a dotted pattern and a dot. Before training, its token is
-the superclass's ("a photo of <c>" renders a star of some other color); after 300 steps on 6 photos (with
-soft masks, the benchmark's recipe) the renders must show a star of ITS color far more often than the
-untrained baseline, while new-context prompts (a new background, a second object) stay followed above a
-floor. Its dotted pattern and dot are not asserted: the full benchmark (800 steps) draws them in 94% and
-81% of renders (benchmarks/results/concept_quality_masked.md), but 300 steps and 8 samples are too few to
+the superclass's ("a photo of <c>" renders a star of some other color); after 300 steps on 6 photos (the
+example catalog's recipe: no masks, no flips) the renders must show a star of ITS color far more often than
+the untrained baseline, while new-context prompts (a new background, a second object) stay followed above a
+floor. Its dotted pattern and dot are not asserted: the full benchmark (400 steps, 3 training seeds) draws
+them in most renders (benchmarks/results/concept_quality.md), but 300 steps and 8 samples are too few to
 tell them from noise."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 import perfusion
 from perfusion.toyworld.oracle import Reading, read_batch
 from perfusion.toyworld.scoring import aligned, context_prompts
-from perfusion.toyworld.world import PERSONAL_CONCEPTS, PersonalConcept, concept_images, concept_masks
+from perfusion.toyworld.world import PERSONAL_CONCEPTS, PersonalConcept, concept_images
 from perfusion.training import initial_concept
 
 SAMPLES = 8
 STEPS = 300
-ALIGNMENT_FLOOR = 0.5  # the benchmark measured 1.0 untrained, 0.94 trained at 800 steps (16 prompts, DDIM 25)
+ALIGNMENT_FLOOR = 0.5  # the benchmark measures 0.94-1.0 untrained and trained (16 prompts, DDIM 25)
 MARGIN = 0.5  # appearance fidelity must beat the untrained baseline by at least this much
 
 
@@ -56,7 +56,6 @@ def test_a_products_look_is_learned_from_six_photos_on_the_toy_model():
         spec.superclass,
         perfusion.TrainConfig(steps=STEPS, batch_size=8, flip_probability=0.0),
         covariance=covariance,
-        masks=concept_masks(spec, 6, seed=11, background=0.25),  # the benchmark's recipe (paper sec. 4.4)
     )
     baseline_fidelity, _ = _score(untrained, spec, covariance)
     fidelity, alignment = _score(trained, spec, covariance)
