@@ -1,7 +1,8 @@
 """The paper's claims in the toy world, scored by the oracle (issue 3's quality benchmark).
 
     python benchmarks/concept_quality.py [--steps 400] [--images 6] [--samples 16] [--quick] [--device cuda]
-    python benchmarks/concept_quality.py --steps 800 --masks    # the README's table (27 min on 2 cores)
+    python benchmarks/concept_quality.py --train-seeds 3        # the README's table (~50 min on 2 cores)
+    python benchmarks/concept_quality.py --steps 800 --masks    # the earlier masked table (27 min, one seed)
     python benchmarks/concept_quality.py --variants untrained,perfusion,"trained keys"
 
 Per personal concept, from a few training images:
@@ -9,7 +10,7 @@ Per personal concept, from a few training images:
   (its shape, color, texture and mark), with each attribute's own rate beside it;
 - text alignment: fraction of renders of new-context prompts (a new background; a second object) in which
   the oracle finds what the prompt asked for (the background; the second object's shape and color), and
-  "in context": how often the product itself is found in those renders (alignment does not ask for it);
+  "in context": how often the whole product is found in those renders (alignment does not ask for it);
 - variants: Perfusion (key-locked) vs the same training with trained keys vs textual inversion alone, and the
   untrained concept (step 0: the superclass's embedding, no edit) as the baseline;
 - the inference-time beta/tau trade-off for one concept, no retraining (the Pareto front), as a PNG;

@@ -46,7 +46,7 @@ NO_BACKGROUND_RATE = 0.25
 # alone trains the token at the start of a prompt, where catalog prompts put it ("<product> on a white
 # background"): the small causal encoder reads a word there very differently (the word "star" first in a
 # prompt has s = 0.26 against i_super, 0.93 after "a"), so a concept never trained there is gated off there
-# (gate 0.08 at s 0.34). 400 steps, 3 training seeds (benchmarks/RESULTS.md): the product is found in 4-10% of
+# (gate 0.08 at s 0.34). 400 steps, 3 training seeds (benchmarks/RESULTS.md): the whole product is in 4-10% of
 # new-context renders without "{}" and 6-29% with it, at the same fidelity (35-79% without, 44-83% with).
 TOY_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a {}", "a photo of {}", "{}")
 
