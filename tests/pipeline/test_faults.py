@@ -1,5 +1,5 @@
-"""Faults: a worker killed mid-training is retried by Ray, a render actor killed mid-job is restarted and its
-batch rendered again; the run summary reaches a real Pushgateway-like HTTP receiver, and nothing is pushed
+"""Faults: a worker killed mid-training is retried by Ray, a render actor killed mid-job is restarted and every
+image is still rendered once; the run summary reaches a real Pushgateway-like HTTP receiver, and nothing is pushed
 when none is configured."""
 
 from __future__ import annotations
