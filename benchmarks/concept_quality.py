@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
 from perfusion.toyworld.oracle import has_concept, read_batch
-from perfusion.toyworld.scoring import ATTRIBUTES, RENDER, oracle_scorer, score_concept
+from perfusion.toyworld.scoring import ATTRIBUTES, RENDER, ConceptScore, oracle_scorer, score_concept
 from perfusion.toyworld.world import (
     PERSONAL_CONCEPTS,
     caption_corpus,
@@ -48,6 +48,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "trained keys": {"lock_keys": False},
     "textual inversion": {"method": "textual_inversion"},
 }
+
+
+def mean_score(scores: list[ConceptScore]) -> ConceptScore:
+    """Each figure averaged over the training seeds' scores."""
+    return ConceptScore(
+        fidelity=float(np.mean([x.fidelity for x in scores])),
+        alignment=float(np.mean([x.alignment for x in scores])),
+        rates={a: float(np.mean([x.rates[a] for x in scores])) for a in ATTRIBUTES},
+        in_context=float(np.mean([x.in_context for x in scores])),
+    )
 
 
 def main() -> None:
@@ -97,20 +107,25 @@ def main() -> None:
     def load_base():  # type: ignore[no-untyped-def]  # a fresh copy: renderers add concept tokens to theirs
         return perfusion.load_base("toy", device=args.device)
 
-    base = load_base()
-    covariance = perfusion.estimate_covariance(base, caption_corpus())
-    concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
+    # flags are checked before the base model loads
     chosen = ["untrained", "perfusion"] if args.quick else args.variants.split(",")
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or "perfusion" not in chosen:
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, perfusion included")
+    if args.train_seeds < 1:
+        parser.error(f"--train-seeds must be >= 1 (got {args.train_seeds})")
+    templates = tuple(args.templates.split("|")) if args.templates else None
+    if templates is not None and any("{}" not in t for t in templates):
+        parser.error(f"--templates: each '|'-separated prompt needs a {{}} for the concept (got {list(templates)})")
     variants = {v: VARIANTS[v] for v in chosen}
+    base = load_base()
+    covariance = perfusion.estimate_covariance(base, caption_corpus())
+    concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
     masked = f", masks (background {args.mask_background})" if args.masks else ""
     selection = f", step selected every {args.select_every}" if args.select_every else ""
     selection += ", cosine learning rate" if args.lr_schedule == "cosine" else ""
     selection += f", reported on seeds from {args.render_seed}" if args.render_seed else ""
     selection += f", mean of {args.train_seeds} training seeds" if args.train_seeds > 1 else ""
-    templates = tuple(args.templates.split("|")) if args.templates else None
     selection += f", templates {list(templates)}" if templates else ""
     suffix = "_masked" if args.masks else ""  # both recipes' results kept side by side
     table, plot = out / f"concept_quality{suffix}.md", out / f"concept_pareto{suffix}.png"
@@ -154,15 +169,14 @@ def main() -> None:
                 renderer.attach(concept)
                 scores.append(score_concept(renderer, spec, token, args.samples, seed=args.render_seed))
                 steps.append(str(concept.metadata.get("selected_step", 0)))
-            fidelity = float(np.mean([x.fidelity for x in scores]))
+            score = mean_score(scores)
             by_seed = f" ({' / '.join(f'{x.fidelity:.0%}' for x in scores)})" if len(scores) > 1 else ""
             if variant == "perfusion":
-                fidelities[spec.name] = fidelity
+                fidelities[spec.name] = score.fidelity
             lines.append(
-                f"| {spec.name} | {variant} | {' / '.join(dict.fromkeys(steps))} | {fidelity:.0%}{by_seed} | "
-                + " | ".join(f"{np.mean([getattr(x, m) for x in scores]):.0%}" for m in ("alignment", "in_context"))
-                + " | "
-                + " | ".join(f"{np.mean([x.rates[a] for x in scores]):.0%}" for a in ATTRIBUTES)
+                f"| {spec.name} | {variant} | {' / '.join(dict.fromkeys(steps))} | {score.fidelity:.0%}{by_seed} | "
+                f"{score.alignment:.0%} | {score.in_context:.0%} | "
+                + " | ".join(f"{score.rates[a]:.0%}" for a in ATTRIBUTES)
                 + " |"
             )
             print(lines[-1], flush=True)
