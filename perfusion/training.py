@@ -9,7 +9,8 @@ mask normalised by its per-image max. The forward pass is the same gated edit as
 After each step the embedding row is projected back to at most 1.5x the superclass word's norm (not in the
 paper): on the toy model an unbounded row grew to 3.4x and the small causal text encoder then garbled the
 words after it (striped-square's text alignment 19%; capped 62%). Both rates are constant (the paper) or
-follow a cosine to 0 (`lr_schedule="cosine"`), which lets the last steps settle on one look.
+follow a cosine to 0 (`lr_schedule="cosine"`), which lets the last steps settle on one look. Optionally the
+saved concept is the mean of the trained tensors over the last steps (`average_tail`, tail averaging).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ class TrainConfig:
     # instead of hopping between looks (toy v3 dotted-star at a constant rate: validation fidelity 75, 19, 75,
     # 62, 19, 62% at steps 100-600).
     lr_schedule: str = "constant"
+    # The saved concept is the mean of the trained tensors (embedding, o*_V, o*_K, i*) over this last fraction
+    # of the steps (0: the last step's tensors). At a constant rate the last step is one draw of a random walk:
+    # averaging the tail keeps what every late step agrees on (tail averaging / SWA, Izmailov et al. 2018).
+    # Off by default: on toy v3 it narrowed dotted-star's spread across seeds (25-81% -> 62-75% at 400 steps)
+    # but did not raise the mean over four concepts (benchmarks/RESULTS.md).
+    average_tail: float = 0.0
     # The embedding's norm is kept <= this x the superclass word's (None: unbounded). A causal text encoder
     # reads every word after the concept's token through it: an embedding far outside the norms of the words
     # the encoder was trained on garbles them (the background, a second object).
@@ -88,6 +95,8 @@ class TrainConfig:
             problems.append("lr_schedule must be 'constant' or 'cosine'")
         if self.embedding_norm_cap is not None and self.embedding_norm_cap <= 0:
             problems.append("embedding_norm_cap must be > 0 (or None for no cap)")
+        if not 0 <= self.average_tail < 1:
+            problems.append("average_tail must be in [0, 1): the fraction of the last steps to average")
         if not 0 <= self.flip_probability <= 1:
             problems.append("flip_probability must be in [0, 1]")
         if not 0 <= self.ema_decay < 1:
@@ -216,6 +225,7 @@ def _train(
     originals = len(latents[0]) // 2  # latents hold [originals, flipped originals]
     losses: list[float] = []
     best: tuple[float, int, Concept] | None = None
+    tail = _TailAverage(first_step=config.steps - int(config.average_tail * config.steps) + 1)
     started = time.perf_counter()
 
     templates = config.templates or default_templates(base)  # (train_concept resolved it; this tells mypy)
@@ -259,6 +269,7 @@ def _train(
             with torch.no_grad():  # project back onto the ball: the word-like norms the encoder knows
                 state.embedding.mul_((norm_limit / state.embedding.norm()).clamp(max=1.0))  # no host sync
         _update_target_input(state, torch.cat(concept_encodings), config.ema_decay)
+        tail.add(step, state)
         losses.append(step_loss)
         if not math.isfinite(step_loss):
             raise TrainingError(
@@ -267,12 +278,12 @@ def _train(
         if on_step is not None:
             on_step(StepInfo(step, config.steps, step_loss, time.perf_counter() - started))
         if scorer is not None and (step % config.select_every == 0 or step == config.steps):
-            snapshot = _snapshot(state)
+            snapshot = tail.snapshot(state)
             score = scorer(snapshot, step)
             if best is None or score > best[0]:
                 best = (score, step, snapshot)
 
-    selected_step, result = (config.steps, _snapshot(state)) if best is None else (best[1], best[2])
+    selected_step, result = (config.steps, tail.snapshot(state)) if best is None else (best[1], best[2])
     result.metadata = {
         "train_config": config.to_dict(),
         "loss": _loss_summary(losses),
@@ -431,6 +442,42 @@ def _snapshot(state: Concept) -> Concept:
         key_targets=None if state.key_targets is None else {n: copy(k) for n, k in state.key_targets.items()},
         metadata={},
     )
+
+
+class _TailAverage:
+    """The running mean of a concept's trained tensors from `first_step` on (steps before it are not kept)."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step
+        self.count = 0
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, step: int, state: Concept) -> None:
+        if step < self.first_step:
+            return
+        self.count += 1
+        for name, tensor in _trained_tensors(state).items():
+            value = tensor.detach().float()
+            self.sums[name] = value.clone() if name not in self.sums else self.sums[name].add_(value)
+
+    def snapshot(self, state: Concept) -> Concept:
+        """A CPU float32 copy of the state, its trained tensors replaced by their tail mean (once one exists)."""
+        copy = _snapshot(state)
+        if self.count < 2:  # no tail yet, or a tail of one step: the state itself
+            return copy
+        means = {name: (total / self.count).cpu() for name, total in self.sums.items()}
+        copy.embedding, copy.target_input = means.pop("embedding"), means.pop("target_input")
+        copy.value_targets = {n[2:]: t for n, t in means.items() if n.startswith("v:")}
+        if copy.key_targets is not None:
+            copy.key_targets = {n[2:]: t for n, t in means.items() if n.startswith("k:")}
+        return copy
+
+
+def _trained_tensors(state: Concept) -> dict[str, torch.Tensor]:
+    tensors = {"embedding": state.embedding, "target_input": state.target_input}
+    tensors.update({f"v:{n}": v for n, v in state.value_targets.items()})
+    tensors.update({f"k:{n}": k for n, k in (state.key_targets or {}).items()})
+    return tensors
 
 
 def _loss_summary(losses: list[float]) -> dict[str, float]:

@@ -86,6 +86,7 @@ class TrainingSettings(_Strict):
     lr_value: float | None = Field(None, gt=0)
     lr_embedding: float | None = Field(None, gt=0)
     lr_schedule: Literal["constant", "cosine"] | None = None
+    average_tail: float | None = Field(None, ge=0, lt=1)  # save the mean of the last fraction of steps
     embedding_norm_cap: float | None = Field(None, gt=0)  # x the superclass word's norm (a large value: no cap)
     train_beta: float | None = None
     train_tau: float | None = Field(None, gt=0)

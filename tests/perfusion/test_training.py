@@ -180,6 +180,31 @@ def test_cosine_schedule_settles_the_last_steps(base, covariance, mug_images):
         perfusion.TrainConfig(lr_schedule="linear")
 
 
+def test_average_tail_saves_the_mean_of_the_last_steps(base, covariance, mug_images):
+    states: list[perfusion.Concept] = []
+
+    def record(snapshot: perfusion.Concept, step: int) -> float:
+        states.append(snapshot)
+        return 0.0
+
+    fast = {"steps": 6, "batch_size": 4, "select_every": 1}
+    perfusion.train_concept(
+        base, mug_images, "<mug-1>", "mug", perfusion.TrainConfig(**fast), covariance=covariance, scorer=record
+    )
+    # averaging changes what is saved, never the trajectory: steps 4, 5, 6 of the same run are averaged
+    tail_config = perfusion.TrainConfig(**fast, average_tail=0.5)  # select_every only matters with a scorer
+    averaged = perfusion.train_concept(base, mug_images, "<mug-1>", "mug", tail_config, covariance=covariance)
+    tail = states[3:]
+    torch.testing.assert_close(averaged.embedding, torch.stack([s.embedding for s in tail]).mean(0))
+    torch.testing.assert_close(averaged.target_input, torch.stack([s.target_input for s in tail]).mean(0))
+    for name, value in averaged.value_targets.items():
+        torch.testing.assert_close(value, torch.stack([s.value_targets[name] for s in tail]).mean(0))
+    assert not torch.allclose(averaged.embedding, states[-1].embedding)  # not simply the last step
+    assert averaged.metadata["train_config"]["average_tail"] == 0.5
+    with pytest.raises(TrainingError, match="average_tail must be in"):
+        perfusion.TrainConfig(average_tail=1.0)
+
+
 def test_config_errors_are_reported_together():
     with pytest.raises(TrainingError) as error:
         perfusion.TrainConfig(steps=0, batch_size=6, grad_accumulation=4, train_tau=0, method="dreambooth")

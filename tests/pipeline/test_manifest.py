@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+import perfusion
 from pipeline.manifest import ManifestError, load_manifest, parse_manifest
 
 GOOD = """
@@ -23,7 +24,7 @@ concepts:
     token: <bag-7>
     superclass: bag
     images: [bags/a.png, bags/b.png]
-    training: {steps: 35, lock_keys: false, lr_schedule: cosine}
+    training: {steps: 35, lock_keys: false, lr_schedule: cosine, average_tail: 0.5}
 """
 
 
@@ -39,7 +40,14 @@ def test_a_good_manifest_parses_with_defaults_and_overrides():
     assert mug.concept_token == "<red-mug>"  # derived from the name
     assert bag.concept_token == "<bag-7>"
     assert manifest.training_config(mug) == {"steps": 20, "batch_size": 4}
-    assert manifest.training_config(bag) == {"steps": 35, "batch_size": 4, "lock_keys": False, "lr_schedule": "cosine"}
+    assert manifest.training_config(bag) == {
+        "steps": 35,
+        "batch_size": 4,
+        "lock_keys": False,
+        "lr_schedule": "cosine",
+        "average_tail": 0.5,
+    }
+    perfusion.TrainConfig(**manifest.training_config(bag))  # every manifest field is a TrainConfig field
     assert mug.tags == {"sku": "A-1", "category": "kitchen"}
     assert manifest.resolve("mugs/*.png") == "/data/shop/mugs/*.png"  # relative to the manifest's folder
     assert manifest.resolve("s3://bucket/x.png") == "s3://bucket/x.png"
@@ -106,7 +114,7 @@ def test_bad_training_values_are_refused_by_field():
         """
         version: 1
         catalog: shop
-        training: {steps: 0, method: dreambooth, lr_schedule: linear}
+        training: {steps: 0, method: dreambooth, lr_schedule: linear, average_tail: 1.0}
         concepts:
           - {name: mug, superclass: mug, images: [a.png], training: {batch_size: 6, grad_accumulation: 4}}
         """
@@ -114,6 +122,7 @@ def test_bad_training_values_are_refused_by_field():
     assert "training.steps: input should be greater than or equal to 1" in found
     assert any(p.startswith("training.method: input should be 'perfusion' or 'textual_inversion'") for p in found)
     assert any(p.startswith("training.lr_schedule: input should be 'constant' or 'cosine'") for p in found)
+    assert "training.average_tail: input should be less than 1" in found
 
 
 def test_cross_field_rules_run_after_the_schema(tmp_path):
