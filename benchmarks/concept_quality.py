@@ -3,6 +3,7 @@
     python benchmarks/concept_quality.py [--steps 400] [--images 6] [--samples 16] [--quick] [--device cuda]
     python benchmarks/concept_quality.py --train-seeds 3        # the README's table (~50 min on 2 cores)
     python benchmarks/concept_quality.py --steps 800 --masks    # the earlier masked table (27 min, one seed)
+    python benchmarks/concept_quality.py --steps 800 --average-tail 0.5 --train-seeds 3   # 56 min, not adopted
     python benchmarks/concept_quality.py --variants untrained,perfusion,"trained keys"
 
 Per personal concept, from a few training images:
@@ -82,6 +83,12 @@ def main() -> None:
         "--lr-schedule", default="constant", choices=("constant", "cosine"), help="TrainConfig.lr_schedule"
     )
     parser.add_argument(
+        "--average-tail",
+        type=float,
+        default=0.0,
+        help="TrainConfig.average_tail: save the mean of the trained tensors over this last fraction of the steps",
+    )
+    parser.add_argument(
         "--render-seed",
         type=int,
         default=0,
@@ -112,6 +119,8 @@ def main() -> None:
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or "perfusion" not in chosen:
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, perfusion included")
+    if not 0 <= args.average_tail < 1:
+        parser.error(f"--average-tail must be in [0, 1) (got {args.average_tail})")
     if args.train_seeds < 1:
         parser.error(f"--train-seeds must be >= 1 (got {args.train_seeds})")
     templates = tuple(args.templates.split("|")) if args.templates else None
@@ -124,6 +133,7 @@ def main() -> None:
     masked = f", masks (background {args.mask_background})" if args.masks else ""
     selection = f", step selected every {args.select_every}" if args.select_every else ""
     selection += ", cosine learning rate" if args.lr_schedule == "cosine" else ""
+    selection += f", mean of the last {args.average_tail:.0%} of the steps saved" if args.average_tail else ""
     selection += f", reported on seeds from {args.render_seed}" if args.render_seed else ""
     selection += f", mean of {args.train_seeds} training seeds" if args.train_seeds > 1 else ""
     selection += f", templates {list(templates)}" if templates else ""
@@ -156,6 +166,7 @@ def main() -> None:
                         flip_probability=0.0,
                         select_every=args.select_every or args.steps,
                         lr_schedule=args.lr_schedule,
+                        average_tail=args.average_tail,
                         seed=seed,
                         templates=templates,
                         **overrides,
@@ -239,6 +250,7 @@ def main() -> None:
                 batch_size=8,
                 flip_probability=0.0,
                 lr_schedule=args.lr_schedule,
+                average_tail=args.average_tail,
                 templates=templates,
             ),
             covariance=covariance,
