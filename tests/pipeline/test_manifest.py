@@ -47,7 +47,7 @@ def test_a_good_manifest_parses_with_defaults_and_overrides():
         "lr_schedule": "cosine",
         "average_tail": 0.5,
     }
-    perfusion.TrainConfig(**manifest.training_config(bag))  # every manifest field is a TrainConfig field
+    assert perfusion.TrainConfig(**manifest.training_config(bag)).average_tail == 0.5  # fields match TrainConfig
     assert mug.tags == {"sku": "A-1", "category": "kitchen"}
     assert manifest.resolve("mugs/*.png") == "/data/shop/mugs/*.png"  # relative to the manifest's folder
     assert manifest.resolve("s3://bucket/x.png") == "s3://bucket/x.png"
