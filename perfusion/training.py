@@ -450,33 +450,34 @@ class _TailAverage:
     def __init__(self, first_step: int) -> None:
         self.first_step = first_step
         self.count = 0
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[tuple[str, str], torch.Tensor] = {}
 
     def add(self, step: int, state: Concept) -> None:
         if step < self.first_step:
             return
         self.count += 1
-        for name, tensor in _trained_tensors(state).items():
+        for key, tensor in _trained_tensors(state).items():
             value = tensor.detach().float()
-            self.sums[name] = value.clone() if name not in self.sums else self.sums[name].add_(value)
+            self.sums[key] = self.sums[key].add_(value) if key in self.sums else value.clone()
 
     def snapshot(self, state: Concept) -> Concept:
-        """A CPU float32 copy of the state, its trained tensors replaced by their tail mean (once one exists)."""
+        """A CPU float32 copy of the state, its trained tensors replaced by their tail mean (once the tail began)."""
         copy = _snapshot(state)
-        if self.count < 2:  # no tail yet, or a tail of one step: the state itself
+        if not self.count:
             return copy
-        means = {name: (total / self.count).cpu() for name, total in self.sums.items()}
-        copy.embedding, copy.target_input = means.pop("embedding"), means.pop("target_input")
-        copy.value_targets = {n[2:]: t for n, t in means.items() if n.startswith("v:")}
+        mean = {key: (total / self.count).cpu() for key, total in self.sums.items()}
+        copy.embedding, copy.target_input = mean[("embedding", "")], mean[("target_input", "")]
+        copy.value_targets = {name: mean[("value", name)] for name in copy.value_targets}
         if copy.key_targets is not None:
-            copy.key_targets = {n[2:]: t for n, t in means.items() if n.startswith("k:")}
+            copy.key_targets = {name: mean[("key", name)] for name in copy.key_targets}
         return copy
 
 
-def _trained_tensors(state: Concept) -> dict[str, torch.Tensor]:
-    tensors = {"embedding": state.embedding, "target_input": state.target_input}
-    tensors.update({f"v:{n}": v for n, v in state.value_targets.items()})
-    tensors.update({f"k:{n}": k for n, k in (state.key_targets or {}).items()})
+def _trained_tensors(state: Concept) -> dict[tuple[str, str], torch.Tensor]:
+    """(kind, layer name) -> every tensor training changes: the embedding row, i*, o*_V (and o*_K if trained)."""
+    tensors = {("embedding", ""): state.embedding, ("target_input", ""): state.target_input}
+    tensors.update({("value", n): v for n, v in state.value_targets.items()})
+    tensors.update({("key", n): k for n, k in (state.key_targets or {}).items()})
     return tensors
 
 
