@@ -65,6 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=6)
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="images per optimizer step (TrainConfig.batch_size; paper: 16)"
+    )
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="one concept, Perfusion only (smoke run)")
     parser.add_argument("--masks", action="store_true", help="train with the products' masks (paper sec. 4.4)")
@@ -134,6 +137,7 @@ def main() -> None:
     selection = f", step selected every {args.select_every}" if args.select_every else ""
     selection += ", cosine learning rate" if args.lr_schedule == "cosine" else ""
     selection += f", mean of the last {args.average_tail:.0%} of the steps saved" if args.average_tail else ""
+    selection += f", batch {args.batch_size}" if args.batch_size != 8 else ""
     selection += f", reported on seeds from {args.render_seed}" if args.render_seed else ""
     selection += f", mean of {args.train_seeds} training seeds" if args.train_seeds > 1 else ""
     selection += f", templates {list(templates)}" if templates else ""
@@ -162,7 +166,7 @@ def main() -> None:
                 else:
                     config = perfusion.TrainConfig(
                         steps=args.steps,
-                        batch_size=8,
+                        batch_size=args.batch_size,
                         flip_probability=0.0,
                         select_every=args.select_every or args.steps,
                         lr_schedule=args.lr_schedule,
@@ -247,7 +251,7 @@ def main() -> None:
             first.superclass,
             perfusion.TrainConfig(
                 steps=args.steps,
-                batch_size=8,
+                batch_size=args.batch_size,
                 flip_probability=0.0,
                 lr_schedule=args.lr_schedule,
                 average_tail=args.average_tail,
@@ -274,15 +278,28 @@ def _plot(points: list[tuple[float, float, float, float]], path: Path, name: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(5, 4))
-    for tau in sorted({p[1] for p in points}):
+    figure, axes = plt.subplots(figsize=(6, 4.5))
+    for offset, tau in enumerate(sorted({p[1] for p in points})):
         row = [p for p in points if p[1] == tau]
-        axes.plot([p[3] for p in row], [p[2] for p in row], marker="o", label=f"tau {tau}")
+        (line,) = axes.plot([p[3] for p in row], [p[2] for p in row], marker="o", label=f"tau {tau}")
+        # Betas that land on the same point share one label (a flat sweep would stack them unreadably);
+        # each tau's labels sit at their own height so that curves on top of each other stay legible.
+        labels: dict[tuple[float, float], list[str]] = {}
         for beta, _, fidelity, alignment in row:
-            axes.annotate(f"{beta}", (alignment, fidelity), fontsize=7)
+            labels.setdefault((alignment, fidelity), []).append(f"{beta}")
+        for (alignment, fidelity), betas in labels.items():
+            axes.annotate(
+                "/".join(betas),
+                (alignment, fidelity),
+                xytext=(4, 4 + 9 * offset),
+                textcoords="offset points",
+                fontsize=7,
+                color=line.get_color(),
+            )
+    axes.margins(0.15)  # room for the labels above the highest point
     axes.set_xlabel("text alignment")
     axes.set_ylabel("fidelity")
-    axes.set_title(f"{name}: inference-time beta (labels) / tau sweep")
+    axes.set_title(f"{name}: inference-time sweep\n(labels: beta; one curve per tau)", fontsize=10)
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
