@@ -83,6 +83,9 @@ def main() -> None:
         "44%% on the reported seeds)",
     )
     parser.add_argument(
+        "--lr-value", type=float, default=perfusion.TrainConfig().lr_value, help="TrainConfig.lr_value (o*_V's rate)"
+    )
+    parser.add_argument(
         "--lr-schedule", default="constant", choices=("constant", "cosine"), help="TrainConfig.lr_schedule"
     )
     parser.add_argument(
@@ -138,6 +141,7 @@ def main() -> None:
     selection += ", cosine learning rate" if args.lr_schedule == "cosine" else ""
     selection += f", mean of the last {args.average_tail:.0%} of the steps saved" if args.average_tail else ""
     selection += f", batch {args.batch_size}" if args.batch_size != 8 else ""
+    selection += f", o*_V rate {args.lr_value}" if args.lr_value != perfusion.TrainConfig().lr_value else ""
     selection += f", reported on seeds from {args.render_seed}" if args.render_seed else ""
     selection += f", mean of {args.train_seeds} training seeds" if args.train_seeds > 1 else ""
     selection += f", templates {list(templates)}" if templates else ""
@@ -170,6 +174,7 @@ def main() -> None:
                         flip_probability=0.0,
                         select_every=args.select_every or args.steps,
                         lr_schedule=args.lr_schedule,
+                        lr_value=args.lr_value,
                         average_tail=args.average_tail,
                         seed=seed,
                         templates=templates,
@@ -254,6 +259,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 flip_probability=0.0,
                 lr_schedule=args.lr_schedule,
+                lr_value=args.lr_value,
                 average_tail=args.average_tail,
                 templates=templates,
             ),
