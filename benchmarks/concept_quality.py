@@ -43,6 +43,7 @@ from perfusion.toyworld.world import (
 from perfusion.training import initial_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
+BATCH = 8  # images per optimizer step in every table so far (the paper: 16; `--batch-size`)
 VARIANTS: dict[str, dict[str, Any]] = {
     "untrained": {},  # the concept before step 1
     "perfusion": {},
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="images per optimizer step (TrainConfig.batch_size; paper: 16)"
+        "--batch-size", type=int, default=BATCH, help="images per optimizer step (TrainConfig.batch_size)"
     )
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="one concept, Perfusion only (smoke run)")
@@ -140,7 +141,7 @@ def main() -> None:
     selection = f", step selected every {args.select_every}" if args.select_every else ""
     selection += ", cosine learning rate" if args.lr_schedule == "cosine" else ""
     selection += f", mean of the last {args.average_tail:.0%} of the steps saved" if args.average_tail else ""
-    selection += f", batch {args.batch_size}" if args.batch_size != 8 else ""
+    selection += f", batch {args.batch_size}" if args.batch_size != BATCH else ""
     selection += f", o*_V rate {args.lr_value}" if args.lr_value != perfusion.TrainConfig().lr_value else ""
     selection += f", reported on seeds from {args.render_seed}" if args.render_seed else ""
     selection += f", mean of {args.train_seeds} training seeds" if args.train_seeds > 1 else ""
