@@ -126,13 +126,25 @@ def main() -> None:
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or "perfusion" not in chosen:
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, perfusion included")
-    if not 0 <= args.average_tail < 1:
-        parser.error(f"--average-tail must be in [0, 1) (got {args.average_tail})")
     if args.train_seeds < 1:
         parser.error(f"--train-seeds must be >= 1 (got {args.train_seeds})")
     templates = tuple(args.templates.split("|")) if args.templates else None
     if templates is not None and any("{}" not in t for t in templates):
         parser.error(f"--templates: each '|'-separated prompt needs a {{}} for the concept (got {list(templates)})")
+    # The training recipe every trained variant and the one-shot concept share; TrainConfig checks the values.
+    recipe: dict[str, Any] = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "flip_probability": 0.0,
+        "lr_schedule": args.lr_schedule,
+        "lr_value": args.lr_value,
+        "average_tail": args.average_tail,
+        "templates": templates,
+    }
+    try:
+        perfusion.TrainConfig(**recipe)
+    except perfusion.TrainingError as error:
+        parser.error(str(error))
     variants = {v: VARIANTS[v] for v in chosen}
     base = load_base()
     covariance = perfusion.estimate_covariance(base, caption_corpus())
@@ -170,16 +182,7 @@ def main() -> None:
                     concept = initial_concept(base, token, spec.superclass, perfusion.TrainConfig(templates=templates))
                 else:
                     config = perfusion.TrainConfig(
-                        steps=args.steps,
-                        batch_size=args.batch_size,
-                        flip_probability=0.0,
-                        select_every=args.select_every or args.steps,
-                        lr_schedule=args.lr_schedule,
-                        lr_value=args.lr_value,
-                        average_tail=args.average_tail,
-                        seed=seed,
-                        templates=templates,
-                        **overrides,
+                        **recipe, select_every=args.select_every or args.steps, seed=seed, **overrides
                     )
                     scorer = oracle_scorer(load_base, covariance, spec, log=print) if args.select_every else None
                     concept = perfusion.train_concept(
@@ -255,15 +258,7 @@ def main() -> None:
             concept_images(first, 1, seed=11),
             f"<{first.name}>",
             first.superclass,
-            perfusion.TrainConfig(
-                steps=args.steps,
-                batch_size=args.batch_size,
-                flip_probability=0.0,
-                lr_schedule=args.lr_schedule,
-                lr_value=args.lr_value,
-                average_tail=args.average_tail,
-                templates=templates,
-            ),
+            perfusion.TrainConfig(**recipe),
             covariance=covariance,
             masks=concept_masks(first, 1, seed=11, background=args.mask_background) if args.masks else None,
         )
