@@ -4,6 +4,8 @@
     python benchmarks/concept_quality.py --train-seeds 3        # the README's table (~50 min on 2 cores)
     python benchmarks/concept_quality.py --steps 800 --masks    # the earlier masked table (27 min, one seed)
     python benchmarks/concept_quality.py --steps 800 --average-tail 0.5 --train-seeds 3   # 56 min, not adopted
+    python benchmarks/concept_quality.py --select-every 50 --select-samples 32 --train-seeds 3 \\
+        --variants untrained,perfusion --table-only               # step selection, 48 min, not adopted
     python benchmarks/concept_quality.py --variants untrained,perfusion,"trained keys"
 
 Per personal concept, from a few training images:
@@ -79,9 +81,14 @@ def main() -> None:
         "--select-every",
         type=int,
         default=0,
-        help="score every N steps on validation seeds and keep the best step (paper sec. 4.4); 0: the last step. "
-        "On toy v3 at a constant rate, 16 validation renders picked noise (dotted-star: 75%% at the chosen step, "
-        "44%% on the reported seeds)",
+        help="score every N steps on validation seeds and keep the best step (paper sec. 4.4); 0: the last step",
+    )
+    parser.add_argument(
+        "--select-samples",
+        type=int,
+        default=32,
+        help="validation renders per measure at each scored step (16 picked noise on toy v3: dotted-star 75%% at "
+        "the chosen step, 44%% on the reported seeds)",
     )
     parser.add_argument(
         "--lr-value", type=float, default=perfusion.TrainConfig().lr_value, help="TrainConfig.lr_value (o*_V's rate)"
@@ -126,6 +133,8 @@ def main() -> None:
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or "perfusion" not in chosen:
         parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, perfusion included")
+    if args.select_samples < 1:
+        parser.error(f"--select-samples must be >= 1 (got {args.select_samples})")
     if args.train_seeds < 1:
         parser.error(f"--train-seeds must be >= 1 (got {args.train_seeds})")
     templates = tuple(args.templates.split("|")) if args.templates else None
@@ -150,7 +159,9 @@ def main() -> None:
     covariance = perfusion.estimate_covariance(base, caption_corpus())
     concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
     masked = f", masks (background {args.mask_background})" if args.masks else ""
-    selection = f", step selected every {args.select_every}" if args.select_every else ""
+    selection = ""
+    if args.select_every:
+        selection = f", step selected every {args.select_every} on {args.select_samples} validation renders a measure"
     selection += ", cosine learning rate" if args.lr_schedule == "cosine" else ""
     selection += f", mean of the last {args.average_tail:.0%} of the steps saved" if args.average_tail else ""
     selection += f", batch {args.batch_size}" if args.batch_size != BATCH else ""
@@ -184,7 +195,11 @@ def main() -> None:
                     config = perfusion.TrainConfig(
                         **recipe, select_every=args.select_every or args.steps, seed=seed, **overrides
                     )
-                    scorer = oracle_scorer(load_base, covariance, spec, log=print) if args.select_every else None
+                    scorer = (
+                        oracle_scorer(load_base, covariance, spec, samples=args.select_samples, log=print)
+                        if args.select_every
+                        else None
+                    )
                     concept = perfusion.train_concept(
                         base, images, token, spec.superclass, config, covariance=covariance, masks=masks, scorer=scorer
                     )
