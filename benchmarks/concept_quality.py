@@ -151,7 +151,7 @@ def main() -> None:
         "templates": templates,
     }
     try:
-        perfusion.TrainConfig(**recipe)
+        perfusion.TrainConfig(**recipe, select_every=args.select_every or args.steps)
     except perfusion.TrainingError as error:
         parser.error(str(error))
     variants = {v: VARIANTS[v] for v in chosen}

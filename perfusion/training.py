@@ -97,6 +97,8 @@ class TrainConfig:
             problems.append("embedding_norm_cap must be > 0 (or None for no cap)")
         if not 0 <= self.average_tail < 1:
             problems.append("average_tail must be in [0, 1): the fraction of the last steps to average")
+        if self.select_every < 1:
+            problems.append("select_every must be >= 1 (steps between scorings)")
         if not 0 <= self.flip_probability <= 1:
             problems.append("flip_probability must be in [0, 1]")
         if not 0 <= self.ema_decay < 1:

@@ -158,6 +158,8 @@ def test_the_embedding_norm_stays_under_its_cap(base, covariance, mug_images):
     assert not torch.allclose(capped.embedding, free.embedding)
     with pytest.raises(TrainingError, match="embedding_norm_cap must be > 0"):
         perfusion.TrainConfig(embedding_norm_cap=0)
+    with pytest.raises(TrainingError, match="select_every must be >= 1"):
+        perfusion.TrainConfig(select_every=-50)
 
 
 def test_cosine_schedule_settles_the_last_steps(base, covariance, mug_images):
