@@ -46,6 +46,16 @@ def test_a_killed_worker_is_retried_and_the_concept_still_trains(tmp_path, ray_l
     assert row["status"] == "succeeded" and row["steps"] == 150
 
 
+def test_embedded_workers_run_at_the_callers_priority(ray_local):
+    """Ray's default worker niceness (15) lets any other busy process starve the training it was asked to run."""
+    import os
+
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray_local.get(ray_local.remote(niceness).remote()) == os.nice(0)
+
+
 def test_a_killed_render_actor_is_restarted_and_every_image_is_rendered(tmp_path, ray_local):
     root = tmp_path / "store"
     manifest = write_catalog(tmp_path / "shop", str(root), names=("mug",))
