@@ -6,6 +6,8 @@
     python benchmarks/concept_quality.py --steps 800 --average-tail 0.5 --train-seeds 3   # 56 min, not adopted
     python benchmarks/concept_quality.py --select-every 50 --select-samples 32 --train-seeds 3 \\
         --variants untrained,perfusion --table-only               # step selection, 48 min, not adopted
+    python benchmarks/concept_quality.py --train-seeds 3 --best-of 3 --variants untrained,perfusion \\
+        --table-only                                              # seed selection (best of 3 on validation)
     python benchmarks/concept_quality.py --variants untrained,perfusion,"trained keys"
 
 Per personal concept, from a few training images:
@@ -14,8 +16,10 @@ Per personal concept, from a few training images:
 - text alignment: fraction of renders of new-context prompts (a new background; a second object) in which
   the oracle finds what the prompt asked for (the background; the second object's shape and color), and
   "in context": how often the whole product is found in those renders (alignment does not ask for it);
-- variants: Perfusion (key-locked) vs the same training with trained keys vs textual inversion alone, and the
-  untrained concept (step 0: the superclass's embedding, no edit) as the baseline;
+- variants: Perfusion (key-locked) vs the same training with trained keys vs textual inversion alone, and two
+  baselines: the untrained concept (step 0: the superclass's embedding, no edit) and no concept at all, the
+  base prompted with the product's description ("a dotted purple star with a dot"; that combination of
+  shape, color and mark was never in pretraining);
 - the inference-time beta/tau trade-off for one concept, no retraining (the Pareto front), as a PNG;
 - two concepts in one prompt (both present, background right); 1-shot vs few-shot.
 Target (issue 3): Perfusion fidelity >= 70% and alignment >= 70% on at least 3 of 4 concepts.
@@ -48,6 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 8  # images per optimizer step in every table so far (the paper: 16; `--batch-size`)
 VARIANTS: dict[str, dict[str, Any]] = {
     "untrained": {},  # the concept before step 1
+    "described in words": {},  # no concept: the base prompted with the product's description
     "perfusion": {},
     "trained keys": {"lock_keys": False},
     "textual inversion": {"method": "textual_inversion"},
@@ -116,6 +121,14 @@ def main() -> None:
         "fidelity beside them: one run's last step is a draw (toy v3 dotted-star: 25%% to 81%% across steps)",
     )
     parser.add_argument(
+        "--best-of",
+        type=int,
+        default=1,
+        help="train N candidates (TrainConfig.seed) for each reported training seed and keep the one with the best "
+        "validation score (harmonic mean of fidelity and alignment on --select-samples renders at seeds 5000..): "
+        "the paper's selection across runs instead of steps; N times the training",
+    )
+    parser.add_argument(
         "--templates", default=None, help="training prompts, '|'-separated, each with {} (default: the base's own)"
     )
     parser.add_argument("--table-only", action="store_true", help="the table alone: no gate sweep, pair or one-shot")
@@ -131,12 +144,16 @@ def main() -> None:
     # flags are checked before the base model loads
     chosen = ["untrained", "perfusion"] if args.quick else args.variants.split(",")
     unknown = [v for v in chosen if v not in VARIANTS]
-    if unknown or "perfusion" not in chosen:
-        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}, perfusion included")
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if "perfusion" not in chosen and not args.table_only:
+        parser.error("--variants: the gate sweep, the pair and the one-shot need perfusion; add it or --table-only")
     if args.select_samples < 1:
         parser.error(f"--select-samples must be >= 1 (got {args.select_samples})")
     if args.train_seeds < 1:
         parser.error(f"--train-seeds must be >= 1 (got {args.train_seeds})")
+    if args.best_of < 1:
+        parser.error(f"--best-of must be >= 1 (got {args.best_of})")
     templates = tuple(args.templates.split("|")) if args.templates else None
     if templates is not None and any("{}" not in t for t in templates):
         parser.error(f"--templates: each '|'-separated prompt needs a {{}} for the concept (got {list(templates)})")
@@ -168,6 +185,8 @@ def main() -> None:
     selection += f", o*_V rate {args.lr_value}" if args.lr_value != perfusion.TrainConfig().lr_value else ""
     selection += f", reported on seeds from {args.render_seed}" if args.render_seed else ""
     selection += f", mean of {args.train_seeds} training seeds" if args.train_seeds > 1 else ""
+    if args.best_of > 1:
+        selection += f", each the best of {args.best_of} on {args.select_samples} validation renders a measure"
     selection += f", templates {list(templates)}" if templates else ""
     suffix = "_masked" if args.masks else ""  # both recipes' results kept side by side
     table, plot = out / f"concept_quality{suffix}.md", out / f"concept_pareto{suffix}.png"
@@ -187,37 +206,60 @@ def main() -> None:
         images = concept_images(spec, args.images, seed=11)
         masks = concept_masks(spec, args.images, seed=11, background=args.mask_background) if args.masks else None
         for variant, overrides in variants.items():
-            scores, steps = [], []
-            for seed in range(1 if variant == "untrained" else args.train_seeds):
+            scores, steps, picked = [], [], []
+            if variant == "described in words":  # nothing to train: one row from the base model alone
+                scores = [
+                    score_concept(
+                        perfusion.ConceptRenderer(load_base(), covariance),
+                        spec,
+                        spec.description(),
+                        args.samples,
+                        seed=args.render_seed,
+                    )
+                ]
+                lines.append(_row(spec.name, variant, "-", scores, ""))
+                print(lines[-1], flush=True)
+                continue
+            for group in range(1 if variant == "untrained" else args.train_seeds):
                 if variant == "untrained":
                     concept = initial_concept(base, token, spec.superclass, perfusion.TrainConfig(templates=templates))
                 else:
-                    config = perfusion.TrainConfig(
-                        **recipe, select_every=args.select_every or args.steps, seed=seed, **overrides
-                    )
-                    scorer = (
-                        oracle_scorer(load_base, covariance, spec, samples=args.select_samples, log=print)
-                        if args.select_every
-                        else None
-                    )
-                    concept = perfusion.train_concept(
-                        base, images, token, spec.superclass, config, covariance=covariance, masks=masks, scorer=scorer
-                    )
-                trained.setdefault((spec.name, variant), concept)  # seed 0's: the sweep and the pair use it
+                    candidates = []
+                    for seed in range(group * args.best_of, (group + 1) * args.best_of):  # --best-of 1: seed = group
+                        config = perfusion.TrainConfig(
+                            **recipe, select_every=args.select_every or args.steps, seed=seed, **overrides
+                        )
+                        scorer = (
+                            oracle_scorer(load_base, covariance, spec, samples=args.select_samples, log=print)
+                            if args.select_every or args.best_of > 1
+                            else None
+                        )
+                        concept = perfusion.train_concept(
+                            base,
+                            images,
+                            token,
+                            spec.superclass,
+                            config,
+                            covariance=covariance,
+                            masks=masks,
+                            scorer=scorer if args.select_every else None,
+                        )
+                        validation = 0.0  # validation renders only (seeds 5000..): never the reported ones
+                        if scorer is not None and args.best_of > 1:
+                            validation = scorer(concept, int(concept.metadata.get("selected_step", args.steps)))
+                            print(f"{spec.name} {variant} seed {seed}: validation score {validation:.2f}", flush=True)
+                        candidates.append((validation, seed, concept))
+                    _, seed, concept = max(candidates, key=lambda c: c[0])  # the first of equals
+                    picked.append(seed)
+                trained.setdefault((spec.name, variant), concept)  # the first group's: the sweep and pair use it
                 renderer = perfusion.ConceptRenderer(load_base(), covariance)
                 renderer.attach(concept)
                 scores.append(score_concept(renderer, spec, token, args.samples, seed=args.render_seed))
                 steps.append(str(concept.metadata.get("selected_step", 0)))
-            score = mean_score(scores)
-            by_seed = f" ({' / '.join(f'{x.fidelity:.0%}' for x in scores)})" if len(scores) > 1 else ""
             if variant == "perfusion":
-                fidelities[spec.name] = score.fidelity
-            lines.append(
-                f"| {spec.name} | {variant} | {' / '.join(dict.fromkeys(steps))} | {score.fidelity:.0%}{by_seed} | "
-                f"{score.alignment:.0%} | {score.in_context:.0%} | "
-                + " | ".join(f"{score.rates[a]:.0%}" for a in ATTRIBUTES)
-                + " |"
-            )
+                fidelities[spec.name] = mean_score(scores).fidelity
+            chosen_seeds = f"seeds {', '.join(map(str, picked))}" if args.best_of > 1 and picked else ""
+            lines.append(_row(spec.name, variant, " / ".join(dict.fromkeys(steps)), scores, chosen_seeds))
             print(lines[-1], flush=True)
     if args.table_only:
         out.mkdir(parents=True, exist_ok=True)
@@ -287,6 +329,20 @@ def main() -> None:
         print("\n".join(lines[-2:]))
     table.write_text("\n".join(lines) + "\n")
     print(f"wrote {table} and {plot}")
+
+
+def _row(name: str, variant: str, steps: str, scores: list[ConceptScore], note: str) -> str:
+    """One table row: the means over the training seeds, each seed's fidelity (and `note`) in brackets."""
+    score = mean_score(scores)
+    detail = "; ".join(
+        x for x in (" / ".join(f"{x.fidelity:.0%}" for x in scores) if len(scores) > 1 else "", note) if x
+    )
+    return (
+        f"| {name} | {variant} | {steps} | {score.fidelity:.0%}{f' ({detail})' if detail else ''} | "
+        f"{score.alignment:.0%} | {score.in_context:.0%} | "
+        + " | ".join(f"{score.rates[a]:.0%}" for a in ATTRIBUTES)
+        + " |"
+    )
 
 
 def _plot(points: list[tuple[float, float, float, float]], path: Path, name: str) -> None:

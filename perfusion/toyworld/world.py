@@ -106,6 +106,11 @@ class PersonalConcept:
     def object(self, center: tuple[int, int], radius: int) -> ObjectSpec:
         return ObjectSpec(self.superclass, self.color, self.texture, self.mark, center, radius)
 
+    def description(self) -> str:
+        """The product in the toy's own caption words ("a dotted purple star with a dot"): what a user could
+        prompt the base model with instead of training a concept."""
+        return _article(f"{self.texture} {self.color} {self.superclass}") + f" with a {self.mark}"
+
 
 PERSONAL_CONCEPTS: tuple[PersonalConcept, ...] = (
     PersonalConcept("dotted-star", "star", "purple", "dotted", "dot", {"sku": "TOY-001", "category": "stars"}),

@@ -96,6 +96,15 @@ def test_personal_concepts_are_marked_combinations_the_pretraining_world_never_s
     assert len({c.name for c in PERSONAL_CONCEPTS}) == 4
 
 
+def test_a_products_description_is_a_phrase_the_captions_use():
+    """The benchmark's "described in words" baseline prompts the base with words it was pretrained on."""
+    rng = random.Random(0)
+    for concept in PERSONAL_CONCEPTS:
+        said = {caption(Scene("white", (concept.object((16, 16), 9),)), rng) for _ in range(200)}
+        assert any(concept.description() in text for text in said), (concept.description(), sorted(said)[:3])
+    assert PERSONAL_CONCEPTS[0].description() == "a dotted purple star with a dot"
+
+
 def test_concept_masks_cover_exactly_the_product_in_its_photos():
     for concept in PERSONAL_CONCEPTS:
         for photo, mask in zip(concept_images(concept, 4, seed=5), concept_masks(concept, 4, seed=5), strict=True):
