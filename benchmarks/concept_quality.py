@@ -190,11 +190,13 @@ def main() -> None:
     selection += f", templates {list(templates)}" if templates else ""
     suffix = "_masked" if args.masks else ""  # both recipes' results kept side by side
     table, plot = out / f"concept_quality{suffix}.md", out / f"concept_pareto{suffix}.png"
-    lines = [
-        f"# Concept quality on toy {base.fingerprint[:12]} ({args.images} images, {args.steps} steps{selection}"
-        f"{masked}, embedding norm cap {perfusion.TrainConfig().embedding_norm_cap}, {args.samples} samples)",
-        "",
-    ]
+    recipe_text = (
+        f"{args.images} images, {args.steps} steps{selection}{masked}, "
+        f"embedding norm cap {perfusion.TrainConfig().embedding_norm_cap}"
+        if set(chosen) - {"untrained", "described in words"}
+        else "baselines only, nothing trained"
+    )
+    lines = [f"# Concept quality on toy {base.fingerprint[:12]} ({recipe_text}, {args.samples} samples)", ""]
     lines += [
         "| concept | variant | step | fidelity | alignment | in context | shape | color | texture | mark |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
