@@ -42,11 +42,12 @@ from perfusion.toyworld.oracle import has_concept, read_batch
 from perfusion.toyworld.scoring import ATTRIBUTES, RENDER, ConceptScore, oracle_scorer, score_concept
 from perfusion.toyworld.world import (
     PERSONAL_CONCEPTS,
+    PersonalConcept,
     caption_corpus,
     concept_images,
     concept_masks,
 )
-from perfusion.training import initial_concept
+from perfusion.training import Scorer, initial_concept
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 8  # images per optimizer step in every table so far (the paper: 16; `--batch-size`)
@@ -201,12 +202,36 @@ def main() -> None:
         "| concept | variant | step | fidelity | alignment | in context | shape | color | texture | mark |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def train(
+        spec: PersonalConcept,
+        images: list[Any],
+        masks: list[Any] | None,
+        seed: int,
+        overrides: dict[str, Any],
+        scorer: Scorer,
+    ) -> perfusion.Concept:
+        """One training of the shared recipe (step selection with `scorer` when --select-every is set)."""
+        config = perfusion.TrainConfig(**recipe, select_every=args.select_every or args.steps, seed=seed, **overrides)
+        return perfusion.train_concept(
+            base,
+            images,
+            f"<{spec.name}>",  # the token every variant of the table renders
+            spec.superclass,
+            config,
+            covariance=covariance,
+            masks=masks,
+            scorer=scorer if args.select_every else None,
+        )
+
     trained: dict[tuple[str, str], perfusion.Concept] = {}
     fidelities: dict[str, float] = {}  # Perfusion's, per concept: the sweep and the pair use the best ones
     for spec in concepts:
         token = f"<{spec.name}>"
         images = concept_images(spec, args.images, seed=11)
         masks = concept_masks(spec, args.images, seed=11, background=args.mask_background) if args.masks else None
+        # the oracle on validation renders (seeds 5000..), for step selection and for --best-of
+        scorer = oracle_scorer(load_base, covariance, spec, samples=args.select_samples, log=print)
         for variant, overrides in variants.items():
             scores, steps, picked = [], [], []
             if variant == "described in words":  # nothing to train: one row from the base model alone
@@ -226,32 +251,11 @@ def main() -> None:
                 if variant == "untrained":
                     concept = initial_concept(base, token, spec.superclass, perfusion.TrainConfig(templates=templates))
                 else:
-                    candidates = []
-                    for seed in range(group * args.best_of, (group + 1) * args.best_of):  # --best-of 1: seed = group
-                        config = perfusion.TrainConfig(
-                            **recipe, select_every=args.select_every or args.steps, seed=seed, **overrides
-                        )
-                        scorer = (
-                            oracle_scorer(load_base, covariance, spec, samples=args.select_samples, log=print)
-                            if args.select_every or args.best_of > 1
-                            else None
-                        )
-                        concept = perfusion.train_concept(
-                            base,
-                            images,
-                            token,
-                            spec.superclass,
-                            config,
-                            covariance=covariance,
-                            masks=masks,
-                            scorer=scorer if args.select_every else None,
-                        )
-                        validation = 0.0  # validation renders only (seeds 5000..): never the reported ones
-                        if scorer is not None and args.best_of > 1:
-                            validation = scorer(concept, int(concept.metadata.get("selected_step", args.steps)))
-                            print(f"{spec.name} {variant} seed {seed}: validation score {validation:.2f}", flush=True)
-                        candidates.append((validation, seed, concept))
-                    _, seed, concept = max(candidates, key=lambda c: c[0])  # the first of equals
+                    seeds = range(group * args.best_of, (group + 1) * args.best_of)  # --best-of 1: seed = group
+                    candidates = [(seed, train(spec, images, masks, seed, overrides, scorer)) for seed in seeds]
+                    seed, concept = (
+                        pick_best(candidates, scorer, f"{spec.name} {variant}") if len(seeds) > 1 else candidates[0]
+                    )
                     picked.append(seed)
                 trained.setdefault((spec.name, variant), concept)  # the first group's: the sweep and pair use it
                 renderer = perfusion.ConceptRenderer(load_base(), covariance)
@@ -331,6 +335,20 @@ def main() -> None:
         print("\n".join(lines[-2:]))
     table.write_text("\n".join(lines) + "\n")
     print(f"wrote {table} and {plot}")
+
+
+def pick_best(
+    candidates: list[tuple[int, perfusion.Concept]], scorer: Scorer, label: str
+) -> tuple[int, perfusion.Concept]:
+    """(seed, concept) of the candidate with the best validation score (the first of equals). The scorer renders
+    validation seeds only, so the choice never sees the renders the table reports."""
+    scored = []
+    for seed, concept in candidates:
+        value = scorer(concept, int(concept.metadata["selected_step"]))
+        print(f"{label} seed {seed}: validation score {value:.2f}", flush=True)
+        scored.append((value, seed, concept))
+    _, seed, concept = max(scored, key=lambda c: c[0])
+    return seed, concept
 
 
 def _row(name: str, variant: str, steps: str, scores: list[ConceptScore], note: str) -> str:
