@@ -38,12 +38,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
+from perfusion.clip_scoring import ClipFolderError, ClipScorer, check_clip_folder
+from perfusion.toyworld.clip import TOY_CLIP_DIR
 from perfusion.toyworld.oracle import has_concept, read_batch
 from perfusion.toyworld.scoring import ATTRIBUTES, RENDER, ConceptScore, oracle_scorer, score_concept
 from perfusion.toyworld.world import (
     PERSONAL_CONCEPTS,
     PersonalConcept,
-    caption_corpus,
     concept_images,
     concept_masks,
 )
@@ -67,7 +68,30 @@ def mean_score(scores: list[ConceptScore]) -> ConceptScore:
         alignment=float(np.mean([x.alignment for x in scores])),
         rates={a: float(np.mean([x.rates[a] for x in scores])) for a in ATTRIBUTES},
         in_context=float(np.mean([x.in_context for x in scores])),
+        clip_i=float(np.mean([x.clip_i for x in scores])),
+        clip_t=float(np.mean([x.clip_t for x in scores])),
     )
+
+
+def rank_agreement(pairs: list[tuple[float, float]]) -> float:
+    """Spearman's rank correlation of (oracle figure, CLIP figure) pairs: how well CLIP ranks what the oracle
+    ranks (ties get their mean rank)."""
+    if len(pairs) < 3:
+        return float("nan")
+
+    def ranks(values: list[float]) -> np.ndarray:
+        order = np.argsort(values, kind="stable")
+        out = np.empty(len(values))
+        out[order] = np.arange(len(values))
+        for value in set(values):  # ties: their mean rank
+            tied = np.array(values) == value
+            out[tied] = out[tied].mean()
+        return out
+
+    first, second = ranks([a for a, _ in pairs]), ranks([b for _, b in pairs])
+    if first.std() == 0 or second.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(first, second)[0, 1])
 
 
 def main() -> None:
@@ -134,6 +158,11 @@ def main() -> None:
     )
     parser.add_argument("--table-only", action="store_true", help="the table alone: no gate sweep, pair or one-shot")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--clip",
+        default=str(TOY_CLIP_DIR),
+        help="a local CLIP folder for CLIP-I / CLIP-T beside the oracle (default: the toy CLIP); 'none' to skip",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (quality figures do not depend on it)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the table and the plot")
     args = parser.parse_args()
@@ -172,9 +201,17 @@ def main() -> None:
         perfusion.TrainConfig(**recipe, select_every=args.select_every or args.steps)
     except perfusion.TrainingError as error:
         parser.error(str(error))
+    clip = None
+    if args.clip != "none":
+        try:  # checked (config class, weights, text width) before the base model loads
+            check_clip_folder(args.clip)
+        except ClipFolderError as error:
+            parser.error(f"--clip: {error}")
     variants = {v: VARIANTS[v] for v in chosen}
     base = load_base()
-    covariance = perfusion.estimate_covariance(base, caption_corpus())
+    if args.clip != "none":
+        clip = ClipScorer.from_folder(args.clip, device=args.device)
+    covariance = perfusion.estimate_covariance(base)  # from the base's own captions
     concepts = PERSONAL_CONCEPTS[:1] if args.quick else PERSONAL_CONCEPTS
     masked = f", masks (background {args.mask_background})" if args.masks else ""
     selection = ""
@@ -199,9 +236,11 @@ def main() -> None:
     )
     lines = [f"# Concept quality on toy {base.fingerprint[:12]} ({recipe_text}, {args.samples} samples)", ""]
     lines += [
-        "| concept | variant | step | fidelity | alignment | in context | shape | color | texture | mark |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concept | variant | step | fidelity | alignment | in context | shape | color | texture | mark "
+        "| CLIP-I | CLIP-T |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    agreement: list[ConceptScore] = []  # every row's mean score, for how CLIP ranks against the oracle
 
     def train(
         spec: PersonalConcept,
@@ -229,6 +268,7 @@ def main() -> None:
     for spec in concepts:
         token = f"<{spec.name}>"
         images = concept_images(spec, args.images, seed=11)
+        references = [np.asarray(image) for image in images]
         masks = concept_masks(spec, args.images, seed=11, background=args.mask_background) if args.masks else None
         # the oracle on validation renders (seeds 5000..), for step selection and for --best-of
         scorer = oracle_scorer(load_base, covariance, spec, samples=args.select_samples, log=print)
@@ -242,8 +282,11 @@ def main() -> None:
                         spec.description(),
                         args.samples,
                         seed=args.render_seed,
+                        clip=clip,
+                        references=references,
                     )
                 ]
+                agreement.append(mean_score(scores))
                 lines.append(_row(spec.name, variant, "-", scores, ""))
                 print(lines[-1], flush=True)
                 continue
@@ -260,13 +303,26 @@ def main() -> None:
                 trained.setdefault((spec.name, variant), concept)  # the first group's: the sweep and pair use it
                 renderer = perfusion.ConceptRenderer(load_base(), covariance)
                 renderer.attach(concept)
-                scores.append(score_concept(renderer, spec, token, args.samples, seed=args.render_seed))
+                scores.append(
+                    score_concept(
+                        renderer, spec, token, args.samples, seed=args.render_seed, clip=clip, references=references
+                    )
+                )
                 steps.append(str(concept.metadata.get("selected_step", 0)))
             if variant == "perfusion":
                 fidelities[spec.name] = mean_score(scores).fidelity
+            agreement.append(mean_score(scores))
             chosen_seeds = f"seeds {', '.join(map(str, picked))}" if args.best_of > 1 and picked else ""
             lines.append(_row(spec.name, variant, " / ".join(dict.fromkeys(steps)), scores, chosen_seeds))
             print(lines[-1], flush=True)
+    if clip is not None:
+        lines += [
+            "",
+            f"CLIP ({args.clip}) against the oracle over the {len(agreement)} rows above, Spearman rank correlation: "
+            f"CLIP-I vs fidelity {rank_agreement([(x.fidelity, x.clip_i) for x in agreement]):.2f}, "
+            f"CLIP-T vs alignment {rank_agreement([(x.alignment, x.clip_t) for x in agreement]):.2f}",
+        ]
+        print(lines[-1])
     if args.table_only:
         out.mkdir(parents=True, exist_ok=True)
         table.write_text("\n".join(lines) + "\n")
@@ -361,7 +417,7 @@ def _row(name: str, variant: str, steps: str, scores: list[ConceptScore], note: 
         f"| {name} | {variant} | {steps} | {score.fidelity:.0%}{f' ({detail})' if detail else ''} | "
         f"{score.alignment:.0%} | {score.in_context:.0%} | "
         + " | ".join(f"{score.rates[a]:.0%}" for a in ATTRIBUTES)
-        + " |"
+        + f" | {score.clip_i:.3f} | {score.clip_t:.3f} |"
     )
 
 

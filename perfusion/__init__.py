@@ -29,7 +29,7 @@ from perfusion.errors import (
     RenderError,
     TrainingError,
 )
-from perfusion.models import BaseModel, load_base
+from perfusion.models import BUILTIN_BASES, BaseModel, load_base
 from perfusion.sampling import ConceptRenderer, RenderRequest, RenderSettings
 from perfusion.training import StepInfo, TrainConfig, denoising_loss, train_concept
 
@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 METHOD_VERSION = "perfusion-1"  # bump when a change alters what training produces (part of concept keys)
 
 __all__ = [
+    "BUILTIN_BASES",
     "METHOD_VERSION",
     "BaseModel",
     "BaseModelError",

@@ -1,6 +1,6 @@
 """The project's own text: neutral training templates and a generated caption corpus.
 
-Two consumers:
+The language of real text encoders (a built-in base may bring its own: models.BaseModel). Two consumers:
 - training (paper sec. 4.4) conditions on neutral context templates in the style of CLIP's ImageNet
   templates, with the concept token in the slot;
 - the covariance C of text-encoder outputs (PERFUSION.md) needs many captions. The paper used ~100K real
@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # a type only: importing the corpus stays free of torch and diffusers
-    from perfusion.models import BaseModel
 
 # Neutral context templates (CLIP ImageNet style). "{}" is the concept (or superclass) phrase.
 NEUTRAL_TEMPLATES: tuple[str, ...] = (
@@ -267,14 +263,3 @@ def read_caption_file(path: str) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         lines = [line.strip() for line in handle]
     return [line for line in lines if line and not line.startswith("#")]
-
-
-def default_templates(base: BaseModel) -> tuple[str, ...]:
-    """The training prompts' contexts in the base model's own language: the toy model knows only the toy
-    world's words (any other word is an embedding it never trained, noise around the concept token), every
-    real text encoder knows the neutral ImageNet-style templates."""
-    if base.source == "toy":
-        from perfusion.toyworld.world import TOY_TEMPLATES
-
-        return TOY_TEMPLATES
-    return NEUTRAL_TEMPLATES

@@ -15,12 +15,12 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from perfusion.corpus import builtin_prompts
 from perfusion.errors import CovarianceError
 from perfusion.models import BaseModel
 
@@ -59,16 +59,6 @@ class Covariance:
         return float(eigenvalues.max() / eigenvalues.min().clamp_min(1e-300))
 
 
-def default_prompts(base: BaseModel) -> list[str]:
-    """Captions typical of what the base model's text encoder sees: the toy world's own captions for "toy"
-    (its encoder knows no other language), the built-in generated corpus for everything else."""
-    if base.source == "toy":
-        from perfusion.toyworld.world import caption_corpus
-
-        return caption_corpus()
-    return builtin_prompts()
-
-
 @torch.no_grad()
 def estimate_covariance(
     base: BaseModel,
@@ -78,30 +68,50 @@ def estimate_covariance(
     ridge: float = DEFAULT_RIDGE,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Covariance:
-    """C from `prompts` (default: the base model's own language, default_prompts(base))."""
-    prompts = list(prompts) if prompts is not None else default_prompts(base)
+    """C from `prompts` (default: the base model's own captions, base.captions())."""
+    prompts = list(prompts) if prompts is not None else base.captions()
+    text_encoder = base.text_encoder
+    moment, count = second_moment(
+        lambda ids: text_encoder(ids.to(text_encoder.device))[0],
+        base.tokenizer,
+        prompts,
+        batch_size=batch_size,
+        on_progress=on_progress,
+    )
+    return Covariance.from_second_moment(moment, base.fingerprint, count, ridge)
+
+
+@torch.no_grad()
+def second_moment(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(C (d, d) float64, token count): the mean of e e^T over the real tokens (BOS .. EOS, never padding) of
+    `prompts`; `encode` maps input_ids (b, m) to per-position states (b, m, d)."""
     if not prompts:
         raise CovarianceError("no prompts to estimate the covariance from: pass at least one caption")
-    tokenizer, text_encoder = base.tokenizer, base.text_encoder
-    dim = text_encoder.config.hidden_size
-    moment = torch.zeros(dim, dim, dtype=torch.float64)
+    moment = torch.zeros((), dtype=torch.float64)  # broadcasts to (d, d) at the first batch
     count = 0
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(
-            prompts[start : start + batch_size],
+            list(prompts[start : start + batch_size]),
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
-        encodings = text_encoder(batch.input_ids.to(text_encoder.device))[0]  # (b, m, d)
+        encodings = encode(batch.input_ids)  # (b, m, d)
         real = batch.attention_mask.bool().to(encodings.device)  # (b, m): BOS..EOS, not padding
         tokens = encodings[real].to(torch.float64).cpu()  # (n, d)
-        moment += tokens.T @ tokens
+        moment = moment + tokens.T @ tokens
         count += tokens.shape[0]
         if on_progress is not None:
             on_progress(min(start + batch_size, len(prompts)), len(prompts))
-    return Covariance.from_second_moment(moment / count, base.fingerprint, count, ridge)
+    return moment / count, count
 
 
 def covariance_to_bytes(covariance: Covariance) -> bytes:

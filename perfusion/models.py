@@ -1,14 +1,19 @@
 """Base models: what a concept is trained on and rendered with.
 
 `load_base(spec)` accepts
-- "toy": the project's own model pretrained on the toy world (perfusion/toyworld), weights shipped;
-- "tiny": a small Stable-Diffusion-shaped pipeline built from config with a fixed seed (random weights,
+- a built-in base by name (BUILTIN_BASES, the one place they are registered):
+  "toy": the project's own model pretrained on the toy world (perfusion/toyworld), weights shipped;
+  "tiny": a small Stable-Diffusion-shaped pipeline built from config with a fixed seed (random weights,
   for unit tests; builds in well under a second on CPU), with the project's generated BPE tokenizer;
 - a local diffusers folder (SD 1.x / 2.x; has model_index.json);
 - a local single-file checkpoint (.safetensors; pass `config=` a diffusers folder of the same architecture,
   since the architecture config otherwise comes from the Hub);
 - a Hub id ("org/name"): found in the local Hugging Face cache, or fetched only when the Hub answers;
   otherwise it fails fast and asks for a local path. Nothing is ever downloaded at import time.
+
+A base carries its own language: the templates a concept is trained in and the caption corpus its covariance
+C is estimated from. A real text encoder gets the generic ones (corpus.py); a built-in base may bring its own
+(the toy's are files beside its weights, in the only words its encoder knows).
 
 The fingerprint identifies what a concept depends on: the text encoder (its weights and the tokenizer's
 vocabulary) and every cross-attention K/V projection with the layer names. Weights are hashed as float16
@@ -18,6 +23,7 @@ bytes so the same model loaded in fp32 on CPU and fp16 on GPU has one fingerprin
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -37,19 +43,33 @@ from diffusers import (
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from perfusion.corpus import NEUTRAL_TEMPLATES, builtin_prompts, read_caption_file
 from perfusion.errors import BaseModelError
 from perfusion.vocab import load_tiny_tokenizer
 
 TINY_SEED = 0
 
+# Built-in bases by name: "module:function" returning a BuiltinBase. Imported on first use, so the core never
+# imports a built-in's code (the toy world lives in perfusion/toyworld/ and depends on the core, not back).
+BUILTIN_BASES: dict[str, str] = {
+    "tiny": "perfusion.models:build_tiny_base",
+    "toy": "perfusion.toyworld.model:build_toy_base",
+}
+
 
 @dataclass
 class BaseModel:
-    """A loaded diffusers pipeline plus the identity of its weights."""
+    """A loaded diffusers pipeline plus the identity of its weights and its own language."""
 
     pipeline: StableDiffusionPipeline
     source: str  # what the user asked for: "tiny", a path, or a Hub id
     fingerprint: str
+    templates: tuple[str, ...] = NEUTRAL_TEMPLATES  # contexts a concept is trained in; "{}" is the token
+    captions_file: Path | None = None  # the covariance corpus, one caption a line; None: corpus.builtin_prompts()
+
+    def captions(self) -> list[str]:
+        """Captions typical of what this base's text encoder reads: the covariance C's corpus."""
+        return builtin_prompts() if self.captions_file is None else read_caption_file(str(self.captions_file))
 
     @property
     def tokenizer(self):  # type: ignore[no-untyped-def]
@@ -80,6 +100,15 @@ class BaseModel:
         return cross_attention_layers(self.pipeline.unet)
 
 
+@dataclass(frozen=True)
+class BuiltinBase:
+    """What a built-in base's builder returns (see BUILTIN_BASES)."""
+
+    pipeline: StableDiffusionPipeline
+    templates: tuple[str, ...] = NEUTRAL_TEMPLATES
+    captions_file: Path | None = None
+
+
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
     """Every cross-attention module (diffusers names them attn2), by module path, in UNet order."""
     return {
@@ -100,23 +129,22 @@ def load_base(
     spec = str(spec)
     # Load at the stored precision and fingerprint BEFORE casting: hashing fp16 bytes makes fp32 and fp16
     # loads agree, but a bf16 cast drops mantissa bits first and would change the identity.
-    if spec == "tiny":
-        pipeline = build_tiny_pipeline()
-    elif spec == "toy":
-        from perfusion.toyworld.model import build_toy_pipeline  # the shipped, pretrained toy-world model
-
-        pipeline = build_toy_pipeline()
+    if spec in BUILTIN_BASES:
+        module, function = BUILTIN_BASES[spec].split(":")
+        built: BuiltinBase = getattr(importlib.import_module(module), function)()
     elif os.path.isdir(spec):
-        pipeline = _load_folder(spec)
+        built = BuiltinBase(_load_folder(spec))
     elif os.path.isfile(spec):
-        pipeline = _load_single_file(spec, config)
+        built = BuiltinBase(_load_single_file(spec, config))
     elif _looks_like_hub_id(spec):
-        pipeline = _load_hub(spec)
+        built = BuiltinBase(_load_hub(spec))
     else:
+        names = ", ".join(repr(name) for name in BUILTIN_BASES)
         raise BaseModelError(
-            f"base model {spec!r} not found: pass 'toy', 'tiny', a local diffusers folder (with model_index.json), "
-            "a local .safetensors checkpoint, or a Hugging Face Hub id such as 'org/name'."
+            f"base model {spec!r} not found: pass a built-in base ({names}), a local diffusers folder (with "
+            "model_index.json), a local .safetensors checkpoint, or a Hugging Face Hub id such as 'org/name'."
         )
+    pipeline = built.pipeline
     pipeline.set_progress_bar_config(disable=True)
     identity = fingerprint(pipeline)
     # diffusers warns on every dtype cast of a model whose keep-in-fp32 list is empty ("[]"): nothing to see.
@@ -130,7 +158,11 @@ def load_base(
             module.to(device=device, dtype=dtype)
     finally:
         modeling_logger.setLevel(level)
-    return BaseModel(pipeline=pipeline, source=spec, fingerprint=identity)
+    return BaseModel(pipeline, spec, identity, built.templates, built.captions_file)
+
+
+def build_tiny_base() -> BuiltinBase:
+    return BuiltinBase(build_tiny_pipeline())
 
 
 def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:

@@ -33,7 +33,6 @@ from PIL import Image, UnidentifiedImageError
 
 from perfusion.attention import PerfusionCall, install_processors
 from perfusion.concept import DEFAULT_BETA, DEFAULT_TAU, Concept
-from perfusion.corpus import default_templates
 from perfusion.covariance import Covariance, estimate_covariance
 from perfusion.errors import TrainingError
 from perfusion.models import BaseModel
@@ -81,7 +80,7 @@ class TrainConfig:
     method: str = "perfusion"  # or "textual_inversion": the embedding row only, no rank-1 edit (a baseline)
     mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; or "no", "fp16", "bf16"
     seed: int = 0
-    templates: tuple[str, ...] | None = None  # None: the base model's own (corpus.default_templates)
+    templates: tuple[str, ...] | None = None  # None: the base model's own (BaseModel.templates)
 
     def __post_init__(self) -> None:
         problems = []
@@ -147,7 +146,7 @@ def train_concept(
     if masks is not None and len(masks) != len(images):
         raise TrainingError(f"concept {token!r}: {len(masks)} masks for {len(images)} images; give one per image")
     if config.templates is None:  # resolved here, so the concept's metadata records the prompts it learned from
-        config = dataclasses.replace(config, templates=default_templates(base))
+        config = dataclasses.replace(config, templates=base.templates)
     device = base.device
     covariance = covariance or estimate_covariance(base)
     resolution = config.resolution or base.resolution
@@ -169,7 +168,7 @@ def train_concept(
 def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainConfig = TrainConfig()) -> Concept:
     """The concept before step 1: embedding = superclass embedding, i* = i_super, o*_V = W_V i_super
     (and o*_K = W_K i_super, trained only when config.lock_keys is False). float32 on the base's device."""
-    i_super = superclass_input(base, superclass, config.templates or default_templates(base))  # (d,)
+    i_super = superclass_input(base, superclass, config.templates or base.templates)  # (d,)
     # Textual inversion edits no layer: the concept is its embedding row alone.
     layers = base.cross_attention_layers() if config.method == "perfusion" else {}
     return Concept(
@@ -230,7 +229,7 @@ def _train(
     tail = _TailAverage(first_step=config.steps - int(config.average_tail * config.steps) + 1)
     started = time.perf_counter()
 
-    templates = config.templates or default_templates(base)  # (train_concept resolved it; this tells mypy)
+    templates = config.templates or base.templates  # (train_concept resolved it; this tells mypy)
     for step in range(1, config.steps + 1):
         # All randomness of the step is drawn for the full batch, then split into micro-batches, so
         # gradient accumulation computes the same update as one big batch.

@@ -5,11 +5,11 @@ CLIP's conventions (`</w>` end-of-word suffix, `<|startoftext|>` / `<|endoftext|
 perfusion/corpus.py, and ship vocab.json + merges.txt under perfusion/assets/tokenizer/. Every corpus word
 becomes one token; any other text still tokenizes through the byte alphabet.
 
-The shipped files are the source of truth, not a cache: token ids index the rows of the toy model's
+The shipped files are the source of truth, not a cache: token ids index the rows of the tiny model's
 embedding table. The trainer breaks ties between equally frequent pairs in hash order, so two fresh builds
 have the same tokens and merges but may number tied ones differently. `python -m perfusion.vocab` therefore
-rewrites the files only when the corpus gained or lost tokens (and then the toy model must be pretrained
-again); a test checks the shipped files still hold exactly what a fresh build holds.
+rewrites the files only when the corpus gained or lost tokens (and then the tiny model changes with them);
+a test checks the shipped files still hold exactly what a fresh build holds.
 """
 
 from __future__ import annotations
@@ -42,23 +42,25 @@ def _byte_alphabet() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def build_vocab() -> tuple[dict[str, int], list[str]]:
-    """Train the BPE on the corpus: same corpus -> same tokens and merges (tied ones maybe renumbered)."""
+def build_vocab(texts: list[str] | None = None, vocab_size: int = VOCAB_SIZE) -> tuple[dict[str, int], list[str]]:
+    """Train the BPE on `texts` (default: the tiny models' corpus): same texts -> same tokens and merges (tied
+    ones maybe renumbered). With a `vocab_size` above what the texts need, every word becomes one token."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     alphabet = _byte_alphabet()
     tokenizer = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - 2,
+        vocab_size=vocab_size - 2,
         min_frequency=1,
         initial_alphabet=alphabet,
         end_of_word_suffix="</w>",
         show_progress=False,
         special_tokens=[],
     )
-    corpus = [p.lower() for p in builtin_prompts()] + [t.format("") for t in NEUTRAL_TEMPLATES]
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    if texts is None:
+        texts = builtin_prompts() + [t.format("") for t in NEUTRAL_TEMPLATES]
+    tokenizer.train_from_iterator([text.lower() for text in texts], trainer=trainer)
     trained = json.loads(tokenizer.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in trained["merges"]]
 
@@ -87,7 +89,7 @@ def write_tokenizer_files(out_dir: Path = TOKENIZER_DIR) -> bool:
     """Write a fresh build unless `out_dir` already holds the same tokens; True if it wrote."""
     vocab, merges = build_vocab()
     if (out_dir / "vocab.json").exists() and same_tokens(read_tokenizer_files(out_dir), (vocab, merges)):
-        return False  # keep the shipped numbering: the toy weights depend on it
+        return False  # keep the shipped numbering: the tiny model's weights depend on it
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0) + "\n")
     (out_dir / "merges.txt").write_text("#version: perfusion-batch tiny\n" + "\n".join(merges) + "\n")
@@ -111,6 +113,6 @@ def load_tiny_tokenizer(directory: Path = TOKENIZER_DIR) -> CLIPTokenizer:
 
 if __name__ == "__main__":
     if write_tokenizer_files():
-        print(f"wrote {TOKENIZER_DIR}: the tokens changed, so pretrain the toy model again")
+        print(f"wrote {TOKENIZER_DIR}: the tokens changed, so the tiny model changed too")
     else:
         print(f"{TOKENIZER_DIR} already holds the corpus's tokens; left unchanged")

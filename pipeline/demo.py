@@ -51,27 +51,24 @@ class DemoSetup:
     base: str
     products: list[tuple[str, str, list[Image.Image]]]  # (token, superclass, photos)
     prompts: tuple[str, ...]
-    covariance_prompts: list[str] | None  # None: the built-in corpus
     config: perfusion.TrainConfig
 
 
 def demo_setup(base: str, steps: int) -> DemoSetup:
     if base == "toy":
-        from perfusion.toyworld.world import PERSONAL_CONCEPTS, caption_corpus, concept_images
+        from perfusion.toyworld.world import PERSONAL_CONCEPTS, concept_images
 
         chosen = PERSONAL_CONCEPTS[:2]
         return DemoSetup(
             base="toy",
             products=[(f"<{c.name}>", c.superclass, concept_images(c, 6, seed=i)) for i, c in enumerate(chosen)],
             prompts=TOY_PROMPTS,
-            covariance_prompts=caption_corpus(),  # the toy text encoder's own language
             config=perfusion.TrainConfig(steps=steps, batch_size=8, flip_probability=0.0),  # a notch has a side
         )
     return DemoSetup(
         base=base,
         products=[(p.token, p.superclass, product_images(p, seed=i)) for i, p in enumerate(PRODUCTS)],
         prompts=PROMPTS,
-        covariance_prompts=None,
         config=perfusion.TrainConfig(steps=steps, batch_size=4),
     )
 
@@ -108,7 +105,7 @@ def run_demo(
     (out_dir / "renders").mkdir(exist_ok=True)
     base = perfusion.load_base(setup.base)
     log(f"base model {setup.base!r} loaded (fingerprint {base.fingerprint})")
-    covariance = perfusion.estimate_covariance(base, setup.covariance_prompts)
+    covariance = perfusion.estimate_covariance(base)  # from the base's own captions (BaseModel.captions)
     log(f"covariance estimated from {covariance.token_count} caption tokens")
 
     files = {}

@@ -1,4 +1,4 @@
-"""Pretrain the toy base model on the toy world from scratch, on CPU, within a time budget.
+"""Pretrain the toy base model's UNet on the toy world from scratch, on the frozen toy CLIP.
 
     python -m perfusion.toyworld.pretrain --minutes 55            # writes perfusion/assets/toy/toy.safetensors
     python -m perfusion.toyworld.pretrain --minutes 55 --resume   # continue from the last checkpoint
@@ -7,18 +7,19 @@
 A time budget makes the 2-core CPU recipe fit its hour; a step count makes a run reproducible on any device
 (on 2 CPU cores one step takes about 1.07 s, so 3,100 steps fit in 55 minutes).
 
-Seeded, resumable (a safetensors checkpoint every few minutes: weights, EMA, optimizer state, RNG states;
-never pickle), with a progress bar. Recipe: v-prediction on a cosine schedule in the Haar latent space
+The text encoder is the toy CLIP's text tower (clip.py), frozen, as Stable Diffusion's UNet was trained on a
+frozen CLIP; captions come from the rich caption language (language.py). Seeded, resumable (a safetensors
+checkpoint every few minutes: UNet weights, EMA, optimizer state, RNG states; never pickle), with a progress
+bar. Recipe: v-prediction on a cosine schedule in the Haar latent space
 (autoencoder.py), Min-SNR-5 loss weighting (Hang et al. 2023: the low-noise steps stop dominating the
 gradient, which is where the colors of flat regions are NOT decided), AdamW 1e-3 with warm-up and cosine
 decay over the time budget, batch 64, 10% caption dropout (so classifier-free guidance has an unconditional
 model), unknown words (below), bf16 autocast (about 20% faster on CPUs with AVX-512 BF16), EMA 0.999 of the
 weights that ship.
 
-Unknown words: in 10% of captions one shape word's embedding is replaced by a random vector of the same norm.
-A personal concept's token is exactly such a word, and a small causal text encoder that never met one lets it
-scramble every word after it (the background, a second object); trained this way, the encoder learns that an
-unknown word names some object and that the words around it keep their meaning.
+Unknown words: in 10% of captions one shape word's input embedding is replaced by a random vector of the same
+norm before the frozen encoder reads it. A personal concept's token is exactly such a word; trained this way,
+the UNet learns that an unknown word still names some object and that the words around it keep their meaning.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from perfusion.toyworld.autoencoder import haar_encode
+from perfusion.toyworld.language import NO_BACKGROUND_RATE, caption
 from perfusion.toyworld.model import TOY_DIR, build_toy_pipeline
-from perfusion.toyworld.world import MARK_RATE, NO_BACKGROUND_RATE, SHAPES, caption, render, sample_scene
+from perfusion.toyworld.world import MARK_RATE, SHAPES, render, sample_scene
 
 CHECKPOINT_MINUTES = 5.0
 MIN_SNR_GAMMA = 5.0
@@ -107,7 +109,8 @@ def pretrain(
     if scheduler.config.prediction_type != "v_prediction":
         raise ValueError("the toy recipe trains a v-prediction model")
     alphas_cumprod = scheduler.alphas_cumprod
-    models = {"unet": unet, "text_encoder": text_encoder}
+    models = {"unet": unet}  # the text encoder stays frozen
+    text_encoder.requires_grad_(False).eval()
     params = [p for m in models.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema = {f"{name}.{k}": v.detach().clone() for name, m in models.items() for k, v in m.state_dict().items()}
@@ -146,7 +149,9 @@ def pretrain(
         ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         ids = ids.to(device)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"):
-            prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text_encoder(ids)[0]).sample
+            with torch.no_grad():
+                encodings = text_encoder(ids)[0]  # (b, 77, d): the frozen CLIP's states, padding included
+            prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encodings).sample
         prediction = prediction.float()
         target = scheduler.get_velocity(latents, noise, timesteps)  # v = sqrt(ab) eps - sqrt(1 - ab) x0
         per_sample = (prediction - target).square().mean(dim=(1, 2, 3))

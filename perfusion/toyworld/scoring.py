@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from perfusion.clip_scoring import ClipScorer, superclass_prompt
 from perfusion.concept import Concept
 from perfusion.covariance import Covariance
 from perfusion.models import BaseModel
@@ -78,6 +79,8 @@ class ConceptScore:
     alignment: float
     rates: dict[str, float] = field(default_factory=dict)  # the fidelity renders' attribute rates
     in_context: float = 0.0  # fraction of the new-context renders in which the concept is found
+    clip_i: float = float("nan")  # the paper's CLIP-I of the fidelity renders vs the training images (with a scorer)
+    clip_t: float = float("nan")  # CLIP-T of the context renders vs their prompts, token -> superclass word
 
     @property
     def harmonic(self) -> float:
@@ -93,17 +96,28 @@ def score_concept(
     samples: int,
     gates: dict[str, tuple[float, float]] | None = None,
     seed: int = 0,
+    clip: ClipScorer | None = None,
+    references: list[np.ndarray] | None = None,
 ) -> ConceptScore:
-    """Render `samples` fidelity prompts (seeds seed..) and `samples` context prompts (seeds seed+1000..)."""
+    """Render `samples` fidelity prompts (seeds seed..) and `samples` context prompts (seeds seed+1000..).
+    With a CLIP `clip` and the concept's training images (`references`), CLIP-I and CLIP-T beside the oracle."""
     gates = gates or {}
     fidelity_requests = [RenderRequest(f"a photo of {token}", seed=seed + s, gates=gates) for s in range(samples)]
     contexts = context_prompts(concept, token, samples)
     context_requests = [RenderRequest(c.prompt, seed=seed + 1000 + s, gates=gates) for s, c in enumerate(contexts)]
-    readings = read_batch(list(renderer.render_arrays(fidelity_requests + context_requests, RENDER)))
+    images = list(renderer.render_arrays(fidelity_requests + context_requests, RENDER))
+    readings = read_batch(images)
     fidelity = float(np.mean([has_concept(r, concept) for r in readings[:samples]]))
     alignment = float(np.mean([aligned(r, c) for r, c in zip(readings[samples:], contexts, strict=True)]))
     in_context = float(np.mean([has_concept(r, concept) for r in readings[samples:]]))
-    return ConceptScore(fidelity, alignment, attribute_rates(readings[:samples], concept), in_context)
+    clip_i = clip_t = float("nan")
+    if clip is not None:
+        if not references:
+            raise ValueError("CLIP-I needs the concept's training images (references)")
+        clip_i = clip.image_similarity(images[:samples], references)
+        plain = [superclass_prompt(c.prompt, {token: concept.superclass}) for c in contexts]
+        clip_t = clip.text_similarity(images[samples:], plain)
+    return ConceptScore(fidelity, alignment, attribute_rates(readings[:samples], concept), in_context, clip_i, clip_t)
 
 
 def oracle_scorer(

@@ -3,7 +3,7 @@
 Why: no real Stable Diffusion weights can be downloaded here, and a random model renders noise, so
 nothing could show that a concept was learned. In this world every picture has an exact description, so
 an oracle can score renders (perfusion/toyworld/oracle.py) and a small model pretrained on it ("toy")
-renders meaningful pictures.
+renders meaningful pictures. What people say about a scene is language.py's.
 
 Rendering rules (the oracle relies on them):
 - background: one palette color, never the color of an object on it;
@@ -38,18 +38,6 @@ SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 TEXTURES = ("plain", "striped", "dotted", "checkered")
 MARKS = ("none", "dot", "bar", "notch")
 MARK_RATE = 0.45  # fraction of pretraining objects with a mark
-# Fraction of captions that leave the background unsaid, as "a photo of <product>" does: without them the
-# model reads a lone color word as the background and floods the canvas with it (toy v2 did).
-NO_BACKGROUND_RATE = 0.25
-
-# Concept-training contexts in the toy's own words (a caption's object phrase is "a {color} {shape}"). "{}"
-# alone trains the token at the start of a prompt, where catalog prompts put it ("<product> on a white
-# background"): the small causal encoder reads a word there very differently (the word "star" first in a
-# prompt has s = 0.26 against i_super, 0.93 after "a"), so a concept never trained there is gated off there
-# (gate 0.08 at s 0.34). 400 steps, 3 training seeds (benchmarks/RESULTS.md): the whole product is in 4-10% of
-# new-context renders without "{}" and 6-29% with it, at the same fidelity (35-79% without, 44-83% with).
-TOY_TEMPLATES: tuple[str, ...] = ("a photo of a {}", "a {}", "a photo of {}", "{}")
-
 # Color-shape pairs never shown in pretraining: renders of them test composition.
 HELD_OUT: frozenset[tuple[str, str]] = frozenset(
     {
@@ -220,35 +208,6 @@ def _checker_excess(body: np.ndarray, pattern: np.ndarray) -> np.ndarray:
     return pattern & (y % 3 == 2)
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A natural caption in one of several word orders (so no word position can be learned by rote); a quarter
-    leave the background unsaid."""
-    phrases = [_object_phrase(obj, rng) for obj in scene.objects]
-    things = " and ".join(phrases)
-    if rng.random() < NO_BACKGROUND_RATE:
-        return rng.choice(["{things}", "a photo of {things}"]).format(things=things)
-    background = _article(f"{scene.background} background")
-    template = rng.choice(
-        [
-            "{things} on {background}",
-            "{background} with {things}",
-            "on {background}, {things}",
-            "{things}, {background}",
-            "a photo of {things} on {background}",
-        ]
-    )
-    return template.format(things=things, background=background)
-
-
-def _object_phrase(obj: ObjectSpec, rng: random.Random) -> str:
-    texture = "" if obj.texture == "plain" and rng.random() < 0.7 else obj.texture + " "
-    mark = "" if obj.mark == "none" else f" with a {obj.mark}"  # "a striped red square with a notch"
-    if mark or rng.random() < 0.8:
-        return _article(f"{texture}{obj.color} {obj.shape}") + mark
-    suffix = "" if obj.texture == "plain" else f" with a {obj.texture} pattern"
-    return _article(f"{obj.color} {obj.shape}") + suffix
-
-
 def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -318,9 +277,3 @@ def concept_masks(
         body = shape_mask(obj.shape, obj.center, obj.radius)
         masks.append(Image.fromarray(np.where(body, 255, round(background * 255)).astype(np.uint8)))
     return masks
-
-
-def caption_corpus(count: int = 4000, seed: int = 0) -> list[str]:
-    """Captions of random pretraining scenes: the toy text encoder's language, for its covariance C."""
-    rng = random.Random(seed)
-    return [caption(sample_scene(rng), rng) for _ in range(count)]

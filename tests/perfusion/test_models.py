@@ -89,7 +89,7 @@ def test_broken_single_file_checkpoint_names_the_config_fix(tmp_path):
 
 
 def test_unknown_spec_lists_what_is_accepted():
-    with pytest.raises(BaseModelError, match="'tiny', a local diffusers folder"):
+    with pytest.raises(BaseModelError, match=r"a built-in base \('tiny', 'toy'\), a local diffusers folder"):
         perfusion.load_base("no/such/thing/here")
 
 
@@ -100,3 +100,13 @@ def test_hub_id_fails_fast_offline_with_a_local_path_hint(monkeypatch, tmp_path)
     with pytest.raises(BaseModelError, match=r"pass the\s+local folder"):
         perfusion.load_base("someone/some-model")
     assert time.perf_counter() - started < 30  # generous: the point is no long HTTP retries
+
+
+def test_built_in_bases_are_registered_in_one_place_and_bring_their_own_language():
+    assert set(perfusion.BUILTIN_BASES) >= {"tiny", "toy"}
+    tiny = perfusion.load_base("tiny")
+    assert tiny.templates == perfusion.corpus.NEUTRAL_TEMPLATES  # a real text encoder's language
+    assert tiny.captions() == perfusion.corpus.builtin_prompts()
+    toy = perfusion.load_base("toy")
+    assert toy.templates != tiny.templates and all("{}" in t for t in toy.templates)
+    assert toy.captions_file is not None and len(toy.captions()) >= 1000

@@ -62,5 +62,5 @@ def test_a_products_look_is_learned_from_six_photos_on_the_toy_model():
     assert fidelity >= baseline_fidelity + MARGIN, (fidelity, baseline_fidelity)
     print(f"appearance fidelity {fidelity:.0%} (untrained {baseline_fidelity:.0%}), alignment {alignment:.0%}")
     assert alignment >= ALIGNMENT_FLOOR, alignment
-    # the training prompts were in the toy's own language (corpus.default_templates), as its metadata records
-    assert tuple(trained.metadata["train_config"]["templates"]) == perfusion.corpus.default_templates(base)
+    # the training prompts were in the toy's own language (BaseModel.templates), as its metadata records
+    assert tuple(trained.metadata["train_config"]["templates"]) == base.templates

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from transformers import CLIPModel
 
 import perfusion
 from perfusion.errors import BaseModelError
 from perfusion.toyworld.autoencoder import HaarAutoencoder
-from perfusion.toyworld.model import build_toy_pipeline
+from perfusion.toyworld.clip import TOY_CLIP_DIR, load_recipe, read_states
+from perfusion.toyworld.model import build_toy_pipeline, toy_text_encoder
 
 
 def test_the_autoencoder_is_exact_and_orthonormal():
@@ -44,12 +46,27 @@ def test_the_stock_pipeline_renders_with_it_and_perfusion_attaches():
     )
     assert np.asarray(out.images).shape == (1, 32, 32, 3)
     base = perfusion.BaseModel(pipeline, "toy(random)", perfusion.models.fingerprint(pipeline))
-    assert len(base.cross_attention_layers()) == 7  # down 8x8 and 4x4, mid, up 4x4 x2 and 8x8 x2
+    layers = base.cross_attention_layers()
+    assert len(layers) == 7  # down 16x16 and 8x8, mid 4x4, up 8x8 x2 and 16x16 x2
+    assert {layer.to_k.in_features for layer in layers.values()} == {pipeline.text_encoder.config.hidden_size}
+
+
+def test_the_text_encoder_is_the_toy_clips_text_tower_cut_at_the_layer_the_base_reads():
+    """As SD2 ships OpenCLIP's text tower without its last layer: the base reads final_layer_norm(hidden[-2])."""
+    text_encoder, tokenizer = toy_text_encoder()
+    recipe = load_recipe(TOY_CLIP_DIR)
+    clip = CLIPModel.from_pretrained(TOY_CLIP_DIR, dtype=torch.float32).eval()
+    assert text_encoder.config.num_hidden_layers == recipe.text_layers + 1 + recipe.read_layer
+    ids = tokenizer(["a red star on a blue background", "a ring"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(text_encoder(ids)[0], read_states(clip, ids, recipe.read_layer)[0])
 
 
 def test_missing_toy_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(BaseModelError, match=r"python -m perfusion\.toyworld\.pretrain"):
         build_toy_pipeline(weights=tmp_path / "toy.safetensors")
+    with pytest.raises(BaseModelError, match=r"python -m perfusion\.toyworld\.clip"):
+        build_toy_pipeline(clip_dir=tmp_path)
 
 
 def test_the_shipped_toy_model_loads_and_renders():

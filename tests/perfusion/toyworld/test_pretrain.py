@@ -52,4 +52,7 @@ def test_a_resumed_pretraining_ends_where_an_uninterrupted_one_does(tmp_path, mo
     first = load_file(str(tmp_path / "straight" / "toy.safetensors"))
     second = load_file(str(tmp_path / "resumed" / "toy.safetensors"))
     assert first.keys() == second.keys() and len(first) > 100
+    assert all(key.startswith("unet.") for key in first)  # the text encoder is the frozen toy CLIP's
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
     assert all(torch.equal(first[k], second[k]) for k in first), "the resume changed the weights"

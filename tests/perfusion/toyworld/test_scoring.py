@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import perfusion
+from perfusion.clip_scoring import ClipScorer
+from perfusion.toyworld.clip import TOY_CLIP_DIR
 from perfusion.toyworld.oracle import read_batch
 from perfusion.toyworld.scoring import (
     RENDER,
@@ -18,7 +20,7 @@ from perfusion.toyworld.scoring import (
     oracle_scorer,
     score_concept,
 )
-from perfusion.toyworld.world import PERSONAL_CONCEPTS, ObjectSpec, Scene, render
+from perfusion.toyworld.world import PERSONAL_CONCEPTS, ObjectSpec, Scene, concept_images, render
 from perfusion.training import initial_concept
 
 
@@ -84,4 +86,29 @@ def test_oracle_scorer_scores_a_concept_on_validation_seeds():
         renderer.render_arrays([perfusion.RenderRequest("a photo of <product>", seed=s)], RENDER)[0]
         for s in (0, VALIDATION_SEED)
     ]
-    assert np.abs(pictures[0] - pictures[1]).mean() > 0.05  # floats in [0, 1]
+    assert np.abs(pictures[0] - pictures[1]).mean() > 0.02  # floats in [0, 1]; the same seed gives 0 exactly
+
+
+def test_clip_i_and_clip_t_sit_beside_the_oracle_and_use_the_superclass_prompt():
+    """CLIP-I of the fidelity renders vs the training photos; CLIP-T of the context renders vs their prompts with
+    the token replaced by the superclass word (the paper's protocol), from the shipped toy CLIP."""
+    spec = next(c for c in PERSONAL_CONCEPTS if c.name == "marked-circle")
+    base = perfusion.load_base("toy")
+    covariance = perfusion.estimate_covariance(base)
+    renderer = perfusion.ConceptRenderer(base, covariance)
+    renderer.attach(initial_concept(base, "<product>", spec.superclass))
+    clip = ClipScorer.from_folder(TOY_CLIP_DIR, expected_text_width=base.text_encoder.config.hidden_size)
+    references = [np.asarray(image) for image in concept_images(spec, 3, seed=11)]
+    score = score_concept(renderer, spec, "<product>", 2, clip=clip, references=references)
+    contexts = context_prompts(spec, "<product>", 2)
+    renders = renderer.render_arrays(
+        [perfusion.RenderRequest("a photo of <product>", seed=s) for s in range(2)]
+        + [perfusion.RenderRequest(c.prompt, seed=1000 + s) for s, c in enumerate(contexts)],
+        RENDER,
+    )
+    assert score.clip_i == pytest.approx(clip.image_similarity(list(renders[:2]), references), abs=1e-5)
+    plain = [c.prompt.replace("<product>", "circle") for c in contexts]
+    assert score.clip_t == pytest.approx(clip.text_similarity(list(renders[2:]), plain), abs=1e-5)
+    assert -1.0 <= score.clip_t <= 1.0 and -1.0 <= score.clip_i <= 1.0
+    with pytest.raises(ValueError, match="training images"):
+        score_concept(renderer, spec, "<product>", 1, clip=clip)

@@ -1,0 +1,525 @@
+"""The toy CLIP: transformers' own CLIPModel, pretrained on the toy world, frozen under the toy base.
+
+    python -m perfusion.toyworld.clip --minutes 40                  # writes perfusion/assets/toy-clip/
+    python -m perfusion.toyworld.clip --minutes 40 --resume         # continue from the last checkpoint
+    python -m perfusion.toyworld.clip --minutes 5 --out /tmp/probe --text-width 128 --token-loss none  # a probe
+
+Stable Diffusion sits on a CLIP text encoder that was trained before the UNet ever saw it, and Perfusion
+leans on what that gives: a word's encoding stays put across contexts, so the gate (eq. 3) opens at the
+concept's token and nowhere else. The toy base gets the same: a CLIPModel (causal text transformer + a small
+ViT) trained with the CLIP loss on toy-world scenes and captions of the rich caption language
+(language.py), saved as a CLIP folder (`CLIPModel.from_pretrained(folder)` loads it, tokenizer included).
+
+Contrastive training supervises only the pooled EOS state, so the per-position states the UNet reads get no
+gradient of their own. Beside the CLIP loss, every position of the layer the base reads predicts its own
+word through a linear head with a squared loss ("token loss"). Why squared: for the uncentered second
+moment C of those states, s(e) = i^T C^-1 e / i^T C^-1 i (eq. 3) is, up to scale, the least-squares linear
+probe for "this is the word of i" evaluated at e; a head that fits one-hot words under squared loss makes
+that probe read ~1 at the word and ~0 elsewhere, which is the property the gate needs
+(benchmarks/RESULTS.md has the probes that chose it).
+
+Seeded, resumable (safetensors checkpoints, never pickle), with a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+
+from perfusion.toyworld.language import GENERIC_NOUNS, MODIFIERS, PLURALS, caption, caption_corpus, vocabulary
+from perfusion.toyworld.world import HELD_OUT, MARKS, PALETTE, SHAPES, SIZE, TEXTURES, Scene, render, sample_scene
+from perfusion.vocab import BOS, EOS, MAX_LENGTH, build_vocab
+
+TOY_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-clip"
+CHECKPOINT_MINUTES = 5.0
+FULL_PADDING_RATE = 0.25  # batches padded to all 77 positions, so the padding states the UNet reads are trained
+
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    """What a toy CLIP is built and trained with (saved beside the weights as recipe.json)."""
+
+    text_width: int = 192
+    text_layers: int = 4
+    text_heads: int = 4
+    vision_width: int = 128
+    vision_layers: int = 4
+    patch: int = 4  # 32 px images -> 8x8 patches
+    projection: int = 128  # the shared image-text embedding space
+    read_layer: int = -1  # the text layer the base's UNet reads: -1 the last, -2 the penultimate (SD2)
+    token_loss: str = "mse"  # "mse" | "ce" | "none": the per-position objective (module docstring)
+    token_weight: float = 1.0
+    attribute_weight: float = 0.0  # >0: each noun's state also predicts its stated color and texture
+    vision_weight: float = 0.0  # >0: the image embedding also predicts the scene (scene_labels)
+    # >0: a noun's state is pulled to a running prototype of (word, stated color, stated texture), so it carries
+    # its word and attributes and not the rest of its context (ConsistencyLoss)
+    consistency_weight: float = 0.0
+    batch: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.token_loss not in ("mse", "ce", "none"):
+            raise ValueError(f"token_loss must be mse, ce or none, not {self.token_loss!r}")
+        if not -self.text_layers <= self.read_layer <= -1:
+            raise ValueError(f"read_layer must be in -{self.text_layers}..-1, not {self.read_layer}")
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """A CLIP BPE tokenizer in which every word of the caption language is one token."""
+    texts = caption_corpus(3000) + vocabulary()
+    vocab, merges = build_vocab(texts, vocab_size=8192)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[tuple(merge.split()) for merge in merges],
+        model_max_length=MAX_LENGTH,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+    )
+
+
+def clip_config(recipe: ClipRecipe, tokenizer: CLIPTokenizer) -> CLIPConfig:
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.text_width,
+        intermediate_size=4 * recipe.text_width,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.text_heads,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=recipe.projection,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=recipe.vision_width,
+        intermediate_size=4 * recipe.vision_width,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=4,
+        image_size=SIZE,
+        patch_size=recipe.patch,
+        projection_dim=recipe.projection,
+    )
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=recipe.projection)
+
+
+def pixels_of(images: np.ndarray) -> torch.Tensor:
+    """(b, 32, 32, 3) uint8 -> (b, 3, 32, 32) in [-1, 1]: the toy CLIP's input (its image processor's
+    mean 0.5 and std 0.5 do the same to [0, 1] pixels)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def read_states(model: CLIPModel, input_ids: torch.Tensor, read_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-position states of layer `read_layer` after the final layer norm (b, m, d), pooled EOS state (b, d)).
+    With read_layer -1 these are CLIPTextModel's last_hidden_state and pooler_output."""
+    text = model.text_model
+    output = text(input_ids=input_ids, output_hidden_states=read_layer != -1)
+    if read_layer == -1:
+        return output.last_hidden_state, output.pooler_output
+    return text.final_layer_norm(output.hidden_states[read_layer]), output.pooler_output
+
+
+class AttributeTargets:
+    """What each noun of a caption is said to be, from the words right before it: the targets that teach the
+    encoder to bind attributes to their own object. In "a red circle and a star" the state of "star" must say
+    "no color stated", not "red"; in "a red star", "red". Only the adjectives contiguous before the noun count
+    (the caption language puts an object's color and texture there); nothing after it is visible to a causal
+    encoder. Positions that are not nouns get IGNORE."""
+
+    IGNORE = -100
+
+    def __init__(self, tokenizer: CLIPTokenizer) -> None:
+        def token(word: str) -> int:
+            return int(tokenizer.convert_tokens_to_ids(f"{word}</w>"))
+
+        self.colors = {token(c): k for k, c in enumerate(PALETTE)}
+        self.textures = {token(t): k for k, t in enumerate(TEXTURES)}
+        self.nouns = {token(w) for w in (*SHAPES, *PLURALS.values(), *GENERIC_NOUNS, "background", "backdrop")}
+        self.skippable = {token(w) for w in MODIFIERS} | set(self.colors) | set(self.textures)
+        self.unstated_color, self.unstated_texture = len(PALETTE), len(TEXTURES)
+
+    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(color targets, texture targets), each (b, m) long."""
+        colors = torch.full(input_ids.shape, self.IGNORE, dtype=torch.long)
+        textures = torch.full(input_ids.shape, self.IGNORE, dtype=torch.long)
+        for row, ids in enumerate(input_ids.tolist()):
+            for position, token in enumerate(ids):
+                if token not in self.nouns:
+                    continue
+                color, texture, back = self.unstated_color, self.unstated_texture, position - 1
+                while back > 0 and ids[back] in self.skippable:
+                    color = self.colors.get(ids[back], color)
+                    texture = self.textures.get(ids[back], texture)
+                    back -= 1
+                colors[row, position], textures[row, position] = color, texture
+        return colors, textures
+
+
+class ConsistencyLoss(nn.Module):
+    """Within-class spread of noun states: sum |e - p_key|^2 / sum |e - mean|^2 over the batch's nouns, where
+    p_key is an EMA prototype (no gradient) of the states of the same (word, stated color, stated texture).
+
+    Why: in the C^-1 metric of eq. 3 every direction of the corpus counts equally, so whatever context a noun's
+    state carries (the words before it) dilutes s at that noun: s ~ |w|^2 / (|w|^2 + |k|^2) for a word part w and
+    a context part k, both whitened. A shape word is frequent in the toy's captions (|w|^2 small) where a
+    real product noun is rare among CLIP's 49k words; so here the context part must be small instead."""
+
+    prototypes: torch.Tensor  # (keys, d) buffer
+    seen: torch.Tensor  # (keys,) bool buffer
+
+    def __init__(self, vocab_size: int, width: int, decay: float = 0.99) -> None:
+        super().__init__()
+        self.decay = decay
+        keys = vocab_size * (len(PALETTE) + 1) * (len(TEXTURES) + 1)
+        self.register_buffer("prototypes", torch.zeros(keys, width))
+        self.register_buffer("seen", torch.zeros(keys, dtype=torch.bool))
+
+    def forward(
+        self, states: torch.Tensor, input_ids: torch.Tensor, colors: torch.Tensor, textures: torch.Tensor
+    ) -> torch.Tensor:
+        nouns = colors != AttributeTargets.IGNORE  # (b, m)
+        if nouns.sum() < 2:
+            return states.sum() * 0
+        picked = states[nouns]  # (n, d)
+        keys = (input_ids[nouns] * (len(PALETTE) + 1) + colors[nouns]) * (len(TEXTURES) + 1) + textures[nouns]
+        with torch.no_grad():  # the batch's mean state per key, folded into the prototypes
+            unique, inverse = keys.unique(return_inverse=True)
+            sums = torch.zeros(len(unique), picked.shape[1], device=picked.device).index_add_(
+                0, inverse, picked.detach().float()
+            )
+            means = sums / torch.bincount(inverse, minlength=len(unique)).unsqueeze(1)
+            fresh = ~self.seen[unique]
+            self.prototypes[unique] = torch.where(
+                fresh.unsqueeze(1), means, self.decay * self.prototypes[unique] + (1 - self.decay) * means
+            )
+            self.seen[unique] = True
+        within = (picked.float() - self.prototypes[keys]).square().sum()
+        total = (picked.float() - picked.float().mean(0)).square().sum().clamp_min(1e-8)
+        return within / total
+
+
+class ToyClipTrainer(nn.Module):
+    """The CLIP model plus the training-only heads (never shipped)."""
+
+    def __init__(self, recipe: ClipRecipe, tokenizer: CLIPTokenizer) -> None:
+        super().__init__()
+        self.recipe = recipe
+        self.clip = CLIPModel(clip_config(recipe, tokenizer))
+        # A freshly initialised LayerNorm (bias 0) puts every state on one hyperplane through the origin, so C
+        # has a near-null direction (cond 1e9 with the rest at 1e4); a trained CLIP's bias does not. Start it
+        # randomised and never decay it (see parameter_groups).
+        final_norm = self.clip.text_model.final_layer_norm
+        final_norm.bias.data = 0.2 * torch.randn_like(final_norm.bias)
+        self.token_head = nn.Linear(recipe.text_width, len(tokenizer), bias=False)
+        nn.init.zeros_(self.token_head.weight)  # predicts 0 at first: the squared loss starts at 1 per position
+        self.color_head = nn.Linear(recipe.text_width, len(PALETTE) + 1)
+        self.texture_head = nn.Linear(recipe.text_width, len(TEXTURES) + 1)
+        self.attributes = AttributeTargets(tokenizer)
+        self.scene_head = nn.Linear(recipe.projection, sum(n for _, n in SCENE_LABELS))
+        self.consistency = ConsistencyLoss(len(tokenizer), recipe.text_width)
+
+    def parameter_groups(self, weight_decay: float) -> list[dict[str, object]]:
+        """AdamW groups: no decay on norms, biases and embeddings (the usual transformer recipe)."""
+        decayed: list[nn.Parameter] = []
+        kept: list[nn.Parameter] = []
+        for name, parameter in self.named_parameters():
+            no_decay = parameter.ndim < 2 or "norm" in name or "embedding" in name
+            (kept if no_decay else decayed).append(parameter)
+        return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
+
+    def losses(self, pixels: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The CLIP loss and the enabled auxiliary ones. pixels (b, 3, 32, 32), input_ids (b, m), labels (b, 9)."""
+        states, pooled = read_states(self.clip, input_ids, self.recipe.read_layer)
+        text_embeds = F.normalize(self.clip.text_projection(pooled), dim=-1)  # (b, p)
+        image_features = self.clip.visual_projection(self.clip.vision_model(pixel_values=pixels).pooler_output)
+        image_embeds = F.normalize(image_features, dim=-1)  # (b, p)
+        logits = self.clip.logit_scale.exp().clamp(max=100) * text_embeds @ image_embeds.T  # (b, b)
+        matches = torch.arange(len(logits), device=logits.device)  # caption k describes image k
+        losses = {"clip": (F.cross_entropy(logits, matches) + F.cross_entropy(logits.T, matches)) / 2}
+        if self.recipe.token_loss != "none":
+            predicted = self.token_head(states)  # (b, m, V)
+            if self.recipe.token_loss == "mse":  # squared error against the one-hot word, summed over the vocabulary
+                target = F.one_hot(input_ids, predicted.shape[-1]).to(predicted.dtype)
+                losses["token"] = (predicted - target).square().sum(-1).mean()
+            else:
+                losses["token"] = F.cross_entropy(predicted.flatten(0, 1), input_ids.flatten())
+        if self.recipe.attribute_weight > 0 or self.recipe.consistency_weight > 0:
+            colors, textures = (t.to(states.device) for t in self.attributes(input_ids.cpu()))
+        if self.recipe.attribute_weight > 0:
+            losses["attribute"] = F.cross_entropy(
+                self.color_head(states).flatten(0, 1), colors.flatten()
+            ) + F.cross_entropy(self.texture_head(states).flatten(0, 1), textures.flatten())
+        if self.recipe.consistency_weight > 0:
+            losses["consistency"] = self.consistency(states, input_ids, colors, textures)
+        if self.recipe.vision_weight > 0:
+            logits_per_label = torch.split(self.scene_head(image_features), [n for _, n in SCENE_LABELS], dim=-1)
+            losses["vision"] = sum(
+                (F.cross_entropy(logits, labels[:, k]) for k, logits in enumerate(logits_per_label)),
+                torch.zeros((), device=pixels.device),
+            )
+        return losses
+
+
+SCENE_LABELS = (  # (name, classes) of the vision head's targets: two object slots (left/only, right) + background
+    *((f"{slot} {attribute}", len(values) + 1) for slot in ("first", "second")
+      for attribute, values in (("shape", SHAPES), ("color", PALETTE), ("texture", TEXTURES), ("mark", MARKS))),
+    ("background", len(PALETTE)),
+)  # fmt: skip
+
+
+def scene_labels(scenes: list[Scene]) -> torch.Tensor:
+    """(b, 9) class indices per SCENE_LABELS; an absent second object is the last class of each of its heads."""
+    rows = []
+    for scene in scenes:
+        row = []
+        for slot in range(2):
+            obj = scene.objects[slot] if slot < len(scene.objects) else None
+            for attribute, values in (
+                ("shape", SHAPES),
+                ("color", tuple(PALETTE)),
+                ("texture", TEXTURES),
+                ("mark", MARKS),
+            ):
+                row.append(len(values) if obj is None else values.index(getattr(obj, attribute)))
+        rows.append([*row, list(PALETTE).index(scene.background)])
+    return torch.tensor(rows)
+
+
+def batch_of(
+    rng: random.Random, size: int, tokenizer: CLIPTokenizer
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pixels (b, 3, 32, 32), input_ids (b, m), scene labels (b, 9)) of random pretraining scenes and captions;
+    m is the longest caption, or all 77 positions in FULL_PADDING_RATE of the batches."""
+    scenes = [sample_scene(rng) for _ in range(size)]
+    pixels = pixels_of(np.stack([render(scene) for scene in scenes]))
+    padding = "max_length" if rng.random() < FULL_PADDING_RATE else "longest"
+    ids = tokenizer(
+        [caption(scene, rng) for scene in scenes],
+        padding=padding,
+        max_length=MAX_LENGTH,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return pixels, ids, scene_labels(scenes)
+
+
+def pretrain(
+    out_dir: Path, recipe: ClipRecipe, minutes: float, steps: int | None, resume: bool, device: str
+) -> dict[str, object]:
+    """Train until the time budget or the step count; write the CLIP folder (fp16 weights) into `out_dir`."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(recipe.seed)
+    trainer = ToyClipTrainer(recipe, tokenizer).to(device)
+    optimizer = torch.optim.AdamW(trainer.parameter_groups(0.05), lr=recipe.lr)
+    rng = random.Random(recipe.seed)
+    step, spent = 0, 0.0
+    checkpoint = out_dir / "checkpoint.safetensors"
+    if resume and checkpoint.is_file():
+        step, spent, rng = _load_checkpoint(checkpoint, trainer, optimizer, recipe)
+    budget = minutes * 60
+    started, last_save = time.perf_counter() - spent, time.perf_counter()
+
+    def done() -> float:
+        return step / steps if steps else (time.perf_counter() - started) / budget
+
+    progress = tqdm(
+        total=steps or int(budget),
+        unit="step" if steps else "s",
+        desc="pretraining toy CLIP",
+        initial=step if steps else int(spent),
+    )
+    history: dict[str, list[float]] = {}
+    while done() < 1:
+        for group in optimizer.param_groups:  # warm-up, then cosine decay to 10% over the run
+            group["lr"] = (
+                recipe.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done()))))
+            )
+        pixels, ids, labels = batch_of(rng, recipe.batch, tokenizer)
+        losses = trainer.losses(pixels.to(device), ids.to(device), labels.to(device))
+        loss = losses["clip"] + recipe.token_weight * losses.get("token", torch.zeros((), device=device))
+        loss = loss + recipe.attribute_weight * losses.get("attribute", torch.zeros((), device=device))
+        loss = loss + recipe.vision_weight * losses.get("vision", torch.zeros((), device=device))
+        loss = loss + recipe.consistency_weight * losses.get("consistency", torch.zeros((), device=device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        for name, value in losses.items():
+            history.setdefault(name, []).append(value.item())
+        progress.n = step if steps else int(time.perf_counter() - started)
+        progress.set_postfix({name: f"{np.mean(values[-50:]):.3f}" for name, values in history.items()})
+        if time.perf_counter() - last_save > CHECKPOINT_MINUTES * 60:
+            _save_checkpoint(checkpoint, trainer, optimizer, recipe, step, time.perf_counter() - started, rng)
+            last_save = time.perf_counter()
+    progress.close()
+    _save_checkpoint(checkpoint, trainer, optimizer, recipe, step, time.perf_counter() - started, rng)
+    save_toy_clip(trainer.clip, tokenizer, recipe, out_dir)
+    summary: dict[str, object] = {
+        "steps": step,
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "device": device,
+        **{f"final_{name}_loss": float(np.mean(values[-100:])) for name, values in history.items()},
+        "recipe": asdict(recipe),
+    }
+    (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def save_toy_clip(model: CLIPModel, tokenizer: CLIPTokenizer, recipe: ClipRecipe, out_dir: Path) -> None:
+    """A CLIP folder: config.json + model.safetensors (fp16), the tokenizer, an image processor config, and
+    recipe.json (which text layer the base reads)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out_dir, safe_serialization=True)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(out_dir)
+    processor = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": SIZE},
+        "do_center_crop": True,
+        "crop_size": {"height": SIZE, "width": SIZE},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True,
+        "resample": 0,  # nearest: the toy world's hard edges
+    }
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    (out_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+
+
+def load_recipe(folder: Path) -> ClipRecipe:
+    data = json.loads((Path(folder) / "recipe.json").read_text())
+    return ClipRecipe(**{f.name: data[f.name] for f in fields(ClipRecipe) if f.name in data})
+
+
+def _save_checkpoint(path, trainer, optimizer, recipe, step, elapsed, rng) -> None:  # type: ignore[no-untyped-def]
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainer.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"opt.{index}.{slot}"] = (
+                value.detach().cpu().reshape(-1).contiguous() if value.ndim == 0 else value.cpu().contiguous()
+            )
+    tensors["torch_rng"] = torch.get_rng_state()
+    metadata = {
+        "step": str(step),
+        "elapsed": str(elapsed),
+        "python_rng": json.dumps(rng.getstate()),
+        "param_groups": json.dumps(state["param_groups"]),
+        "recipe": json.dumps(asdict(recipe)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
+
+
+def _load_checkpoint(path, trainer, optimizer, recipe):  # type: ignore[no-untyped-def]
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    if json.loads(metadata["recipe"]) != asdict(recipe):
+        raise ValueError(f"{path} was trained with another recipe: {metadata['recipe']}; resume with the same flags")
+    tensors = load_file(str(path))
+    trainer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[str, object] = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # state indices, in order
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, slot = key.split(".")
+            shape = () if slot == "step" else parameters[int(index)].shape  # 0-dim tensors were saved as (1,)
+            state["state"].setdefault(int(index), {})[slot] = value.reshape(shape)  # type: ignore[attr-defined]
+    optimizer.load_state_dict(state)
+    torch.set_rng_state(tensors["torch_rng"])
+    rng = random.Random()
+    python_state = json.loads(metadata["python_rng"])
+    rng.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+    return int(metadata["step"]), float(metadata["elapsed"]), rng
+
+
+# --- zero-shot quality --------------------------------------------------------------------------------------
+
+ZERO_SHOT_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "shape": ("a photo of a {}", SHAPES),
+    "color": ("a photo of a {} object", tuple(PALETTE)),
+    "background": ("an object on a {} background", tuple(PALETTE)),
+    "texture": ("a photo of a {} object", TEXTURES),
+    "mark": ("an object with {}", MARKS),
+}
+
+
+@torch.no_grad()
+def zero_shot(model: CLIPModel, tokenizer: CLIPTokenizer, count: int = 400, seed: int = 31337) -> dict[str, float]:
+    """Accuracy of zero-shot classification from text prompts on held-out single-object scenes (a seed
+    pretraining never draws, held-out color-shape pairs allowed), per attribute; plus image->text top-1
+    retrieval among `count` held-out captions of one- and two-object scenes."""
+    rng = random.Random(seed)
+    scenes = [sample_scene(rng, two_objects=0.0, allow_held_out=True) for _ in range(count)]
+    image_embeds = _image_embeds(model, np.stack([render(s) for s in scenes]))
+    results: dict[str, float] = {}
+    for attribute, (template, values) in ZERO_SHOT_PROMPTS.items():
+        words = [("no mark" if v == "none" else f"a {v}") if attribute == "mark" else v for v in values]
+        text_embeds = _text_embeds(model, tokenizer, [template.format(w) for w in words])
+        predicted = (image_embeds @ text_embeds.T).argmax(1)
+        truth = [
+            values.index(s.background if attribute == "background" else getattr(s.objects[0], attribute))
+            for s in scenes
+        ]
+        results[attribute] = float((predicted == torch.tensor(truth)).float().mean())
+    pairs = [sample_scene(rng, allow_held_out=True) for _ in range(count)]
+    captions = [caption(s, rng) for s in pairs]
+    similarity = _image_embeds(model, np.stack([render(s) for s in pairs])) @ _text_embeds(model, tokenizer, captions).T
+    results["retrieval top-1"] = float((similarity.argmax(1) == torch.arange(count)).float().mean())
+    results["held-out pairs in retrieval"] = float(
+        np.mean([any((o.color, o.shape) in HELD_OUT for o in s.objects) for s in pairs])
+    )
+    return results
+
+
+def _image_embeds(model: CLIPModel, images: np.ndarray) -> torch.Tensor:
+    output = model.vision_model(pixel_values=pixels_of(images).to(model.device, model.dtype))
+    return F.normalize(model.visual_projection(output.pooler_output).float(), dim=-1)
+
+
+def _text_embeds(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+    output = model.text_model(input_ids=ids.to(model.device))
+    return F.normalize(model.text_projection(output.pooler_output).float(), dim=-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of a time budget")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=TOY_CLIP_DIR)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    for field in fields(ClipRecipe):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    args = parser.parse_args()
+    recipe = ClipRecipe(**{f.name: getattr(args, f.name) for f in fields(ClipRecipe)})
+    summary = pretrain(args.out, recipe, args.minutes, args.steps, args.resume, args.device)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
