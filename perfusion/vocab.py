@@ -99,7 +99,11 @@ def write_tokenizer_files(out_dir: Path = TOKENIZER_DIR) -> bool:
 def load_tiny_tokenizer(directory: Path = TOKENIZER_DIR) -> CLIPTokenizer:
     """The shipped tokenizer. Built from in-memory vocab/merges: on transformers 5.x,
     CLIPTokenizer(vocab_file=..., merges_file=...) silently builds a 2-token tokenizer."""
-    vocab, merges = read_tokenizer_files(directory)
+    return clip_tokenizer(*read_tokenizer_files(directory))
+
+
+def clip_tokenizer(vocab: dict[str, int], merges: list[str]) -> CLIPTokenizer:
+    """A CLIPTokenizer from an in-memory vocabulary and merges, with CLIP's specials and 77-token context."""
     return CLIPTokenizer(
         vocab=vocab,
         merges=[tuple(merge.split()) for merge in merges],

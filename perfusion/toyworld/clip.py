@@ -42,7 +42,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, C
 
 from perfusion.toyworld.language import GENERIC_NOUNS, MODIFIERS, PLURALS, caption, caption_corpus, vocabulary
 from perfusion.toyworld.world import HELD_OUT, MARKS, PALETTE, SHAPES, SIZE, TEXTURES, Scene, render, sample_scene
-from perfusion.vocab import BOS, EOS, MAX_LENGTH, build_vocab
+from perfusion.vocab import MAX_LENGTH, build_vocab, clip_tokenizer
 
 TOY_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-clip"
 CHECKPOINT_MINUTES = 5.0
@@ -82,16 +82,7 @@ class ClipRecipe:
 def build_tokenizer() -> CLIPTokenizer:
     """A CLIP BPE tokenizer in which every word of the caption language is one token."""
     texts = caption_corpus(3000) + vocabulary()
-    vocab, merges = build_vocab(texts, vocab_size=8192)
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=[tuple(merge.split()) for merge in merges],
-        model_max_length=MAX_LENGTH,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=EOS,
-        pad_token=EOS,
-    )
+    return clip_tokenizer(*build_vocab(texts, vocab_size=8192))
 
 
 def clip_config(recipe: ClipRecipe, tokenizer: CLIPTokenizer) -> CLIPConfig:
