@@ -34,12 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
+from perfusion.toyworld.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from perfusion.toyworld.language import GENERIC_NOUNS, MODIFIERS, PLURALS, caption, caption_corpus, vocabulary
 from perfusion.toyworld.world import HELD_OUT, MARKS, PALETTE, SHAPES, SIZE, TEXTURES, Scene, render, sample_scene
 from perfusion.vocab import MAX_LENGTH, build_vocab, clip_tokenizer
@@ -322,7 +321,7 @@ def pretrain(
     step, spent = 0, 0.0
     checkpoint = out_dir / "checkpoint.safetensors"
     if resume and checkpoint.is_file():
-        step, spent, rng = _load_checkpoint(checkpoint, trainer, optimizer, recipe)
+        step, spent, rng = _resume(checkpoint, trainer, optimizer, recipe)
     budget = minutes * 60
     started, last_save = time.perf_counter() - spent, time.perf_counter()
 
@@ -357,10 +356,10 @@ def pretrain(
         progress.n = step if steps else int(time.perf_counter() - started)
         progress.set_postfix({name: f"{np.mean(values[-50:]):.3f}" for name, values in history.items()})
         if time.perf_counter() - last_save > CHECKPOINT_MINUTES * 60:
-            _save_checkpoint(checkpoint, trainer, optimizer, recipe, step, time.perf_counter() - started, rng)
+            _save(checkpoint, trainer, optimizer, recipe, step, time.perf_counter() - started, rng)
             last_save = time.perf_counter()
     progress.close()
-    _save_checkpoint(checkpoint, trainer, optimizer, recipe, step, time.perf_counter() - started, rng)
+    _save(checkpoint, trainer, optimizer, recipe, step, time.perf_counter() - started, rng)
     save_toy_clip(trainer.clip, tokenizer, recipe, out_dir)
     summary: dict[str, object] = {
         "steps": step,
@@ -403,48 +402,18 @@ def load_recipe(folder: Path) -> ClipRecipe:
     return ClipRecipe(**{f.name: data[f.name] for f in fields(ClipRecipe) if f.name in data})
 
 
-def _save_checkpoint(path, trainer, optimizer, recipe, step, elapsed, rng) -> None:  # type: ignore[no-untyped-def]
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainer.state_dict().items()}
-    state = optimizer.state_dict()
-    for index, slots in state["state"].items():
-        for slot, value in slots.items():
-            tensors[f"opt.{index}.{slot}"] = (
-                value.detach().cpu().reshape(-1).contiguous() if value.ndim == 0 else value.cpu().contiguous()
-            )
-    tensors["torch_rng"] = torch.get_rng_state()
-    metadata = {
-        "step": str(step),
-        "elapsed": str(elapsed),
-        "python_rng": json.dumps(rng.getstate()),
-        "param_groups": json.dumps(state["param_groups"]),
-        "recipe": json.dumps(asdict(recipe)),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    partial.replace(path)
+def _save(path: Path, trainer, optimizer, recipe, step: int, elapsed: float, rng: random.Random) -> None:  # type: ignore[no-untyped-def]
+    tensors = {f"model.{k}": v for k, v in trainer.state_dict().items()}
+    save_checkpoint(path, tensors, optimizer, step, elapsed, rng, metadata={"recipe": json.dumps(asdict(recipe))})
 
 
-def _load_checkpoint(path, trainer, optimizer, recipe):  # type: ignore[no-untyped-def]
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    if json.loads(metadata["recipe"]) != asdict(recipe):
-        raise ValueError(f"{path} was trained with another recipe: {metadata['recipe']}; resume with the same flags")
-    tensors = load_file(str(path))
-    trainer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[str, object] = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # state indices, in order
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, slot = key.split(".")
-            shape = () if slot == "step" else parameters[int(index)].shape  # 0-dim tensors were saved as (1,)
-            state["state"].setdefault(int(index), {})[slot] = value.reshape(shape)  # type: ignore[attr-defined]
-    optimizer.load_state_dict(state)
-    torch.set_rng_state(tensors["torch_rng"])
-    rng = random.Random()
-    python_state = json.loads(metadata["python_rng"])
-    rng.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    return int(metadata["step"]), float(metadata["elapsed"]), rng
+def _resume(path: Path, trainer, optimizer, recipe) -> tuple[int, float, random.Random]:  # type: ignore[no-untyped-def]
+    saved_recipe = read_metadata(path).get("recipe", "{}")
+    if json.loads(saved_recipe) != asdict(recipe):
+        raise ValueError(f"{path} was trained with another recipe: {saved_recipe}; resume with the same flags")
+    saved = load_checkpoint(path, optimizer)
+    trainer.load_state_dict({k[len("model.") :]: v for k, v in saved.tensors.items() if k.startswith("model.")})
+    return saved.step, saved.elapsed, saved.rng
 
 
 # --- zero-shot quality --------------------------------------------------------------------------------------

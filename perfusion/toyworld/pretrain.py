@@ -30,15 +30,14 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from perfusion.toyworld.autoencoder import haar_encode
+from perfusion.toyworld.checkpoint import load_checkpoint, save_checkpoint
 from perfusion.toyworld.language import NO_BACKGROUND_RATE, caption
 from perfusion.toyworld.model import TOY_DIR, build_toy_pipeline
 from perfusion.toyworld.world import MARK_RATE, SHAPES, render, sample_scene
@@ -119,7 +118,7 @@ def pretrain(
     step, spent = 0, 0.0
     checkpoint = out_dir / "checkpoint.safetensors"
     if resume and checkpoint.is_file():
-        step, spent, rng = _load_checkpoint(checkpoint, models, ema, optimizer)
+        step, spent, rng = _resume(checkpoint, models, ema, optimizer)
     alphas_cumprod = alphas_cumprod.to(device)
     shape_ids = torch.tensor([tokenizer.convert_tokens_to_ids(f"{s}</w>") for s in SHAPES])
     if (shape_ids == tokenizer.unk_token_id).any():  # a shape word split into pieces: the swap would hit EOS
@@ -170,10 +169,10 @@ def pretrain(
         progress.n = step if steps else int(time.perf_counter() - started)
         progress.set_postfix(step=step, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if time.perf_counter() - last_save > CHECKPOINT_MINUTES * 60:
-            _save_checkpoint(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
+            _save(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
             last_save = time.perf_counter()
     progress.close()
-    _save_checkpoint(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
+    _save(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped = {k: v.half().cpu().contiguous() for k, v in ema.items() if not k.endswith("position_ids")}
     save_file(shipped, str(out_dir / "toy.safetensors"), metadata={"steps": str(step), "seed": str(seed)})
@@ -193,50 +192,20 @@ def pretrain(
     return summary
 
 
-def _save_checkpoint(path, models, ema, optimizer, step, elapsed, rng) -> None:  # type: ignore[no-untyped-def]
-    tensors = {
-        f"model.{n}.{k}": v.detach().cpu().contiguous() for n, m in models.items() for k, v in m.state_dict().items()
-    }
-    tensors |= {f"ema.{k}": v.cpu().contiguous() for k, v in ema.items()}
-    state = optimizer.state_dict()
-    for index, slots in state["state"].items():
-        for slot, value in slots.items():
-            tensors[f"opt.{index}.{slot}"] = (
-                value.detach().cpu().reshape(-1).contiguous() if value.ndim == 0 else value.cpu().contiguous()
-            )
-    tensors["torch_rng"] = torch.get_rng_state()
-    metadata = {
-        "step": str(step),
-        "elapsed": str(elapsed),
-        "python_rng": json.dumps(rng.getstate()),
-        "param_groups": json.dumps(state["param_groups"]),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    partial.replace(path)
+def _save(path: Path, models, ema, optimizer, step: int, elapsed: float, rng: random.Random) -> None:  # type: ignore[no-untyped-def]
+    tensors = {f"model.{n}.{k}": v for n, m in models.items() for k, v in m.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.items()}
+    save_checkpoint(path, tensors, optimizer, step, elapsed, rng)
 
 
-def _load_checkpoint(path, models, ema, optimizer):  # type: ignore[no-untyped-def]
-    tensors = load_file(str(path))
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
+def _resume(path: Path, models, ema, optimizer) -> tuple[int, float, random.Random]:  # type: ignore[no-untyped-def]
+    saved = load_checkpoint(path, optimizer)
     for name, model in models.items():
         prefix = f"model.{name}."
-        model.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=False)
+        model.load_state_dict({k[len(prefix) :]: v for k, v in saved.tensors.items() if k.startswith(prefix)})
     for key in ema:
-        ema[key].copy_(tensors[f"ema.{key}"])
-    state: dict[str, Any] = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
-    for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, slot = key.split(".")
-            state["state"].setdefault(int(index), {})[slot] = value.reshape(()) if slot == "step" else value
-    optimizer.load_state_dict(state)
-    torch.set_rng_state(tensors["torch_rng"])
-    rng = random.Random()
-    python_state = json.loads(metadata["python_rng"])
-    rng.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
-    return int(metadata["step"]), float(metadata["elapsed"]), rng
+        ema[key].copy_(saved.tensors[f"ema.{key}"])
+    return saved.step, saved.elapsed, saved.rng
 
 
 def main() -> None:

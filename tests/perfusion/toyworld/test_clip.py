@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -98,3 +100,5 @@ def test_a_resumed_clip_pretraining_ends_where_an_uninterrupted_one_does(tmp_pat
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="another recipe"):  # resuming with other flags would mix two runs
+        pretrain(tmp_path / "resumed", replace(TINY, lr=TINY.lr * 2), minutes=60.0, steps=4, resume=True, device="cpu")
