@@ -3,6 +3,8 @@
     python -m perfusion.toyworld.pretrain --minutes 55            # writes perfusion/assets/toy/toy.safetensors
     python -m perfusion.toyworld.pretrain --minutes 55 --resume   # continue from the last checkpoint
     python -m perfusion.toyworld.pretrain --steps 3100 --device cuda  # a fixed number of steps instead
+    python -m perfusion.toyworld.pretrain --init perfusion/assets/toy/toy.safetensors --steps 1800 --lr 5e-4 --out DIR
+                                                                  # a second stage from saved weights
 
 A time budget makes the 2-core CPU recipe fit its hour; a step count makes a run reproducible on any device
 (on 2 CPU cores one step takes about 1.07 s, so 3,100 steps fit in 55 minutes).
@@ -37,7 +39,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from perfusion.toyworld.autoencoder import haar_encode
-from perfusion.toyworld.checkpoint import load_checkpoint, save_checkpoint
+from perfusion.toyworld.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from perfusion.toyworld.language import NO_BACKGROUND_RATE, caption
 from perfusion.toyworld.model import TOY_DIR, build_toy_pipeline
 from perfusion.toyworld.world import MARK_RATE, SHAPES, render, sample_scene
@@ -95,9 +97,15 @@ def pretrain(
     two_objects: float = TWO_OBJECTS,
     device: str = "cpu",
     precision: str = "bf16",
+    init: Path | None = None,
 ) -> dict[str, object]:
-    """Train until the time budget (`minutes`) or, when given, the step count (`steps`) is spent."""
-    pipeline = build_toy_pipeline(weights=None, seed=seed)
+    """Train until the time budget (`minutes`) or, when given, the step count (`steps`) is spent.
+
+    `init`: start from these shipped weights (a toy.safetensors) instead of a random UNet, with a fresh
+    optimizer, EMA and schedule: a second stage when the first one's checkpoint is gone.
+    """
+    init_steps = int(read_metadata(init).get("steps", 0)) if init is not None else 0
+    pipeline = build_toy_pipeline(weights=init, seed=seed)
     pipeline.to(device)
     unet, text_encoder, tokenizer, scheduler = (
         pipeline.unet,
@@ -175,9 +183,11 @@ def pretrain(
     _save(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped = {k: v.half().cpu().contiguous() for k, v in ema.items() if not k.endswith("position_ids")}
-    save_file(shipped, str(out_dir / "toy.safetensors"), metadata={"steps": str(step), "seed": str(seed)})
-    summary = {
+    metadata = {"steps": str(init_steps + step), "seed": str(seed)}  # steps: over every stage
+    save_file(shipped, str(out_dir / "toy.safetensors"), metadata=metadata)
+    summary: dict[str, object] = {
         "steps": step,
+        "init": None if init is None else {"weights": init.name, "steps": init_steps},
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "device": device,
         "batch": batch,
@@ -220,6 +230,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=TOY_DIR)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    parser.add_argument(
+        "--init", type=Path, default=None, help="start from these weights (fresh optimizer and schedule)"
+    )
     args = parser.parse_args()
     summary = pretrain(
         args.out,
@@ -232,6 +245,7 @@ def main() -> None:
         args.two_objects,
         args.device,
         args.precision,
+        args.init,
     )
     print(json.dumps(summary))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from perfusion.toyworld import pretrain as pretraining
@@ -56,3 +57,19 @@ def test_a_resumed_pretraining_ends_where_an_uninterrupted_one_does(tmp_path, mo
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
     assert all(torch.equal(first[k], second[k]) for k in first), "the resume changed the weights"
+
+
+def test_a_second_stage_starts_from_the_given_weights_and_counts_every_step(tmp_path):
+    settings = {"minutes": 60.0, "batch": 4, "lr": 1e-3, "resume": False}
+    pretrain(tmp_path / "first", steps=2, seed=5, **settings)
+    summary = pretrain(tmp_path / "second", steps=1, seed=3, init=tmp_path / "first" / "toy.safetensors", **settings)
+    assert summary["init"] == {"weights": "toy.safetensors", "steps": 2}
+    with safe_open(str(tmp_path / "second" / "toy.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["steps"] == "3"
+    first = load_file(str(tmp_path / "first" / "toy.safetensors"))
+    second = load_file(str(tmp_path / "second" / "toy.safetensors"))
+    own_start = build_toy_pipeline(weights=None, seed=3).unet.state_dict()  # where seed 3 alone would start
+    key = "unet.conv_in.weight"
+    to_first_stage = (second[key].float() - first[key].float()).norm()
+    to_own_start = (second[key].float() - own_start[key[len("unet.") :]]).norm()
+    assert to_first_stage < 0.1 * to_own_start
