@@ -38,8 +38,37 @@ def probe(encode, tokenizer, corpus: list[str]) -> tuple[Covariance, list[Stabil
     return covariance, reports
 
 
-def print_report(label: str, covariance: Covariance, reports: list[StabilityReport]) -> None:
+def layer_norm_direction(module: torch.nn.Module) -> torch.Tensor | None:
+    """The one direction a final LayerNorm pins: y . (1/gamma) = beta . (1/gamma) for every output y (mean 0 of
+    (y - beta) / gamma). No encoding, a concept's included, has any other component there."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+    if not norms or norms[-1].weight is None:
+        return None
+    direction = 1 / norms[-1].weight.detach().double()
+    return direction / direction.norm()
+
+
+def condition_off(moment: torch.Tensor, direction: torch.Tensor) -> float:
+    """cond(C) on the complement of `direction` (unit): the spread the encodings can actually have."""
+    basis = torch.linalg.svd(torch.eye(len(direction), dtype=torch.float64) - torch.outer(direction, direction))[0]
+    complement = basis[:, :-1]  # (d, d-1): an orthonormal basis orthogonal to `direction`
+    eigenvalues = torch.linalg.eigvalsh(complement.T @ moment @ complement)
+    return float(eigenvalues.max() / eigenvalues.min())
+
+
+def print_report(
+    label: str, covariance: Covariance, reports: list[StabilityReport], pinned: torch.Tensor | None = None
+) -> None:
+    eigenvalues = torch.linalg.eigvalsh(covariance.second_moment)
     print(f"{label}: cond(C) = {covariance.condition_number():.3g} ({covariance.token_count} tokens)")
+    smallest = " ".join(f"{e:.3g}" for e in eigenvalues[:3])
+    print(f"  eigenvalues: largest {eigenvalues[-1]:.3g}, smallest {smallest}")
+    if pinned is not None:
+        share = float(pinned @ covariance.second_moment @ pinned)
+        print(
+            f"  the final LayerNorm's pinned direction: second moment {share:.3g};"
+            f" cond(C) without it = {condition_off(covariance.second_moment, pinned):.3g}"
+        )
     print(f"{'word':10} {'at p10':>7} {'median':>7} {'else p95':>9} {'else max':>9} {'pad p95':>8}")
     for report in reports:
         row = report.summary()
@@ -73,7 +102,7 @@ def main() -> None:
         base = perfusion.load_base(args.base)
         corpus = base.captions()
         covariance, reports = probe(lambda ids: base.text_encoder(ids)[0], base.tokenizer, corpus)
-        print_report(f"base {args.base}", covariance, reports)
+        print_report(f"base {args.base}", covariance, reports, layer_norm_direction(base.text_encoder))
         return
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -87,7 +116,7 @@ def main() -> None:
             covariance, reports = probe(
                 lambda ids, layer=layer: read_states(model, ids, layer)[0], tokenizer, language.caption_corpus(3000)
             )
-        print_report(f"{args.clip} layer {layer}", covariance, reports)
+        print_report(f"{args.clip} layer {layer}", covariance, reports, layer_norm_direction(model.text_model))
     if not args.no_zero_shot:
         for name, value in zero_shot(model, tokenizer).items():
             print(f"zero-shot {name}: {value:.1%}")
