@@ -7,19 +7,17 @@ The method only: torch, diffusers, transformers and safetensors. Usable from a n
     covariance = estimate_covariance(base)         # C^-1 of the text encoder, once per base model
     concept = train_concept(base, images, "<my-mug>", "mug", TrainConfig(steps=200), covariance=covariance)
     concept.save("my-mug.safetensors")
+
+`import perfusion` is light: the names below load their modules (torch, diffusers) on first use, so a
+driver that only plans (pipeline/manifest.py reads perfusion.config) never imports torch.
 """
 
-from perfusion.attention import PerfusionAttnProcessor, PerfusionCall, install_processors
-from perfusion.concept import Concept, check_compatible, load_concept
-from perfusion.covariance import (
-    Covariance,
-    cached_covariance,
-    covariance_from_bytes,
-    covariance_to_bytes,
-    estimate_covariance,
-    load_covariance,
-    save_covariance,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from perfusion.config import TrainConfig
 from perfusion.errors import (
     BaseModelError,
     ConceptFileError,
@@ -29,9 +27,55 @@ from perfusion.errors import (
     RenderError,
     TrainingError,
 )
-from perfusion.models import BUILTIN_BASES, BaseModel, load_base
-from perfusion.sampling import ConceptRenderer, RenderRequest, RenderSettings
-from perfusion.training import StepInfo, TrainConfig, denoising_loss, train_concept
+
+if TYPE_CHECKING:
+    from perfusion.attention import PerfusionAttnProcessor, PerfusionCall, install_processors
+    from perfusion.concept import Concept, check_compatible, load_concept
+    from perfusion.covariance import (
+        Covariance,
+        cached_covariance,
+        covariance_from_bytes,
+        covariance_to_bytes,
+        estimate_covariance,
+        load_covariance,
+        save_covariance,
+    )
+    from perfusion.models import BUILTIN_BASES, BaseModel, load_base
+    from perfusion.sampling import ConceptRenderer, RenderRequest, RenderSettings
+    from perfusion.training import StepInfo, denoising_loss, train_concept
+
+_LAZY = {
+    "perfusion.attention": ("PerfusionAttnProcessor", "PerfusionCall", "install_processors"),
+    "perfusion.concept": ("Concept", "check_compatible", "load_concept"),
+    "perfusion.covariance": (
+        "Covariance",
+        "cached_covariance",
+        "covariance_from_bytes",
+        "covariance_to_bytes",
+        "estimate_covariance",
+        "load_covariance",
+        "save_covariance",
+    ),
+    "perfusion.models": ("BUILTIN_BASES", "BaseModel", "load_base"),
+    "perfusion.sampling": ("ConceptRenderer", "RenderRequest", "RenderSettings"),
+    "perfusion.training": ("StepInfo", "denoising_loss", "train_concept"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the module that defines `name` on first use (PEP 562); submodules as attributes keep working."""
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f"perfusion.{name}")
+    except ModuleNotFoundError as error:
+        if error.name != f"perfusion.{name}":
+            raise
+        raise AttributeError(f"module 'perfusion' has no attribute {name!r}") from None
+
 
 __version__ = "0.1.0"
 METHOD_VERSION = "perfusion-1"  # bump when a change alters what training produces (part of concept keys)

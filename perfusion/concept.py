@@ -28,14 +28,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from perfusion.config import DEFAULT_BETA, DEFAULT_TAU, TOKEN_PATTERN
 from perfusion.errors import ConceptFileError, ConceptTokenError
 from perfusion.models import BaseModel
-from perfusion.tokens import TOKEN_PATTERN, validate_token
+from perfusion.tokens import validate_token
 
 FORMAT = "perfusion-concept"
 FORMAT_VERSION = 1
 VALUE_PREFIX, KEY_PREFIX = "value_target/", "key_target/"
-DEFAULT_BETA, DEFAULT_TAU = 0.7, 0.15  # paper: inference tau 0.15, beta 0.6-0.75 for local locking
 
 
 @dataclass

@@ -1,9 +1,8 @@
 """Domain errors of the Perfusion core.
 
-Every error says what is wrong and how to fix it. They are plain picklable exceptions (a message and a
-flag), because later they cross Ray process boundaries, and they say whether retrying can help:
-`retryable=False` means the input itself is bad (a corrupt file, a wrong base model) and a retry would
-fail the same way.
+Every error says what is wrong and how to fix it. They are plain picklable exceptions (a message), because
+they cross Ray process boundaries. Each means the input itself is bad (a corrupt file, a wrong base model):
+a retry would fail the same way, so the pipeline records it and never retries it.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ from __future__ import annotations
 
 class PerfusionError(Exception):
     """Base class of every error this package raises on purpose."""
-
-    retryable: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

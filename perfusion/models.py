@@ -302,7 +302,8 @@ def _load_single_file(path: str, config: str | os.PathLike[str] | None) -> Stabl
             ""
             if config is not None
             else " A single-file checkpoint needs its architecture config: pass config=<a local diffusers "
-            "folder of the same architecture> (CLI: --base-config)."
+            "folder of the same architecture> to load_base, or convert it once to a diffusers folder "
+            "(save_pretrained) and name that folder (a manifest's base_model)."
         )
         raise BaseModelError(f"could not load the checkpoint {path}: {error}.{hint}") from error
 

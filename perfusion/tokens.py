@@ -17,7 +17,6 @@ whole phrase (and in English compounds it is the head noun).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -25,10 +24,8 @@ from torch import nn
 from transformers import CLIPTextModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from perfusion.config import token_problem
 from perfusion.errors import ConceptTokenError
-
-# Lower-case (CLIP lower-cases its input), optionally in angle brackets: "<sku-123>", "sks".
-TOKEN_PATTERN = re.compile(r"^<?[a-z0-9][a-z0-9_.\-]{0,62}>?$")
 
 
 class ConceptTokenEmbedding(nn.Embedding):
@@ -71,11 +68,9 @@ def concept_embedding_table(text_encoder: CLIPTextModel) -> ConceptTokenEmbeddin
 
 def validate_token(token: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """A concept token must be well-formed and must not be a word the tokenizer already knows."""
-    if not TOKEN_PATTERN.match(token):
-        raise ConceptTokenError(
-            f"concept token {token!r} is not allowed: use lower-case letters, digits, '-', '_' or '.', "
-            "optionally in angle brackets, e.g. '<sku-123>'"
-        )
+    problem = token_problem(token)
+    if problem is not None:
+        raise ConceptTokenError(problem)
     vocab = tokenizer.get_vocab()
     base_size = _base_vocab_size(tokenizer)
     existing = vocab.get(token, vocab.get(token + "</w>"))

@@ -23,7 +23,6 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +31,8 @@ from diffusers import DDPMScheduler
 from PIL import Image, UnidentifiedImageError
 
 from perfusion.attention import PerfusionCall, install_processors
-from perfusion.concept import DEFAULT_BETA, DEFAULT_TAU, Concept
+from perfusion.concept import Concept
+from perfusion.config import TrainConfig
 from perfusion.covariance import Covariance, estimate_covariance
 from perfusion.errors import TrainingError
 from perfusion.models import BaseModel
@@ -44,77 +44,6 @@ from perfusion.tokens import (
 )
 
 ImageInput = Image.Image | str | os.PathLike[str] | np.ndarray
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 400  # paper: at most 400 (210 on average)
-    batch_size: int = 16  # paper: 16 images per optimizer step
-    grad_accumulation: int = 1  # micro-batch = batch_size / grad_accumulation (same result, less memory)
-    lr_value: float = 0.03  # o*_V (paper)
-    lr_embedding: float = 0.006  # the concept token's embedding (paper)
-    weight_decay: float = 0.0  # AdamW; decay would pull o*_V and the embedding toward zero
-    # "constant" (the paper) or "cosine": both rates fall to 0 at the last step, so late steps settle
-    # instead of hopping between looks (toy v3 dotted-star at a constant rate: validation fidelity 75, 19, 75,
-    # 62, 19, 62% at steps 100-600).
-    lr_schedule: str = "constant"
-    # The saved concept is the mean of the trained tensors (embedding, o*_V, o*_K, i*) over this last fraction
-    # of the steps (0: the last step's tensors). At a constant rate the last step is one draw of a random walk:
-    # averaging the tail keeps what every late step agrees on (tail averaging / SWA, Izmailov et al. 2018).
-    # Off by default: on toy v3 it narrowed dotted-star's spread across seeds (25-81% -> 62-75% at 400 steps)
-    # but did not raise the mean over four concepts (benchmarks/RESULTS.md).
-    average_tail: float = 0.0
-    # The embedding's norm is kept <= this x the superclass word's (None: unbounded). A causal text encoder
-    # reads every word after the concept's token through it: an embedding far outside the norms of the words
-    # the encoder was trained on garbles them (the background, a second object).
-    embedding_norm_cap: float | None = 1.5
-    train_beta: float = 0.75  # training-time gate (paper: b=0.75, T=0.1)
-    train_tau: float = 0.1
-    inference_beta: float = DEFAULT_BETA  # written into the concept as its default gate
-    inference_tau: float = DEFAULT_TAU
-    ema_decay: float = 0.99  # i* <- decay * i* + (1 - decay) * mean concept encoding
-    resolution: int | None = None  # None: the base model's native size
-    flip_probability: float = 0.5  # horizontal flips; set 0 for asymmetric concepts
-    select_every: int = 25  # step-selection cadence (paper: every 25 steps)
-    lock_keys: bool = True  # False: the "trained keys" ablation, o*_K trained like o*_V
-    method: str = "perfusion"  # or "textual_inversion": the embedding row only, no rank-1 edit (a baseline)
-    mixed_precision: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; or "no", "fp16", "bf16"
-    seed: int = 0
-    templates: tuple[str, ...] | None = None  # None: the base model's own (BaseModel.templates)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.steps < 1:
-            problems.append("steps must be >= 1")
-        if self.batch_size < 1 or self.grad_accumulation < 1 or self.batch_size % self.grad_accumulation:
-            problems.append("batch_size must be a positive multiple of grad_accumulation")
-        if self.lr_value <= 0 or self.lr_embedding <= 0:
-            problems.append("learning rates must be > 0")
-        if self.lr_schedule not in {"constant", "cosine"}:
-            problems.append("lr_schedule must be 'constant' or 'cosine'")
-        if self.embedding_norm_cap is not None and self.embedding_norm_cap <= 0:
-            problems.append("embedding_norm_cap must be > 0 (or None for no cap)")
-        if not 0 <= self.average_tail < 1:
-            problems.append("average_tail must be in [0, 1): the fraction of the last steps to average")
-        if self.select_every < 1:
-            problems.append("select_every must be >= 1 (steps between scorings)")
-        if not 0 <= self.flip_probability <= 1:
-            problems.append("flip_probability must be in [0, 1]")
-        if not 0 <= self.ema_decay < 1:
-            problems.append("ema_decay must be in [0, 1)")
-        if self.train_tau <= 0 or self.inference_tau <= 0:
-            problems.append("gate temperatures (tau) must be > 0")
-        if self.method not in {"perfusion", "textual_inversion"}:
-            problems.append("method must be 'perfusion' or 'textual_inversion'")
-        if self.mixed_precision not in {"auto", "no", "fp16", "bf16"}:
-            problems.append("mixed_precision must be one of auto, no, fp16, bf16")
-        if self.templates is not None and (not self.templates or any("{}" not in t for t in self.templates)):
-            problems.append("templates must be non-empty and each contain '{}' for the concept")
-        if problems:
-            raise TrainingError("invalid training config: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)

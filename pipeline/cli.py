@@ -10,6 +10,9 @@ from typing import Annotated
 
 import typer
 
+from pipeline.metrics import PUSHGATEWAY_ENV
+from pipeline.store import ROOT_ENV
+
 # transformers warns at import about an image processor we never use (the safety checker's); keep the
 # terminal for our own messages. Set TRANSFORMERS_VERBOSITY yourself to see everything.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -122,7 +125,7 @@ DeviceOption = Annotated[
 ]
 PushgatewayOption = Annotated[
     str | None,
-    typer.Option("--pushgateway", envvar="PERFUSION_BATCH_PUSHGATEWAY", help="Push a run summary to this Pushgateway."),
+    typer.Option("--pushgateway", envvar=PUSHGATEWAY_ENV, help="Push a run summary to this Pushgateway."),
 ]
 
 
@@ -184,7 +187,7 @@ def validate(manifest: ManifestArg, root: RootOption = None) -> None:
     spec = _load(manifest)
     try:
         run = TrainRun(spec, TrainOptions(root=root))
-        base = tasks.prepare_base(run.base_model, run.store.root)
+        base = tasks.prepare_base(run.base_model, run.store.root, write=False)  # planning writes nothing
         plan, done = run.plan(base)
     except ManifestError as error:
         raise _fail(str(error)) from None
@@ -274,7 +277,7 @@ def _submit(spec, manifest: str, address: str, command: str, argv: list[str], ro
     folder = os.path.dirname(os.path.abspath(manifest)) if "://" not in manifest else None
     target = os.path.basename(manifest) if folder else manifest
     argv = [target, *(["--root", root] if root else []), *argv]
-    root_uri = root or os.environ.get("PERFUSION_BATCH_ROOT") or spec.root
+    root_uri = spec.storage_root(root)
     if "://" not in root_uri or root_uri.startswith("file://"):
         typer.secho(
             f"warning: storage root {root_uri!r} is a local path: on a cluster it is the job's working folder, "
@@ -283,7 +286,7 @@ def _submit(spec, manifest: str, address: str, command: str, argv: list[str], ro
             err=True,
         )
     runtime_env: dict[str, object] = {"working_dir": folder} if folder else {}
-    env_vars = {k: os.environ[k] for k in ("PERFUSION_BATCH_ROOT",) if os.environ.get(k)}
+    env_vars = {k: os.environ[k] for k in (ROOT_ENV,) if os.environ.get(k)}
     if env_vars:
         runtime_env["env_vars"] = env_vars
     text = Path(manifest).read_text(encoding="utf-8") if folder else manifest
@@ -401,11 +404,10 @@ def doctor(
     Example: perfusion-batch doctor -m manifests/catalog.yaml --address http://head:8265
     """
     from pipeline.doctor import FAIL, run_checks
-    from pipeline.train import resolve_base, resolve_root
 
     spec = _load(manifest) if manifest else None
-    root_uri = resolve_root(spec, root) if spec else root or os.environ.get("PERFUSION_BATCH_ROOT")
-    base_model = base or (resolve_base(spec) if spec else None)
+    root_uri = spec.storage_root(root) if spec else root or os.environ.get(ROOT_ENV)
+    base_model = base or (spec.base_model_path() if spec else None)
     checks = run_checks(address, root_uri, base_model, pushgateway, (device or Device.auto).value)
     for check in checks:
         color = {FAIL: typer.colors.RED, "warn": typer.colors.YELLOW}.get(check.verdict, typer.colors.GREEN)
@@ -424,7 +426,7 @@ app.add_typer(concepts_app, name="concepts")
 FormatOption = Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")]
 IndexRoot = Annotated[
     str | None,
-    typer.Option("--root", envvar="PERFUSION_BATCH_ROOT", help="Storage root URI (default: the manifest's root)."),
+    typer.Option("--root", envvar=ROOT_ENV, help="Storage root URI (default: the manifest's root)."),
 ]
 ManifestOption = Annotated[
     str | None, typer.Option("--manifest", "-m", help="Take the storage root from this manifest.")
@@ -439,7 +441,7 @@ def _index(root: str | None, manifest: str | None):  # type: ignore[no-untyped-d
         raise _fail("give --root URI (or set PERFUSION_BATCH_ROOT) or --manifest FILE")
     if root is None:
         spec = _load(manifest)  # type: ignore[arg-type]
-        root = spec.resolve(spec.root)
+        root = spec.storage_root()
     try:
         return ConceptIndex(Store(root))
     except StoreError as error:
@@ -509,9 +511,11 @@ def concepts_list(
         if not sep or not key:
             raise _fail(f"--tag {item!r}: use KEY=VALUE, e.g. --tag category=mugs")
         tags[key] = value
+    from pipeline.index import Status
+
     index = _index(root, manifest)
     rows = index.latest(
-        catalog=catalog, superclass=superclass, tags=tags or None, status=None if failed else "succeeded"
+        catalog=catalog, superclass=superclass, tags=tags or None, status=None if failed else Status.SUCCEEDED
     )
     _emit(rows, [*LIST_COLUMNS, "error"] if failed else LIST_COLUMNS, fmt)
 
@@ -595,8 +599,10 @@ def renders_list(
     """
     import pyarrow.compute as pc
 
+    from pipeline.index import Status
+
     index = _render_index(root, manifest)
-    condition = pc.field("status") == ("failed" if failed else "succeeded")
+    condition = pc.field("status") == (Status.FAILED if failed else Status.SUCCEEDED)
     if job:
         condition = condition & (pc.field("job") == job)
     rows = sorted(index.rows(filter=condition).to_pylist(), key=lambda r: (r["job"], r["prompt"], r["seed"]))

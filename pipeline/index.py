@@ -13,6 +13,7 @@ with it. The driver commits a batch of rows at a time (pipeline/train.py), never
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import json
 import random
 import time
@@ -24,11 +25,20 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from pipeline.store import Store
+from pipeline.store import CONCEPTS_TABLE, RENDERS_TABLE, Store
 
-CONCEPTS_TABLE = "index/concepts"
-RENDERS_TABLE = "index/renders"
-SUCCEEDED, FAILED = "succeeded", "failed"
+
+class Status(enum.StrEnum):
+    """A concept's or an image's state: the index stores SUCCEEDED or FAILED; the run's table shows the rest."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # already in the index under the same key: nothing to do
+    PLANNED = "planned"  # --dry-run: would run
+    RUNNING = "running"
+
+
+SUCCEEDED, FAILED = Status.SUCCEEDED, Status.FAILED
 COMMIT_ATTEMPTS = 6
 
 CONCEPT_SCHEMA = pa.schema(

@@ -39,15 +39,19 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from perfusion.config import field_types, settings_problems, token_problem
+from pipeline.store import ROOT_ENV
+
+# perfusion.models.BUILTIN_BASES' names (a test keeps them equal): the driver plans without importing torch.
+BUILTIN_BASES = ("tiny", "toy")
 
 MANIFEST_VERSION = 1
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-# perfusion.tokens.TOKEN_PATTERN, repeated here so that parsing a manifest does not import torch.
-TOKEN_PATTERN = re.compile(r"^<?[a-z0-9][a-z0-9_.-]*>?$")
 NAME_RULE = "1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
@@ -77,31 +81,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainingSettings(_Strict):
-    """Overrides of perfusion.TrainConfig; a field left out keeps the catalog default, then the library's."""
-
-    steps: int | None = Field(None, ge=1, le=100_000)
-    batch_size: int | None = Field(None, ge=1)
-    grad_accumulation: int | None = Field(None, ge=1)
-    lr_value: float | None = Field(None, gt=0)
-    lr_embedding: float | None = Field(None, gt=0)
-    lr_schedule: Literal["constant", "cosine"] | None = None
-    average_tail: float | None = Field(None, ge=0, lt=1)  # save the mean of the last fraction of steps
-    embedding_norm_cap: float | None = Field(None, gt=0)  # x the superclass word's norm (a large value: no cap)
-    train_beta: float | None = None
-    train_tau: float | None = Field(None, gt=0)
-    inference_beta: float | None = None
-    inference_tau: float | None = Field(None, gt=0)
-    resolution: int | None = Field(None, ge=8)
-    flip_probability: float | None = Field(None, ge=0, le=1)
-    select_every: int | None = Field(None, ge=1)
-    lock_keys: bool | None = None
-    method: Literal["perfusion", "textual_inversion"] | None = None
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] | None = None
-    seed: int | None = None
-
+class _Settings(_Strict):
     def values(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+# Overrides of perfusion.TrainConfig, one optional field per TrainConfig field with its type and bounds (the
+# library owns them: perfusion/config.py); a field left out keeps the catalog default, then the library's.
+if TYPE_CHECKING:
+    TrainingSettings = _Settings
+else:
+    TrainingSettings = create_model(
+        "TrainingSettings",
+        __base__=_Settings,
+        **{name: (hint | None, Field(None, **bounds)) for name, (hint, bounds) in field_types().items()},
+    )
 
 
 Tag = str | int | float | bool
@@ -180,11 +174,17 @@ class Manifest(_Strict):
             return uri
         return str(Path(self.base_dir, uri))
 
-    def concept(self, name: str) -> ConceptSpec:
-        for spec in self.concepts:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
+    def storage_root(self, override: str | None = None) -> str:
+        """--root, else PERFUSION_BATCH_ROOT, else the manifest's root (relative to the manifest's folder)."""
+        return override or os.environ.get(ROOT_ENV) or self.resolve(self.root)
+
+    def base_model_path(self) -> str:
+        """A built-in base or a hub id stays as it is; a relative local path starts at the manifest's folder."""
+        spec = self.base_model
+        if spec in BUILTIN_BASES or spec.startswith(("/", "~")):
+            return spec
+        candidate = self.resolve(spec)
+        return candidate if os.path.exists(candidate) else spec
 
     def selected_concepts(self, job: RenderJob) -> list[ConceptSpec]:
         """The concepts a job's selection names (all by default) whose tags match, in name order."""
@@ -251,14 +251,14 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
         else:
             first_by_name[spec.name] = index
         token = spec.concept_token
-        if not TOKEN_PATTERN.match(token):
-            problems.append(
-                Problem(
-                    f"{at}.token",
-                    f"{token!r} is not a valid concept token: use lower-case letters, digits, '-', '_' or '.', "
-                    "optionally in angle brackets, e.g. '<sku-123>'",
-                )
+        if token_problem(token) is not None:
+            field = "token" if spec.token is not None else "name"
+            hint = (
+                ""
+                if spec.token is not None
+                else " (the token is the name in angle brackets: shorten the name or give the concept a token)"
             )
+            problems.append(Problem(f"{at}.{field}", f"{token_problem(token)}{hint}"))
         elif token in first_by_token:
             problems.append(
                 Problem(f"{at}.token", f"duplicate token {token!r} (also concepts[{first_by_token[token]}])")
@@ -270,9 +270,11 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
         for position, image in enumerate(spec.images):
             if not image.strip():
                 problems.append(Problem(f"{at}.images[{position}]", "empty path"))
-        merged = manifest.training_config(spec)
-        if "batch_size" in merged and merged["batch_size"] % merged.get("grad_accumulation", 1):
-            problems.append(Problem(f"{at}.training.batch_size", "must be a multiple of grad_accumulation"))
+        own = spec.training.values()
+        for name, message in settings_problems(manifest.training_config(spec)):
+            problem = Problem(f"{at}.training.{name}" if name in own else f"training.{name}", message)
+            if problem not in problems:  # a catalog default's problem is reported once, not once per concept
+                problems.append(problem)
     first_by_job: dict[str, int] = {}
     for index, job in enumerate(manifest.renders):
         at = f"renders[{index}]"

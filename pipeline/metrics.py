@@ -14,7 +14,6 @@ deploy/monitoring/alerts.yaml alerts on these names (tests/deploy checks that th
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -43,10 +42,6 @@ def record_task(row: dict[str, Any]) -> None:
         _TASK_METRICS["steps"].inc(float(row["steps"]))
     if row.get("seconds"):
         _TASK_METRICS["seconds"].observe(float(row["seconds"]))
-
-
-def pushgateway_address(flag: str | None) -> str | None:
-    return flag or os.environ.get(PUSHGATEWAY_ENV) or None
 
 
 def push_summary(

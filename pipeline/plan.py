@@ -25,6 +25,7 @@ import fsspec
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.manifest import ConceptSpec, Manifest, ManifestError, Problem
+from pipeline.store import concept_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GLOB_CHARS = set("*?[")
@@ -60,7 +61,7 @@ class PlannedConcept:
     @property
     def file(self) -> str:
         """Where the concept file lives, relative to the store root."""
-        return f"concepts/{self.concept_key}.safetensors"
+        return concept_file(self.concept_key)
 
 
 def expand(manifest: Manifest, pattern: str) -> list[str]:

@@ -12,15 +12,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pipeline.index import Status
 from pipeline.jobs import inside_ray_job
 from pipeline.train import ConceptState, Display, RunSummary
 
 STATUS_STYLE = {
-    "succeeded": "green",
-    "failed": "red",
-    "running": "cyan",
-    "skipped": "dim",
-    "planned": "yellow",
+    Status.SUCCEEDED: "green",
+    Status.FAILED: "red",
+    Status.RUNNING: "cyan",
+    Status.SKIPPED: "dim",
+    Status.PLANNED: "yellow",
 }
 
 
@@ -93,11 +94,11 @@ class LogDisplay(Display):
             f"catalog {summary.catalog}: {len(summary.concepts)} concept(s) ({counts}), root {summary.root}"
         )
         for state in summary.concepts.values():
-            if state.status == "failed":
+            if state.status == Status.FAILED:
                 self.print_line(f"  {state.name}: failed before training: {state.error}")
 
     def update(self, state: ConceptState) -> None:
-        if state.status == "running":
+        if state.status == Status.RUNNING:
             quarter = 4 * state.step // state.steps if state.steps else 0
             if self.reported.get(state.name) == quarter:
                 return
@@ -105,7 +106,7 @@ class LogDisplay(Display):
             loss = f" loss {state.loss:.4f}" if state.loss is not None else ""
             steps = f" step {state.step}/{state.steps}" if state.steps else " started"
             self.print_line(f"  {state.name}:{steps}{loss}")
-        elif state.status == "failed":
+        elif state.status == Status.FAILED:
             self.print_line(f"  {state.name}: FAILED: {state.error}")
         else:
             self.print_line(f"  {state.name}: {state.status} {_elapsed(state)}".rstrip())
@@ -120,7 +121,7 @@ class LogDisplay(Display):
 def summary_line(summary: RunSummary) -> str:
     counts = summary.counts()
     verb = "would train" if summary.dry_run else "trained"
-    done = counts["planned"] if summary.dry_run else counts["succeeded"]
+    done = counts[Status.PLANNED] if summary.dry_run else counts[Status.SUCCEEDED]
     return (
         f"{summary.catalog}: {verb} {done}, skipped {counts['skipped']} (already trained), failed {counts['failed']}"
         f" in {summary.seconds:.1f}s"

@@ -26,11 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, RenderIndex, now
+from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, RenderIndex, Status, now
 from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
 from pipeline.render_plan import ConceptRef, RenderPlanError, RenderRow, needed_names, plan_job, resolve_concepts
-from pipeline.store import Store
-from pipeline.train import resolve_base, resolve_root
+from pipeline.store import Store, sheet_files
 
 COMMIT_EVERY = 64
 COMMIT_SECONDS = 10.0
@@ -70,7 +69,7 @@ class RenderSummary:
 
     def counts(self) -> dict[str, int]:
         """Images by status, for the Pushgateway summary."""
-        return {"succeeded": self.rendered, "failed": self.failed, "skipped": self.skipped}
+        return {Status.SUCCEEDED: self.rendered, Status.FAILED: self.failed, Status.SKIPPED: self.skipped}
 
     def line(self) -> str:
         verb = "would render" if self.dry_run else "rendered"
@@ -98,10 +97,10 @@ class RenderRun:
         if unknown:
             raise ManifestError(manifest.source, unknown)
         self.jobs: list[RenderJob] = [j for j in manifest.renders if not options.jobs or j.name in options.jobs]
-        self.store = Store(resolve_root(manifest, options.root))
+        self.store = Store(manifest.storage_root(options.root))
         self.concept_index = ConceptIndex(self.store)
         self.index = RenderIndex(self.store)
-        self.base_model = resolve_base(manifest)
+        self.base_model = manifest.base_model_path()
 
     # -- planning --------------------------------------------------------------------------------------
 
@@ -276,8 +275,9 @@ class RenderRun:
             shown = sheet_rows(rows)
             images = {r["render_id"]: self.store.read(self.store.relative(r["image_uri"]), r["sha256"]) for r in shown}
             picture = contact_sheet(shown, images, title=job.name, total=len(rows))
-            sheet = self.store.put(f"renders/sheets/{job.name}.png", picture)
-            page = self.store.put(f"renders/sheets/{job.name}.html", html_page(job.name, rows, self.store).encode())
+            sheet_file, page_file = sheet_files(job.name)
+            sheet = self.store.put(sheet_file, picture)
+            page = self.store.put(page_file, html_page(job.name, rows, self.store).encode())
             summary.sheets[job.name], summary.pages[job.name] = sheet, page
 
 

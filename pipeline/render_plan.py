@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.index import ConceptIndex
+from pipeline.index import ConceptIndex, Status
 from pipeline.manifest import Manifest, RenderJob, placeholders
 
 RENDER_VERSION = "1"  # bump when the same inputs would render different pixels
@@ -101,7 +101,7 @@ def resolve_concepts(
         if name in found:
             continue
         attempts = index.latest([name], catalog=manifest.catalog, status=None)
-        if attempts and attempts[0]["status"] != "succeeded":
+        if attempts and attempts[0]["status"] != Status.SUCCEEDED:
             problems.append(
                 f"concept {name!r} failed its last training ({attempts[0]['error']}); fix it and run "
                 "perfusion-batch train first"

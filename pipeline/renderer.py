@@ -24,8 +24,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.index import RENDER_SCHEMA
-from pipeline.store import Store, sha256_hex
+from pipeline.index import RENDER_SCHEMA, Status
+from pipeline.store import Store, render_file, sha256_hex
 from pipeline.tasks import device_name, worker_base
 
 # What an actor returns per row: the render table's columns that only rendering can fill (pipeline/index.py).
@@ -48,10 +48,6 @@ SCHEDULERS = {  # manifest name -> diffusers class name; "default" keeps the bas
     "euler": "EulerDiscreteScheduler",
     "pndm": "PNDMScheduler",
 }
-
-
-def image_path(render_id: str) -> str:
-    return f"renders/{render_id}.png"
 
 
 class Renderer:
@@ -157,7 +153,7 @@ class Renderer:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         try:
-            artifact = self.store.write_once(image_path(record["render_id"]), buffer.getvalue())
+            artifact = self.store.write_once(render_file(record["render_id"]), buffer.getvalue())
         except FileExistsError:  # a racing attempt stored it first: same inputs, same image
             adopted = self._adopt(record["render_id"])
             if adopted is None:
@@ -170,7 +166,7 @@ class Renderer:
             "bytes": artifact.bytes,
             "width": image.width,
             "height": image.height,
-            "status": "succeeded",
+            "status": Status.SUCCEEDED,
             "error": None,
             "seconds": seconds,
             "device": self.device,
@@ -181,7 +177,7 @@ class Renderer:
         which create-only writes make impossible short of tampering: then it is removed and rendered again)."""
         from PIL import Image
 
-        relative = image_path(render_id)
+        relative = render_file(render_id)
         if not self.store.exists(relative):
             return None
         data = self.store.read(relative)
@@ -199,7 +195,7 @@ class Renderer:
             "bytes": len(data),
             "width": width,
             "height": height,
-            "status": "succeeded",
+            "status": Status.SUCCEEDED,
             "error": None,
             "seconds": 0.0,
             "device": self.device,
@@ -231,7 +227,7 @@ class Renderer:
     def _failed(self, record: dict[str, Any], error: Exception) -> dict[str, Any]:
         return {
             "render_id": record["render_id"],
-            "status": "failed",
+            "status": Status.FAILED,
             "error": f"{type(error).__name__}: {error}",
             "device": self.device,
         }

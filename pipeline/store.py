@@ -1,11 +1,14 @@
 """The artifact store: one root URI through fsspec (local folder, file://, s3://, gs://), create-only writes.
 
-Layout under the root (ARCHITECTURE.md):
+Layout under the root (ARCHITECTURE.md); the functions below are the only place that spells it:
 
-    concepts/{concept_key}.safetensors     one file per trained concept, content-addressed by its inputs
-    covariance/{fingerprint}.safetensors   C and the Cholesky factor of C^-1, once per base model
-    index/concepts/                        the Delta table of training attempts (pipeline/index.py)
-    renders/{render_id}.png                rendered images (issue 5)
+    concepts/{concept_key}.safetensors            one file per trained concept, content-addressed by its inputs
+    concepts/{concept_key}.{attempt}.safetensors  a forced retraining (--force): beside the old file, never over it
+    covariance/{fingerprint}.safetensors          C and the Cholesky factor of C^-1, once per base model
+    index/concepts/                               the Delta table of training attempts (pipeline/index.py)
+    index/renders/                                the Delta table of rendered images
+    renders/{render_id}.png                       rendered images
+    renders/sheets/{job}.png, {job}.html          a contact sheet and a page per render job, rebuilt each run
 
 Artifacts are immutable: written create-only, so two writers racing on one key cannot clobber each other,
 and a reader never sees half a file (local: write a temporary file, then hard-link it into place, which
@@ -30,6 +33,27 @@ from fsspec.implementations.local import LocalFileSystem
 
 ROOT_ENV = "PERFUSION_BATCH_ROOT"
 SUPPORTED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "memory")
+
+
+CONCEPTS_TABLE = "index/concepts"
+RENDERS_TABLE = "index/renders"
+
+
+def concept_file(concept_key: str, attempt: str | None = None) -> str:
+    return f"concepts/{concept_key}.{attempt[:8]}.safetensors" if attempt else f"concepts/{concept_key}.safetensors"
+
+
+def covariance_file(fingerprint: str) -> str:
+    return f"covariance/{fingerprint}.safetensors"
+
+
+def render_file(render_id: str) -> str:
+    return f"renders/{render_id}.png"
+
+
+def sheet_files(job: str) -> tuple[str, str]:
+    """(contact sheet PNG, HTML page) of a render job; the page links images as ../{render_id}.png."""
+    return f"renders/sheets/{job}.png", f"renders/sheets/{job}.html"
 
 
 class StoreError(Exception):

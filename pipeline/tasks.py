@@ -4,9 +4,9 @@ Plain functions over plain data (TrainTask in, a row dict out), wrapped as Ray t
 so they can be unit-tested without Ray. A worker process keeps its loaded base model between tasks (one at
 a time), so a GPU that trains 500 concepts loads the UNet once, not 500 times.
 
-Failure policy, per PERFUSION errors' `retryable` flag:
-- bad input (a corrupt image, a superclass the tokenizer cannot encode, a changed base model): the task
-  returns a "failed" row with the message; retrying would fail the same way.
+Failure policy:
+- bad input (a PerfusionError or ValueError: a corrupt image, a superclass the tokenizer cannot encode, a
+  changed base model): the task returns a "failed" row with the message; retrying would fail the same way.
 - anything else (storage hiccups, a worker that dies): raised as RetryableTaskError, or the process is
   gone, and Ray retries the task (max_retries); the driver records the last error if every try fails.
 """
@@ -24,7 +24,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.store import Store, sha256_hex
+from pipeline.index import Status
+from pipeline.store import Store, covariance_file, sha256_hex
 
 
 class RetryableTaskError(Exception):
@@ -55,8 +56,8 @@ class TrainTask:
 class BaseInfo:
     fingerprint: str
     vocabulary: frozenset[str]  # the base tokenizer's words (concept tokens must not collide)
-    covariance: str
-    covariance_sha256: str
+    covariance: str  # its file under the store root
+    covariance_sha256: str  # '' when planning found none stored yet (prepare_base(write=False))
     device: str
 
 
@@ -86,22 +87,25 @@ def worker_base(spec: str) -> Any:
     return _BASES[spec]
 
 
-def prepare_base(spec: str, root: str) -> BaseInfo:
-    """Load the base model, and find its covariance in the store or estimate it once and store it."""
+def prepare_base(spec: str, root: str, write: bool = True) -> BaseInfo:
+    """Load the base model, and find its covariance in the store or estimate it once and store it.
+    write=False (planning: validate, --dry-run) stores nothing: a covariance not stored yet has sha256 ''."""
     import perfusion
 
     base = worker_base(spec)
     store = Store(root)
-    relative = f"covariance/{base.fingerprint}.safetensors"
+    relative = covariance_file(base.fingerprint)
+    tokenizer = base.tokenizer
+    base_words = frozenset(w for w, i in tokenizer.get_vocab().items() if i < tokenizer.vocab_size)
     if not store.exists(relative):
+        if not write:
+            return BaseInfo(base.fingerprint, base_words, relative, "", device_name())
         data = perfusion.covariance_to_bytes(perfusion.estimate_covariance(base))
         # Another run may have stored it first: then use theirs (same base, same C up to float rounding).
         with contextlib.suppress(FileExistsError):
             store.write_once(relative, data)
     data = store.read(relative)
     perfusion.covariance_from_bytes(data, base.fingerprint, label=store.uri(relative))  # validate it
-    tokenizer = base.tokenizer
-    base_words = frozenset(w for w, i in tokenizer.get_vocab().items() if i < tokenizer.vocab_size)
     return BaseInfo(base.fingerprint, base_words, relative, sha256_hex(data), device_name())
 
 
@@ -148,7 +152,7 @@ def train_one(task: TrainTask, progress: ProgressFn | None = None) -> dict[str, 
             return row | adopted | {"seconds": time.perf_counter() - started}
         loss = concept.metadata["loss"]
         return row | {
-            "status": "succeeded",
+            "status": Status.SUCCEEDED,
             "file_uri": artifact.uri,
             "sha256": artifact.sha256,
             "bytes": artifact.bytes,
@@ -157,9 +161,7 @@ def train_one(task: TrainTask, progress: ProgressFn | None = None) -> dict[str, 
             "seconds": time.perf_counter() - started,
         }
     except (perfusion.PerfusionError, ValueError) as error:
-        if isinstance(error, perfusion.PerfusionError) and error.retryable:
-            raise RetryableTaskError(str(error)) from error
-        return row | {"status": "failed", "error": str(error), "seconds": time.perf_counter() - started}
+        return row | {"status": Status.FAILED, "error": str(error), "seconds": time.perf_counter() - started}
     except RetryableTaskError:
         raise
     except OSError as error:  # storage and network trouble: worth another try
@@ -176,7 +178,7 @@ def base_row(task: TrainTask) -> dict[str, Any]:
         "superclass": task.superclass,
         "fingerprint": task.fingerprint,
         "device": f"{device_name()}@{platform.node()}",
-        "status": "failed",
+        "status": Status.FAILED,
         "error": None,
     }
 
@@ -197,7 +199,7 @@ def _adopt_existing(store: Store, task: TrainTask, base: Any) -> dict[str, Any] 
         return None
     loss = concept.metadata.get("loss", {})
     return {
-        "status": "succeeded",
+        "status": Status.SUCCEEDED,
         "file_uri": store.uri(task.file),
         "sha256": sha256_hex(data),
         "bytes": len(data),

@@ -23,15 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, now
+from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, Status, now
 from pipeline.manifest import Manifest
 from pipeline.plan import PlannedConcept, build_plan
-from pipeline.store import Store
+from pipeline.store import Store, concept_file
 from pipeline.tasks import BaseInfo, TrainTask, base_row
 
 COMMIT_EVERY = 16
 COMMIT_SECONDS = 10.0
-SKIPPED, PLANNED = "skipped", "planned"
+SKIPPED, PLANNED = Status.SKIPPED, Status.PLANNED
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class TrainOptions:
 class ConceptState:
     name: str
     concept_key: str
-    status: str  # planned | running | succeeded | failed | skipped
+    status: Status
     step: int = 0
     steps: int = 0
     loss: float | None = None
@@ -87,33 +87,13 @@ class Display:
     def finish(self, summary: RunSummary) -> None: ...
 
 
-def resolve_root(manifest: Manifest, override: str | None) -> str:
-    """--root, else PERFUSION_BATCH_ROOT, else the manifest's root (relative to the manifest's folder)."""
-    import os
-
-    from pipeline.store import ROOT_ENV
-
-    return override or os.environ.get(ROOT_ENV) or manifest.resolve(manifest.root)
-
-
-def resolve_base(manifest: Manifest) -> str:
-    """'toy', 'tiny' or a hub id stay as they are; a relative local path starts at the manifest's folder."""
-    spec = manifest.base_model
-    if spec in {"toy", "tiny"} or spec.startswith(("/", "~")):
-        return spec
-    candidate = manifest.resolve(spec)
-    import os
-
-    return candidate if os.path.exists(candidate) else spec
-
-
 class TrainRun:
     def __init__(self, manifest: Manifest, options: TrainOptions = TrainOptions()) -> None:
         self.manifest = manifest
         self.options = options
-        self.store = Store(resolve_root(manifest, options.root))
+        self.store = Store(manifest.storage_root(options.root))
         self.index = ConceptIndex(self.store)
-        self.base_model = resolve_base(manifest)
+        self.base_model = manifest.base_model_path()
         unknown = sorted(set(options.only) - {c.name for c in manifest.concepts})
         if unknown:
             from pipeline.manifest import ManifestError, Problem
@@ -143,7 +123,9 @@ class TrainRun:
         jobs.ensure_ray()
         display.message(f"preparing base model {self.base_model!r} (fingerprint, C^-1) ...")
         resources = self._resources()
-        preparing = jobs.remote(prepare_base_task, **resources).remote(self.base_model, self.store.root)
+        preparing = jobs.remote(prepare_base_task, **resources).remote(
+            self.base_model, self.store.root, not self.options.dry_run
+        )
         # Meanwhile, start the other workers and load the model into each (a Ray worker keeps it for the
         # training tasks it runs next): worker start-up then overlaps prepare_base instead of delaying them.
         warming = [] if self.options.dry_run else self._warm_workers(resources)
@@ -188,7 +170,7 @@ class TrainRun:
     def _task(self, item: PlannedConcept, base: BaseInfo) -> TrainTask:
         attempt = uuid.uuid4().hex
         # --force writes a new file beside the old one: artifacts are never overwritten.
-        file = f"concepts/{item.concept_key}.{attempt[:8]}.safetensors" if self.options.force else item.file
+        file = concept_file(item.concept_key, attempt) if self.options.force else item.file
         return TrainTask(
             name=item.name,
             token=item.spec.concept_token,
@@ -233,12 +215,12 @@ class TrainRun:
                 task = self._task(item, base)
                 running[remote_train.remote(task, board)] = (item, task)
                 state = summary.concepts[item.name]
-                state.status, state.started = "running", time.time()
+                state.status, state.started = Status.RUNNING, time.time()
                 display.update(state)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for name, (step, steps, loss) in ray.get(board.snapshot.remote()).items():
                 state = summary.concepts[name]
-                if state.status == "running" and step != state.step:
+                if state.status == Status.RUNNING and step != state.step:
                     state.step, state.steps, state.loss = step, steps, loss
                     display.update(state)
             for ref in ready:
@@ -246,7 +228,7 @@ class TrainRun:
                 row = self._collect(ref, task)
                 rows.append(self._complete_row(row, item))
                 state = summary.concepts[item.name]
-                state.status, state.error = row["status"], row.get("error")
+                state.status, state.error = Status(row["status"]), row.get("error")
                 state.seconds = row.get("seconds")
                 if row.get("steps"):
                     state.step = state.steps = int(row["steps"])
@@ -302,10 +284,10 @@ class TrainRun:
         return self._complete_row(row, item)
 
 
-def prepare_base_task(spec: str, root: str) -> BaseInfo:
+def prepare_base_task(spec: str, root: str, write: bool = True) -> BaseInfo:
     from pipeline.tasks import prepare_base
 
-    return prepare_base(spec, root)
+    return prepare_base(spec, root, write)
 
 
 def warm_worker_task(spec: str) -> bool:

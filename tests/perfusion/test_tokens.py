@@ -19,7 +19,7 @@ from perfusion.training import superclass_input
 
 @pytest.mark.parametrize("token", ["dog", "teddy", "<|endoftext|>", "Has Space", "UPPER", "", "a" * 80])
 def test_bad_tokens_are_refused_with_the_reason(base, token):
-    with pytest.raises(ConceptTokenError, match=r"collides|not allowed"):
+    with pytest.raises(ConceptTokenError, match=r"collides|is not a valid concept token"):
         validate_token(token, base.tokenizer)
 
 

@@ -203,7 +203,7 @@ def test_average_tail_saves_the_mean_of_the_last_steps(base, covariance, mug_ima
         torch.testing.assert_close(value, torch.stack([s.value_targets[name] for s in tail]).mean(0))
     assert not torch.allclose(averaged.embedding, states[-1].embedding)  # not simply the last step
     assert averaged.metadata["train_config"]["average_tail"] == 0.5
-    with pytest.raises(TrainingError, match="average_tail must be in"):
+    with pytest.raises(TrainingError, match="average_tail must be < 1"):
         perfusion.TrainConfig(average_tail=1.0)
 
 

@@ -57,7 +57,7 @@ def test_validate_prints_the_plan_and_names_each_bad_image(tmp_path):
     assert "test-shop: 2 concept(s), base tiny" in good.output
     assert "mug <mug>: 3 image(s), would train" in good.output
     assert "bag <bag>: 3 image(s), would train" in good.output
-    assert not (root / "concepts").exists() and not (root / "index").exists()  # nothing trained, no rows
+    assert not root.exists()  # planning writes nothing: no concepts, no rows, no covariance
 
     (tmp_path / "shop" / "photos" / "bag" / "2.png").write_bytes(b"not a png")
     bad = runner.invoke(app, ["validate", str(manifest)])

@@ -149,3 +149,61 @@ def test_manifest_errors_pickle():
 
     error = ManifestError("m.yaml", [])
     assert isinstance(pickle.loads(pickle.dumps(error)), ManifestError)
+
+
+def test_the_manifest_resolves_its_storage_root_and_base_model(tmp_path, monkeypatch):
+    (tmp_path / "models" / "sd").mkdir(parents=True)
+    path = tmp_path / "catalog.yaml"
+    text = GOOD.replace("root: ./store", "root: ./out").replace("base_model: tiny", "base_model: models/sd")
+    path.write_text(text)
+    manifest = load_manifest(str(path))
+    monkeypatch.delenv("PERFUSION_BATCH_ROOT", raising=False)
+    assert manifest.storage_root() == str(tmp_path / "out")  # relative to the manifest's folder
+    monkeypatch.setenv("PERFUSION_BATCH_ROOT", "s3://bucket/env")
+    assert manifest.storage_root() == "s3://bucket/env"
+    assert manifest.storage_root("s3://bucket/flag") == "s3://bucket/flag"  # the flag wins
+    assert manifest.base_model_path() == str(tmp_path / "models" / "sd")
+    for spec in ("toy", "tiny", "someone/hub-model"):  # built-ins and hub ids stay as they are
+        assert manifest.model_copy(update={"base_model": spec}).base_model_path() == spec
+
+
+def test_the_training_schema_is_train_config_and_tokens_follow_the_library():
+    from dataclasses import fields
+
+    from pipeline.manifest import TrainingSettings
+
+    assert set(TrainingSettings.model_fields) == {f.name for f in fields(perfusion.TrainConfig)}
+    name = "a" * 64  # a valid name (it names files) whose token <aaa...a> is one character too long
+    found = problems_of(
+        f"version: 1\ncatalog: shop\nconcepts:\n  - {{name: {name}, superclass: mug, images: [a.png]}}\n"
+    )
+    assert len(found) == 1 and found[0].startswith(f"concepts[0].name: '<{name}>' is not a valid concept token")
+    with pytest.raises(perfusion.ConceptTokenError):  # the same rule training applies
+        perfusion.tokens.validate_token(f"<{name}>", perfusion.load_base("tiny").tokenizer)
+    text = (
+        f"version: 1\ncatalog: shop\nconcepts:\n  - {{name: {name}, token: <ok-1>, superclass: mug, images: [a.png]}}\n"
+    )
+    assert parse_manifest(text).concepts[0].concept_token == "<ok-1>"  # a long name with its own token is fine
+    shop = parse_manifest(
+        "version: 1\ncatalog: shop\ntraining: {templates: ['a photo of {}'], ema_decay: 0.9}\n"
+        "concepts:\n  - {name: mug, superclass: mug, images: [a.png]}\n"
+    )
+    config = perfusion.TrainConfig(**shop.training_config(shop.concepts[0]))
+    assert config.templates == ("a photo of {}",) and config.ema_decay == 0.9
+    assert problems_of(
+        "version: 1\ncatalog: shop\ntraining: {templates: ['no placeholder']}\n"
+        "concepts:\n  - {name: mug, superclass: mug, images: [a.png]}\n"
+    ) == ["training.templates: must be non-empty and each contain '{}' for the concept"]
+
+
+def test_reading_a_manifest_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pipeline.manifest import parse_manifest; "
+        "parse_manifest('version: 1\\ncatalog: s\\nconcepts:\\n  - {name: m, superclass: mug, images: [a.png]}\\n'); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

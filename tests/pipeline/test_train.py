@@ -79,6 +79,7 @@ def test_dry_run_only_and_force(tmp_path, ray_local):
     dry = train(manifest, "--dry-run")
     assert dry.exit_code == 0 and "would train 2" in dry.output
     assert ConceptIndex(Store(str(root))).latest(status=None) == []  # a dry run writes no rows
+    assert not [p for p in root.rglob("*") if p.is_file()]  # nor anything else (the covariance waits for a run)
     only = train(manifest, "--only", "bag")
     assert only.exit_code == 0 and "trained 1" in only.output
     assert [r["name"] for r in ConceptIndex(Store(str(root))).latest()] == ["bag"]
