@@ -50,9 +50,8 @@ def layer_norm_direction(module: torch.nn.Module) -> torch.Tensor | None:
 
 def condition_off(moment: torch.Tensor, direction: torch.Tensor) -> float:
     """cond(C) on the complement of `direction` (unit): the spread the encodings can actually have."""
-    basis = torch.linalg.svd(torch.eye(len(direction), dtype=torch.float64) - torch.outer(direction, direction))[0]
-    complement = basis[:, :-1]  # (d, d-1): an orthonormal basis orthogonal to `direction`
-    eigenvalues = torch.linalg.eigvalsh(complement.T @ moment @ complement)
+    projector = torch.eye(len(direction), dtype=torch.float64) - torch.outer(direction, direction)
+    eigenvalues = torch.linalg.eigvalsh(projector @ moment @ projector)[1:]  # [0] is the projected-out direction
     return float(eigenvalues.max() / eigenvalues.min())
 
 

@@ -27,6 +27,7 @@ from perfusion.errors import (
     RenderError,
     TrainingError,
 )
+from perfusion.registry import BUILTIN_BASES
 
 if TYPE_CHECKING:
     from perfusion.attention import PerfusionAttnProcessor, PerfusionCall, install_processors
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
         load_covariance,
         save_covariance,
     )
-    from perfusion.models import BUILTIN_BASES, BaseModel, load_base
+    from perfusion.models import BaseModel, load_base
     from perfusion.sampling import ConceptRenderer, RenderRequest, RenderSettings
     from perfusion.training import StepInfo, denoising_loss, train_concept
 
@@ -56,7 +57,7 @@ _LAZY = {
         "load_covariance",
         "save_covariance",
     ),
-    "perfusion.models": ("BUILTIN_BASES", "BaseModel", "load_base"),
+    "perfusion.models": ("BaseModel", "load_base"),
     "perfusion.sampling": ("ConceptRenderer", "RenderRequest", "RenderSettings"),
     "perfusion.training": ("StepInfo", "denoising_loss", "train_concept"),
 }

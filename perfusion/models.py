@@ -1,7 +1,7 @@
 """Base models: what a concept is trained on and rendered with.
 
 `load_base(spec)` accepts
-- a built-in base by name (BUILTIN_BASES, the one place they are registered):
+- a built-in base by name (perfusion.registry.BUILTIN_BASES, the one place they are registered):
   "toy": the project's own model pretrained on the toy world (perfusion/toyworld), weights shipped;
   "tiny": a small Stable-Diffusion-shaped pipeline built from config with a fixed seed (random weights,
   for unit tests; builds in well under a second on CPU), with the project's generated BPE tokenizer;
@@ -45,16 +45,10 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from perfusion.corpus import NEUTRAL_TEMPLATES, builtin_prompts, read_caption_file
 from perfusion.errors import BaseModelError
+from perfusion.registry import BUILTIN_BASES
 from perfusion.vocab import load_tiny_tokenizer
 
 TINY_SEED = 0
-
-# Built-in bases by name: "module:function" returning a BuiltinBase. Imported on first use, so the core never
-# imports a built-in's code (the toy world lives in perfusion/toyworld/ and depends on the core, not back).
-BUILTIN_BASES: dict[str, str] = {
-    "tiny": "perfusion.models:build_tiny_base",
-    "toy": "perfusion.toyworld.model:build_toy_base",
-}
 
 
 @dataclass

@@ -45,10 +45,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from perfusion.config import field_types, settings_problems, token_problem
+from perfusion.registry import BUILTIN_BASES
 from pipeline.store import ROOT_ENV
-
-# perfusion.models.BUILTIN_BASES' names (a test keeps them equal): the driver plans without importing torch.
-BUILTIN_BASES = ("tiny", "toy")
 
 MANIFEST_VERSION = 1
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -251,14 +249,14 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
         else:
             first_by_name[spec.name] = index
         token = spec.concept_token
-        if token_problem(token) is not None:
+        if (wrong := token_problem(token)) is not None:
             field = "token" if spec.token is not None else "name"
             hint = (
                 ""
                 if spec.token is not None
                 else " (the token is the name in angle brackets: shorten the name or give the concept a token)"
             )
-            problems.append(Problem(f"{at}.{field}", f"{token_problem(token)}{hint}"))
+            problems.append(Problem(f"{at}.{field}", f"{wrong}{hint}"))
         elif token in first_by_token:
             problems.append(
                 Problem(f"{at}.token", f"duplicate token {token!r} (also concepts[{first_by_token[token]}])")

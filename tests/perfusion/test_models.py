@@ -13,7 +13,6 @@ from transformers import CLIPTextModel
 import perfusion
 from perfusion.errors import BaseModelError
 from perfusion.models import fingerprint
-from pipeline import manifest
 
 
 def test_tiny_is_a_stable_diffusion_shaped_pipeline(base):
@@ -105,7 +104,6 @@ def test_hub_id_fails_fast_offline_with_a_local_path_hint(monkeypatch, tmp_path)
 
 def test_built_in_bases_are_registered_in_one_place_and_bring_their_own_language():
     assert set(perfusion.BUILTIN_BASES) >= {"tiny", "toy"}
-    assert set(manifest.BUILTIN_BASES) == set(perfusion.BUILTIN_BASES)  # the torch-free copy the driver plans with
     tiny = perfusion.load_base("tiny")
     assert tiny.templates == perfusion.corpus.NEUTRAL_TEMPLATES  # a real text encoder's language
     assert tiny.captions() == perfusion.corpus.builtin_prompts()

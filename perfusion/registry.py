@@ -1,0 +1,11 @@
+"""The built-in base models by name, in one place: plain Python, so a driver can check a manifest's base_model
+without importing torch (perfusion/models.py loads them)."""
+
+from __future__ import annotations
+
+# "module:function" returning a models.BuiltinBase. Imported on first use, so the core never imports a
+# built-in's code (the toy world lives in perfusion/toyworld/ and depends on the core, not back).
+BUILTIN_BASES: dict[str, str] = {
+    "tiny": "perfusion.models:build_tiny_base",
+    "toy": "perfusion.toyworld.model:build_toy_base",
+}
