@@ -41,9 +41,9 @@ format: $(STAMP)
 	ruff check --fix perfusion pipeline tests benchmarks
 
 bench: $(STAMP)
-	$(PYTHON) benchmarks/concept_size.py
-	$(PYTHON) benchmarks/attention_overhead.py
-	$(PYTHON) benchmarks/training_step.py
+	$(PYTHON) -m benchmarks.concept_size
+	$(PYTHON) -m benchmarks.attention_overhead
+	$(PYTHON) -m benchmarks.training_step
 
 clean:
 	rm -rf .make build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-output

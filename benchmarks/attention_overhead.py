@@ -1,24 +1,20 @@
 """UNet forward time with Perfusion on attn2 (1 and 4 concepts active) / without, SD1.5-shaped UNet.
 
-    python benchmarks/attention_overhead.py [--latent 64] [--batch 2] [--rounds 3] [--device cpu] [--fp16]
+    python -m benchmarks.attention_overhead [--latent 64] [--batch 2] [--rounds 3] [--device cpu] [--fp16]
 
 Random weights (shape is what costs time). Runs are interleaved (none, 1, 4, none, 1, 4, ...) and the
 median per variant is compared, so machine noise hits all variants alike. The PerfusionCall is built
 once per render (all denoising steps share it); its build time is reported separately.
-Target (issue 2): overhead <= 3%.
+Target: overhead <= 3%.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.shapes import build_unet
 from perfusion.attention import PerfusionCall, install_processors

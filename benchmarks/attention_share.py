@@ -1,7 +1,7 @@
 """Where a base model's cross-attention looks: the share of each prompt token, and of the padding together.
 
-    python benchmarks/attention_share.py "a photo of a star" "a dotted purple star with a dot on a blue background"
-    python benchmarks/attention_share.py --base /models/sd15 "a photo of a dog"
+    python -m benchmarks.attention_share "a photo of a star" "a dotted purple star with a dot on a blue background"
+    python -m benchmarks.attention_share --base /models/sd15 "a photo of a dog"
 
 For each prompt: one render (DDIM, no guidance, seed 0) with every cross-attention layer recording its attention
 probabilities, averaged over layers, heads, queries and steps. A key-locked concept's value edit reaches the UNet

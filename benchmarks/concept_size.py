@@ -1,18 +1,13 @@
 """Bytes per concept file for SD1.5-, SD2.1- and SDXL-shaped models (no weights: shapes from config).
 
-    python benchmarks/concept_size.py
+    python -m benchmarks.concept_size
 
-Target (issue 2): <= 64 KB for SD1.5 in fp16; the paper quotes ~100 KB.
+Target: <= 64 KB for SD1.5 in fp16; the paper quotes ~100 KB.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.shapes import FAMILIES, build_unet
 from perfusion.concept import Concept

@@ -1,6 +1,6 @@
 """Fan-out efficiency of `perfusion-batch train` on an embedded Ray, and the per-task overhead.
 
-    python benchmarks/fanout.py [--concepts 6] [--workers 2] [--steps 120]
+    python -m benchmarks.fanout [--concepts 6] [--workers 2] [--steps 120]
 
 1. Single-concept times: each concept trained alone in this process with one torch thread (what a Ray
    worker with num_cpus=1 gets), model and C^-1 already loaded: the pure training time t_i.
@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 NAMES = ("mug", "bag", "cup", "pen", "hat", "box", "jar", "fan", "key", "map", "toy", "car")
 
 
@@ -39,7 +37,7 @@ def main() -> None:
     import ray
 
     import perfusion
-    from pipeline import jobs, tasks
+    from pipeline import jobs, tasks, worker
     from pipeline.manifest import load_manifest
     from pipeline.train import TrainOptions, TrainRun
     from tests.pipeline.conftest import write_catalog
@@ -54,9 +52,9 @@ def main() -> None:
         # 1. single-concept times, one thread, everything preloaded
         torch.set_num_threads(1)
         run = TrainRun(manifest)
-        base_info = tasks.prepare_base(run.base_model, run.store.root)
-        plan, _ = run.plan(base_info)
-        base = tasks.worker_base(run.base_model)
+        base_info = worker.prepare_base(run.base_model, run.store.root)
+        plan = [item for item, _ in run.plan(base_info)]
+        base = worker.worker_base(run.base_model)
         worker_import, base_load = _fresh_process_load(run.base_model)
         t = time.perf_counter()
         perfusion.covariance_from_bytes(run.store.read(base_info.covariance), base.fingerprint)
@@ -71,7 +69,7 @@ def main() -> None:
             t = time.perf_counter()
             row = tasks.train_one(task)
             singles.append(time.perf_counter() - t)
-            assert row["status"] == "succeeded", row
+            assert row.status == "succeeded", row
         torch.set_num_threads(args.workers)
 
         # 2. the pipeline on an embedded Ray
@@ -107,8 +105,8 @@ def main() -> None:
 def _fresh_process_load(spec: str) -> tuple[float, float]:
     """(import seconds, model load seconds) in a new Python process, as a new Ray worker pays them."""
     code = (
-        "import time; t0 = time.perf_counter(); from pipeline import tasks; import perfusion; "
-        f"t1 = time.perf_counter(); tasks.worker_base({spec!r}); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)"
+        "import time; t0 = time.perf_counter(); from pipeline import worker; import perfusion; "
+        f"t1 = time.perf_counter(); worker.worker_base({spec!r}); t2 = time.perf_counter(); print(t1 - t0, t2 - t1)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     first, second = out.split()[-2:]

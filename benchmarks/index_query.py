@@ -1,10 +1,10 @@
 """Concept index query latency: the latest successful concept by name in a 1,000,000-row Delta table.
 
-    python benchmarks/index_query.py [--rows 1000000] [--names 100000] [--commits 10]
+    python -m benchmarks.index_query [--rows 1000000] [--names 100000] [--commits 10]
 
 Builds the table on local disk (rows spread over `--commits` appends, as batched driver commits leave
 them, then compacted once as `ConceptIndex.compact()` would), then times ConceptIndex.get(name) and the
-same lookup in SQL through DuckDB for random names. Target (issue 4): < 1 s.
+same lookup in SQL through DuckDB for random names. Target: < 1 s.
 """
 
 from __future__ import annotations
@@ -13,15 +13,11 @@ import argparse
 import datetime as dt
 import random
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import pyarrow as pa
 from deltalake import write_deltalake
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.index import CONCEPT_SCHEMA, ConceptIndex
 from pipeline.store import Store

@@ -1,14 +1,14 @@
 """Render throughput: mixed concept combinations vs no concepts, and Ray Data's overhead over a plain loop.
 
-    python benchmarks/render_throughput.py [--base tiny] [--images 55] [--ray-images 440] [--batch 8] [--steps 20]
+    python -m benchmarks.render_throughput [--base tiny] [--images 55] [--ray-images 440] [--batch 8] [--steps 20]
 
 1. mixed / plain: images/s of ConceptRenderer on batches whose rows use DIFFERENT concept combinations
    (none, one of 4 concepts, a pair) / images/s of the stock diffusers pipeline of the same base rendering
    the same prompts (concept tokens replaced by their superclass word), same batch size and steps.
-   Interleaved rounds, median of each. Target (issue 5) >= 0.9.
+   Interleaved rounds, median of each. Target >= 0.9.
 2. Ray Data overhead: images/s through RenderRun.execute (embedded Ray, Renderer actors, PNGs written,
    rows committed; actor start-up included) / images/s of a plain in-process loop over the same Renderer
-   class on the same rows, with the same total torch threads. Target (issue 5) >= 0.85. A run pays a fixed
+   class on the same rows, with the same total torch threads. Target >= 0.85. A run pays a fixed
    start-up (a worker and then each actor import torch/diffusers and load the base, ~12 s on 2 CPU cores):
    measured and printed separately, and amortised over a scheduled render's size (--ray-images).
 Concepts are initial concepts (perfusion.initial_concept: what a concept is before training): a trained
@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
 from perfusion.training import initial_concept
@@ -37,7 +34,7 @@ from pipeline.render import RenderOptions, RenderRun
 from pipeline.render_plan import plan_job
 from pipeline.renderer import Renderer
 from pipeline.store import Store
-from pipeline.tasks import prepare_base
+from pipeline.worker import prepare_base
 
 CONCEPTS = (("mug-a", "mug"), ("mug-b", "mug"), ("bag-a", "bag"), ("bag-b", "bag"))
 

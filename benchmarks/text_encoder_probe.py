@@ -1,25 +1,22 @@
 """How well a text encoder suits Perfusion's gate: cond(C) on its own corpus and context stability.
 
-    python benchmarks/text_encoder_probe.py --clip perfusion/assets/toy-clip       # the shipped toy CLIP
-    python benchmarks/text_encoder_probe.py --clip /tmp/probe --read-layer -2      # a probe, another layer
-    python benchmarks/text_encoder_probe.py --base toy                             # a base's own text encoder
+    python -m benchmarks.text_encoder_probe --clip perfusion/assets/toy-clip       # the shipped toy CLIP
+    python -m benchmarks.text_encoder_probe --clip /tmp/probe --read-layer -2      # a probe, another layer
+    python -m benchmarks.text_encoder_probe --base toy                             # a base's own text encoder
 
 For each shape word of the toy world: s(e) (eq. 3) against i_super from "a photo of a {word}", at the word in
 24 contexts that change what comes before it, at every other real token of those prompts, and at the first
-padding positions (perfusion/stability.py). Targets (issue 21): cond(C) <= 1e5; s >= 0.8 at the word (p10) and
+padding positions (perfusion/stability.py). Targets: cond(C) <= 1e5; s >= 0.8 at the word (p10) and
 <= 0.2 elsewhere (p95). A CLIP folder also gets its zero-shot accuracy and retrieval top-1 (toyworld/clip.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
 from perfusion.covariance import Covariance, second_moment
@@ -105,7 +102,8 @@ def main() -> None:
         return
     from transformers import CLIPModel, CLIPTokenizer
 
-    from perfusion.toyworld.clip import load_recipe, read_states, zero_shot
+    from perfusion.toyworld.clip import load_recipe, read_states
+    from perfusion.toyworld.clip_eval import zero_shot
 
     model = CLIPModel.from_pretrained(args.clip, dtype=torch.float32).eval()
     tokenizer = CLIPTokenizer.from_pretrained(args.clip)

@@ -1,6 +1,6 @@
 """Quality of the shipped toy model, scored by the oracle on prompts not used in pretraining.
 
-    python benchmarks/toy_quality.py [--prompts 240] [--steps 25] [--guidance 4]
+    python -m benchmarks.toy_quality [--prompts 240] [--steps 25] [--guidance 4]
 
 Prompts come from scenes of a seed the pretraining never drew, plus every held-out color-shape pair
 (never shown in pretraining: a test of composition). For single-object prompts the oracle checks shape,
@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import perfusion
 from perfusion.toyworld.language import caption

@@ -1,7 +1,7 @@
 """Perfusion training step time / a plain fine-tuning step with the same trainable size.
 
-    python benchmarks/training_step.py [--steps 30] [--batch 8]
-    python benchmarks/training_step.py --model SD1.5 --device cuda   # SD1.5-shaped, fp16 weights, bf16 autocast
+    python -m benchmarks.training_step [--steps 30] [--batch 8]
+    python -m benchmarks.training_step --model SD1.5 --device cuda   # SD1.5-shaped, fp16 weights, bf16 autocast
 
 The baseline trains the same number of parameters the plain way: the concept token's embedding row and
 one additive vector per cross-attention layer on the value projection (same shape as o*_V), with no C^-1,
@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import itertools
 
 import perfusion
 from benchmarks.shapes import sd15_base

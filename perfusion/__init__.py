@@ -27,6 +27,7 @@ from perfusion.errors import (
     RenderError,
     TrainingError,
 )
+from perfusion.methods import METHODS, Method, load_concept_file, method_for
 from perfusion.registry import BUILTIN_BASES
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     )
     from perfusion.models import BaseModel, load_base
     from perfusion.sampling import ConceptRenderer, RenderRequest, RenderSettings
+    from perfusion.tokens import prompt_tokens
     from perfusion.training import StepInfo, denoising_loss, train_concept
 
 _LAZY = {
@@ -55,10 +57,13 @@ _LAZY = {
         "covariance_to_bytes",
         "estimate_covariance",
         "load_covariance",
+        "method_for",
+        "prompt_tokens",
         "save_covariance",
     ),
     "perfusion.models": ("BaseModel", "load_base"),
     "perfusion.sampling": ("ConceptRenderer", "RenderRequest", "RenderSettings"),
+    "perfusion.tokens": ("prompt_tokens",),
     "perfusion.training": ("StepInfo", "denoising_loss", "train_concept"),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
@@ -79,11 +84,10 @@ def __getattr__(name: str) -> Any:
 
 
 __version__ = "0.1.0"
-METHOD_VERSION = "perfusion-1"  # bump when a change alters what training produces (part of concept keys)
 
 __all__ = [
     "BUILTIN_BASES",
-    "METHOD_VERSION",
+    "METHODS",
     "BaseModel",
     "BaseModelError",
     "Concept",
@@ -92,6 +96,7 @@ __all__ = [
     "ConceptTokenError",
     "Covariance",
     "CovarianceError",
+    "Method",
     "PerfusionAttnProcessor",
     "PerfusionCall",
     "PerfusionError",
@@ -111,7 +116,10 @@ __all__ = [
     "install_processors",
     "load_base",
     "load_concept",
+    "load_concept_file",
     "load_covariance",
+    "method_for",
+    "prompt_tokens",
     "save_covariance",
     "train_concept",
 ]

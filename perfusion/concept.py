@@ -6,8 +6,8 @@ A concept file holds, per PERFUSION.md:
               superclass_input          (d,)          i_super
               value_target/<layer>      (out,)        o*_V, one per cross-attention layer
               key_target/<layer>        (out,)        only for the trained-keys ablation (no key locking)
-    metadata  format, format_version, token, superclass, fingerprint of the base model, layer names,
-              default beta/tau, training config and loss summary (JSON strings)
+    metadata  format, format_version, method (perfusion.methods), token, superclass, fingerprint of the
+              base model, layer names, default beta/tau, training config and loss summary (JSON strings)
 The locked keys o*_K = W_K i_super are recomputed from the base model, and C^-1 lives once per base model,
 so neither is stored here. fp16 by default: ~30 KB for an SD1.5 concept.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +29,11 @@ from safetensors.torch import save as save_tensors
 
 from perfusion.config import DEFAULT_BETA, DEFAULT_TAU, TOKEN_PATTERN
 from perfusion.errors import ConceptFileError, ConceptTokenError
+from perfusion.methods import METHODS, header_metadata
 from perfusion.models import BaseModel
 from perfusion.tokens import validate_token
 
-FORMAT = "perfusion-concept"
+FORMAT = METHODS["perfusion"].file_format
 FORMAT_VERSION = 1
 VALUE_PREFIX, KEY_PREFIX = "value_target/", "key_target/"
 
@@ -51,6 +51,7 @@ class Concept:
     beta: float = DEFAULT_BETA
     tau: float = DEFAULT_TAU
     metadata: dict[str, Any] = field(default_factory=dict)  # training config, loss summary, user fields
+    method: str = "perfusion"  # "textual_inversion": the embedding-only baseline (perfusion.methods)
 
     @property
     def layer_names(self) -> list[str]:
@@ -77,6 +78,7 @@ class Concept:
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
+            "method": self.method,
             "token": self.token,
             "superclass": self.superclass,
             "fingerprint": self.fingerprint,
@@ -153,21 +155,13 @@ def check_compatible(concept: Concept, base: BaseModel, label: str | None = None
 
 
 def _read_metadata(data: bytes, label: str) -> dict[str, str]:
-    """The safetensors header's __metadata__ (8-byte little-endian length, then JSON)."""
-    not_safetensors = ConceptFileError(
-        f"{label}: not a safetensors concept file. Concept files are written by perfusion-batch "
-        "(Concept.save); pickle formats are never loaded."
-    )
-    if len(data) < 8:
-        raise not_safetensors
-    (header_size,) = struct.unpack("<Q", data[:8])
-    if header_size > len(data) - 8:
-        raise not_safetensors
-    try:
-        header = json.loads(data[8 : 8 + header_size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise not_safetensors from error
-    metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+    """The safetensors header's metadata, checked to be a concept file this version reads."""
+    metadata = header_metadata(data)
+    if metadata is None:
+        raise ConceptFileError(
+            f"{label}: not a safetensors concept file. Concept files are written by perfusion-batch "
+            "(Concept.save); pickle formats are never loaded."
+        )
     if metadata.get("format") != FORMAT:
         raise ConceptFileError(
             f"{label}: a safetensors file, but not a Perfusion concept (format={metadata.get('format')!r})"
@@ -190,8 +184,11 @@ def _concept_from(tensors: dict[str, torch.Tensor], meta: dict[str, str], label:
         token, superclass, fingerprint = meta["token"], meta["superclass"], meta["fingerprint"]
         beta, tau = float(meta.get("beta", DEFAULT_BETA)), float(meta.get("tau", DEFAULT_TAU))
         extra = json.loads(meta.get("metadata", "{}"))
+        method = meta.get("method", "perfusion" if layers else "textual_inversion")  # files from before the field
     except (KeyError, ValueError) as error:
         raise ConceptFileError(f"{label}: metadata field {error} is missing or malformed") from error
+    if method not in METHODS or METHODS[method].file_format != FORMAT:
+        raise ConceptFileError(f"{label}: method {method!r} is not one a Perfusion concept file holds")
     if not TOKEN_PATTERN.match(token):
         raise ConceptFileError(f"{label}: token {token!r} is not a valid concept token; the file is damaged")
     required = ["embedding", "target_input", "superclass_input"] + [VALUE_PREFIX + name for name in layers]
@@ -221,6 +218,7 @@ def _concept_from(tensors: dict[str, torch.Tensor], meta: dict[str, str], label:
         beta=beta,
         tau=tau,
         metadata=extra,
+        method=method,
     )
 
 

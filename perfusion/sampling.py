@@ -28,7 +28,13 @@ from perfusion.covariance import Covariance
 from perfusion.errors import RenderError
 from perfusion.models import BaseModel
 from perfusion.rank1 import gate, similarity
-from perfusion.tokens import add_concept_token, remove_concept_token, substitute_superclass, superclass_token_ids
+from perfusion.tokens import (
+    add_concept_token,
+    prompt_tokens,
+    remove_concept_token,
+    substitute_superclass,
+    superclass_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +206,7 @@ class ConceptRenderer:
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         tokenizer = self.base.tokenizer
         for prompt in prompts:
-            length = len(tokenizer(prompt).input_ids)
+            length = prompt_tokens(tokenizer, prompt)
             if length > tokenizer.model_max_length:
                 logger.warning(
                     "prompt is %d tokens, longer than the text encoder's %d; it is truncated: %r",

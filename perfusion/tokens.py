@@ -125,6 +125,12 @@ def temporary_concept_token(
             table.concept_vectors[token_id] = previous
 
 
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
+    """How many tokens the text encoder reads for `prompt` (BOS and EOS included; a concept token is one):
+    more than tokenizer.model_max_length and the prompt is cut."""
+    return len(tokenizer(prompt).input_ids)
+
+
 def superclass_token_ids(tokenizer: PreTrainedTokenizerBase, superclass: str) -> list[int]:
     """Token ids of the superclass phrase (no BOS/EOS). Raises if it is empty or uses concept tokens."""
     ids = tokenizer(superclass.strip(), add_special_tokens=False).input_ids

@@ -18,23 +18,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from PIL import Image, UnidentifiedImageError
 
 from perfusion.attention import PerfusionCall, install_processors
 from perfusion.concept import Concept
 from perfusion.config import TrainConfig
 from perfusion.covariance import Covariance, estimate_covariance
 from perfusion.errors import TrainingError
+from perfusion.images import ImageInput, load_image, load_mask, mask_weights, pick_weights
 from perfusion.models import BaseModel
 from perfusion.tokens import (
     concept_embedding_table,
@@ -42,8 +40,6 @@ from perfusion.tokens import (
     superclass_token_ids,
     temporary_concept_token,
 )
-
-ImageInput = Image.Image | str | os.PathLike[str] | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -74,19 +70,19 @@ def train_concept(
         raise TrainingError(f"concept {token!r}: no training images")
     if masks is not None and len(masks) != len(images):
         raise TrainingError(f"concept {token!r}: {len(masks)} masks for {len(images)} images; give one per image")
-    if config.templates is None:  # resolved here, so the concept's metadata records the prompts it learned from
-        config = dataclasses.replace(config, templates=base.templates)
+    # resolved here, so the concept's metadata records the prompts it learned from
+    config = dataclasses.replace(config, templates=training_templates(base, config))
     device = base.device
     covariance = covariance or estimate_covariance(base)
     resolution = config.resolution or base.resolution
-    pixels = torch.stack([_load_image(img, resolution, token, i) for i, img in enumerate(images)])
+    pixels = torch.stack([load_image(img, resolution, token, i) for i, img in enumerate(images)])
     weights = None
     if masks is not None:
-        weights = torch.stack([_load_mask(m, resolution, token, i) for i, m in enumerate(masks)])
+        weights = torch.stack([load_mask(m, resolution, token, i) for i, m in enumerate(masks)])
     latents = _encode_latents(base, pixels.to(device))  # (mean, std) for [originals, flipped]
     latent_size = latents[0].shape[-1]
     if weights is not None:
-        weights = _mask_weights(weights, latent_size).to(device)  # (n, 1, h, w), max 1 per image
+        weights = mask_weights(weights, latent_size).to(device)  # (n, 1, h, w), max 1 per image
 
     state = initial_concept(base, token, superclass, config)  # fails early on an unusable superclass
     install_processors(base.unet)
@@ -94,10 +90,15 @@ def train_concept(
         return _train(base, config, covariance, state, token_id, latents, weights, on_step, scorer)
 
 
+def training_templates(base: BaseModel, config: TrainConfig) -> tuple[str, ...]:
+    """The prompts a concept is trained in ("{}" is its token): the config's, else the base model's own."""
+    return config.templates or base.templates
+
+
 def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainConfig = TrainConfig()) -> Concept:
     """The concept before step 1: embedding = superclass embedding, i* = i_super, o*_V = W_V i_super
     (and o*_K = W_K i_super, trained only when config.lock_keys is False). float32 on the base's device."""
-    i_super = superclass_input(base, superclass, config.templates or base.templates)  # (d,)
+    i_super = superclass_input(base, superclass, training_templates(base, config))  # (d,)
     # Textual inversion edits no layer: the concept is its embedding row alone.
     layers = base.cross_attention_layers() if config.method == "perfusion" else {}
     return Concept(
@@ -113,6 +114,7 @@ def initial_concept(base: BaseModel, token: str, superclass: str, config: TrainC
         fingerprint=base.fingerprint,
         beta=config.inference_beta,
         tau=config.inference_tau,
+        method=config.method,
     )
 
 
@@ -158,7 +160,7 @@ def _train(
     tail = _TailAverage(first_step=config.steps - int(config.average_tail * config.steps) + 1)
     started = time.perf_counter()
 
-    templates = config.templates or base.templates  # (train_concept resolved it; this tells mypy)
+    templates = training_templates(base, config)
     for step in range(1, config.steps + 1):
         # All randomness of the step is drawn for the full batch, then split into micro-batches, so
         # gradient accumulation computes the same update as one big batch.
@@ -172,7 +174,7 @@ def _train(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         target = _denoising_target(scheduler, clean, noise, timesteps)
-        pixel_weights = _pick_weights(weights, picks, flips) if weights is not None else None  # (batch, 1, h, w)
+        pixel_weights = pick_weights(weights, picks, flips) if weights is not None else None  # (batch, 1, h, w)
         ids = _tokenize(base, prompts).to(device)  # (batch, m)
 
         optimizer.zero_grad(set_to_none=True)
@@ -281,47 +283,6 @@ def _update_target_input(state: Concept, concept_encodings: torch.Tensor, decay:
         state.target_input = decay * state.target_input + (1 - decay) * mean
 
 
-def _load_image(image: ImageInput, resolution: int, token: str, index: int) -> torch.Tensor:
-    """(3, r, r) in [-1, 1]: shorter side resized to r (bicubic), then center-cropped."""
-    picture = _open(image, token, index, "RGB")
-    array = np.asarray(_resize_crop(picture, resolution, Image.Resampling.BICUBIC), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def _load_mask(mask: ImageInput, resolution: int, token: str, index: int) -> torch.Tensor:
-    """(1, r, r) in [0, 1], same geometry as the image."""
-    picture = _open(mask, token, index, "L", kind="mask")
-    array = np.asarray(_resize_crop(picture, resolution, Image.Resampling.BILINEAR), dtype=np.float32)
-    return torch.from_numpy(array)[None] / 255.0
-
-
-def _open(image: ImageInput, token: str, index: int, mode: str, kind: str = "image") -> Image.Image:
-    try:
-        if isinstance(image, Image.Image):
-            picture = image
-        elif isinstance(image, np.ndarray):
-            picture = Image.fromarray(image)
-        else:
-            with Image.open(image) as opened:
-                opened.load()
-                picture = opened.copy()
-        return picture.convert(mode)
-    except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
-        label = image if isinstance(image, str | os.PathLike) else f"#{index}"
-        raise TrainingError(
-            f"concept {token!r}: {kind} {label} cannot be decoded ({error}); replace or remove it"
-        ) from error
-
-
-def _resize_crop(picture: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    scale = size / min(picture.size)
-    resized = picture.resize(
-        (max(size, round(picture.width * scale)), max(size, round(picture.height * scale))), resample
-    )
-    left, top = (resized.width - size) // 2, (resized.height - size) // 2
-    return resized.crop((left, top, left + size, top + size))
-
-
 @torch.no_grad()
 def _encode_latents(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior (mean, std) of [images, horizontally flipped images]: (2n, c, h, w) each.
@@ -333,17 +294,6 @@ def _encode_latents(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
     return torch.cat(means), torch.cat(stds)
-
-
-def _mask_weights(masks: torch.Tensor, latent_size: int) -> torch.Tensor:
-    """(n, 1, h, w) loss weights at latent resolution, each normalised by its own max (paper sec. 4.4)."""
-    small = F.interpolate(masks, size=(latent_size, latent_size), mode="area")
-    peak = small.amax(dim=(1, 2, 3), keepdim=True)
-    return torch.where(peak > 0, small / peak.clamp_min(1e-8), torch.ones_like(small))
-
-
-def _pick_weights(weights: torch.Tensor, picks: list[int], flips: list[bool]) -> torch.Tensor:
-    return torch.stack([weights[p].flip(-1) if f else weights[p] for p, f in zip(picks, flips, strict=True)])
 
 
 def _scaling(base: BaseModel) -> float:
@@ -436,7 +386,7 @@ def denoising_loss(
     """Noise-prediction MSE of `concept` on `images` with FIXED noise, timesteps and prompt: a comparable
     number before and after training (the per-step training loss is too noisy to compare)."""
     resolution = base.resolution
-    pixels = torch.stack([_load_image(img, resolution, concept.token, i) for i, img in enumerate(images)])
+    pixels = torch.stack([load_image(img, resolution, concept.token, i) for i, img in enumerate(images)])
     mean, std = _encode_latents(base, pixels.to(base.device))
     generator = torch.Generator(device=base.device).manual_seed(seed)
     rows = torch.arange(samples) % len(images)  # unflipped originals only

@@ -126,7 +126,7 @@ def run_demo(
     fresh = perfusion.load_base(setup.base)
     renderer = perfusion.ConceptRenderer(fresh, covariance)
     for path in files.values():
-        renderer.attach(perfusion.load_concept(path, fresh))
+        renderer.attach(perfusion.load_concept_file(path.read_bytes(), fresh, name=str(path)))
     requests = [perfusion.RenderRequest(prompt, seed=seed) for prompt in setup.prompts for seed in (0, 1)]
     images = renderer.render(requests, perfusion.RenderSettings(steps=20, guidance_scale=4.0))
     for number, image in enumerate(images):

@@ -17,7 +17,9 @@ import enum
 import json
 import random
 import time
+import typing
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pyarrow as pa
@@ -38,74 +40,102 @@ class Status(enum.StrEnum):
     RUNNING = "running"
 
 
-SUCCEEDED, FAILED = Status.SUCCEEDED, Status.FAILED
 COMMIT_ATTEMPTS = 6
-
-CONCEPT_SCHEMA = pa.schema(
-    [
-        ("concept_key", pa.string()),
-        ("attempt_id", pa.string()),
-        ("catalog", pa.string()),
-        ("name", pa.string()),
-        ("token", pa.string()),
-        ("superclass", pa.string()),
-        ("tags", pa.string()),  # JSON object; filter with concepts_where(tags={...}) or DuckDB json functions
-        ("base_model", pa.string()),
-        ("fingerprint", pa.string()),
-        ("method", pa.string()),
-        ("method_version", pa.string()),
-        ("file_uri", pa.string()),
-        ("sha256", pa.string()),
-        ("bytes", pa.int64()),
-        ("status", pa.string()),  # succeeded | failed
-        ("error", pa.string()),
-        ("steps", pa.int64()),
-        ("final_loss", pa.float64()),
-        ("seconds", pa.float64()),
-        ("device", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-        ("manifest_uri", pa.string()),
-    ]
-)
-
-
-RENDER_SCHEMA = pa.schema(
-    [
-        ("render_id", pa.string()),  # hash of everything that decides the pixels: same inputs, same id
-        ("attempt_id", pa.string()),
-        ("catalog", pa.string()),
-        ("job", pa.string()),
-        ("template", pa.string()),
-        ("prompt", pa.string()),  # the template filled with concept tokens
-        ("concept_names", pa.string()),  # JSON list, in placeholder order
-        ("concept_keys", pa.string()),  # JSON list, same order
-        ("seed", pa.int64()),
-        ("settings", pa.string()),  # JSON: steps, guidance_scale, resolution, scheduler, lock, gates, ...
-        ("base_model", pa.string()),
-        ("fingerprint", pa.string()),
-        ("image_uri", pa.string()),
-        ("sha256", pa.string()),
-        ("bytes", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("status", pa.string()),  # succeeded | failed
-        ("error", pa.string()),
-        ("seconds", pa.float64()),
-        ("device", pa.string()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-        ("manifest_uri", pa.string()),
-    ]
-)
 
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConceptRow:
+    """One training attempt, as the `concepts` table stores it (built in pipeline/tasks.py, concept_row)."""
+
+    concept_key: str
+    attempt_id: str
+    catalog: str
+    name: str
+    token: str
+    superclass: str
+    tags: dict[str, Any] = field(default_factory=dict)  # JSON; filter with latest(tags=...) or DuckDB json
+    base_model: str
+    fingerprint: str
+    method: str  # which method made the concept (perfusion.methods)
+    method_version: str
+    file_uri: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    status: Status
+    error: str | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    seconds: float | None = None
+    device: str | None = None
+    created_at: dt.datetime = field(default_factory=now)
+    manifest_uri: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RenderRow:
+    """One rendered-image attempt, as the `renders` table stores it (built in pipeline/render.py, render_row)."""
+
+    render_id: str  # hash of everything that decides the pixels: same inputs, same id
+    attempt_id: str
+    catalog: str
+    job: str
+    template: str
+    prompt: str  # the template filled with concept tokens
+    concept_names: list[str]  # JSON, in placeholder order
+    concept_keys: list[str]  # JSON, same order
+    seed: int
+    settings: dict[str, Any]  # JSON: steps, guidance_scale, resolution, scheduler, lock, gates, ...
+    base_model: str
+    fingerprint: str
+    image_uri: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    width: int | None = None
+    height: int | None = None
+    status: Status
+    error: str | None = None
+    seconds: float | None = None
+    device: str | None = None
+    created_at: dt.datetime = field(default_factory=now)
+    manifest_uri: str | None = None
+
+
+def arrow_schema(row_type: type) -> pa.Schema:
+    """The Arrow schema of a row dataclass, column per field in order: dicts and lists are JSON strings."""
+    hints = typing.get_type_hints(row_type)
+    columns = []
+    for column in fields(row_type):
+        kinds = [k for k in typing.get_args(hints[column.name]) or (hints[column.name],) if k is not type(None)]
+        kind = typing.get_origin(kinds[0]) or kinds[0]
+        columns.append((column.name, _ARROW_TYPES.get(kind, pa.string())))
+    return pa.schema(columns)
+
+
+_ARROW_TYPES = {int: pa.int64(), float: pa.float64(), dt.datetime: pa.timestamp("us", tz="UTC")}
+CONCEPT_SCHEMA = arrow_schema(ConceptRow)
+RENDER_SCHEMA = arrow_schema(RenderRow)
+
+
+def to_arrow_record(row: ConceptRow | RenderRow) -> dict[str, Any]:
+    """A row as its table stores it: JSON strings for dicts and lists (lists keep their order)."""
+    record = {}
+    for column in fields(row):
+        value = getattr(row, column.name)
+        if isinstance(value, dict | list):
+            value = json.dumps(value, sort_keys=True)
+        record[column.name] = value
+    return record
+
+
 class DeltaIndex:
     """An append-only Delta table of one store: batched atomic appends, Arrow reads, DuckDB SQL."""
 
     TABLE = ""
+    ROW: type = object
     SCHEMA = pa.schema([])
     VIEW = ""  # the table's name in SQL
 
@@ -116,13 +146,16 @@ class DeltaIndex:
 
     # -- writes ----------------------------------------------------------------------------------------
 
-    def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def append(self, rows: Sequence[Any]) -> None:
         """Commit `rows` as one Delta transaction. Appends never conflict logically; deltalake rebases them
         over concurrent commits itself, and the one race it reports (two writers both creating the table:
         "protocol changed") is retried here, so concurrent runs lose no rows."""
         if not rows:
             return
-        table = pa.Table.from_pylist([_normalise(r, self.SCHEMA) for r in rows], schema=self.SCHEMA)
+        wrong = [type(r).__name__ for r in rows if type(r) is not self.ROW]
+        if wrong:
+            raise TypeError(f"{type(self).__name__}.append takes {self.ROW.__name__} rows, not {wrong[0]}")
+        table = pa.Table.from_pylist([to_arrow_record(r) for r in rows], schema=self.SCHEMA)
         for attempt in range(COMMIT_ATTEMPTS):
             try:
                 write_deltalake(self.uri, table, mode="append", storage_options=self.storage_options)
@@ -168,14 +201,14 @@ class DeltaIndex:
         return {} if table is None else dict(table.optimize.compact())
 
     def succeeded_ids(self, column: str) -> set[str]:
-        done = self.rows([column], filter=pc.field("status") == SUCCEEDED)
+        done = self.rows([column], filter=pc.field("status") == Status.SUCCEEDED)
         return set(done.column(column).to_pylist())
 
 
 class ConceptIndex(DeltaIndex):
     """The concept rows of one store: one per training attempt."""
 
-    TABLE, SCHEMA, VIEW = CONCEPTS_TABLE, CONCEPT_SCHEMA, "concepts"
+    TABLE, ROW, SCHEMA, VIEW = CONCEPTS_TABLE, ConceptRow, CONCEPT_SCHEMA, "concepts"
 
     def succeeded_keys(self) -> set[str]:
         """concept_keys with a successful attempt: what a rerun skips."""
@@ -189,8 +222,9 @@ class ConceptIndex(DeltaIndex):
         base_model: str | None = None,
         fingerprint: str | None = None,
         superclass: str | None = None,
+        method: str | None = None,
         tags: Mapping[str, Any] | None = None,
-        status: str | None = SUCCEEDED,
+        status: str | None = Status.SUCCEEDED,
     ) -> list[dict[str, Any]]:
         """The latest row per concept name matching the filters (default: successful attempts only)."""
         condition = None
@@ -199,6 +233,7 @@ class ConceptIndex(DeltaIndex):
             ("base_model", base_model),
             ("fingerprint", fingerprint),
             ("superclass", superclass),
+            ("method", method),
             ("status", status),
         ):
             if value is not None:
@@ -225,7 +260,7 @@ class ConceptIndex(DeltaIndex):
 class RenderIndex(DeltaIndex):
     """The render rows of one store: one per rendered image attempt."""
 
-    TABLE, SCHEMA, VIEW = RENDERS_TABLE, RENDER_SCHEMA, "renders"
+    TABLE, ROW, SCHEMA, VIEW = RENDERS_TABLE, RenderRow, RENDER_SCHEMA, "renders"
 
     def succeeded_render_ids(self) -> set[str]:
         """render_ids with a successful attempt: what a rerun skips."""
@@ -233,7 +268,7 @@ class RenderIndex(DeltaIndex):
 
     def of_job(self, job: str, catalog: str | None = None) -> list[dict[str, Any]]:
         """The successful rows of a job (the latest per render_id), in plan order: template, names, seed."""
-        condition = (pc.field("job") == job) & (pc.field("status") == SUCCEEDED)
+        condition = (pc.field("job") == job) & (pc.field("status") == Status.SUCCEEDED)
         if catalog is not None:
             condition = condition & (pc.field("catalog") == catalog)
         latest: dict[str, dict[str, Any]] = {}
@@ -266,18 +301,6 @@ def delta_storage_options(store: Store) -> dict[str, str]:
     # without a DynamoDB lock table.
     options.setdefault("conditional_put", "etag")
     return options
-
-
-def _normalise(row: Mapping[str, Any], schema: pa.Schema) -> dict[str, Any]:
-    out = {name: row.get(name) for name in schema.names}
-    for column in ("tags", "concept_names", "concept_keys", "settings"):  # JSON columns
-        if column in out and out[column] is not None and not isinstance(out[column], str):
-            out[column] = json.dumps(out[column], sort_keys=True)  # (lists keep their order)
-    if "tags" in out and out["tags"] is None:
-        out["tags"] = "{}"
-    if out["created_at"] is None:
-        out["created_at"] = now()
-    return out
 
 
 def _tags_match(tags_json: str | None, wanted: Mapping[str, Any]) -> bool:

@@ -16,25 +16,47 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
-
-from pipeline.tasks import RetryableTaskError
 
 AGENT_WAIT_SECONDS = 60.0
 DEVICES = ("auto", "gpu", "cpu")
 __all__ = [
     "DEVICES",
     "JobOutcome",
-    "RetryableTaskError",
     "ensure_ray",
+    "flag",
     "inside_ray_job",
+    "options_argv",
     "remote",
     "slots",
     "submission_id",
     "submit_and_follow",
     "task_resources",
 ]
+
+
+def flag(default: Any, name: str) -> Any:
+    """A run-options field that the command line sets with `name` (options_argv rebuilds it from the field)."""
+    return field(default=default, metadata={"flag": name})
+
+
+def options_argv(options: Any) -> list[str]:
+    """The command-line flags that give a run these options (TrainOptions, RenderOptions): what a submitted
+    Ray Job's entrypoint needs to run exactly the run asked for here. Fields at their default are left out,
+    so the cluster's own defaults (e.g. PERFUSION_BATCH_DEVICE) decide them there."""
+    argv: list[str] = []
+    for spec in fields(options):
+        name, value = spec.metadata.get("flag"), getattr(options, spec.name)
+        if name is None or value == spec.default:
+            continue
+        if isinstance(value, bool):
+            argv.append(name)
+        elif isinstance(value, tuple):
+            argv += [part for item in value for part in (name, str(item))]
+        else:
+            argv += [name, str(value)]
+    return argv
 
 
 def inside_ray_job() -> bool:

@@ -15,13 +15,16 @@ deploy/monitoring/alerts.yaml alerts on these names (tests/deploy checks that th
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.index import ConceptRow
 
 PUSHGATEWAY_ENV = "PERFUSION_BATCH_PUSHGATEWAY"
 _TASK_METRICS: dict[str, Any] = {}
 
 
-def record_task(row: dict[str, Any]) -> None:
+def record_task(row: ConceptRow) -> None:
     """Count one finished training attempt (inside a Ray task; a no-op outside Ray)."""
     try:
         from ray.util import metrics
@@ -37,11 +40,11 @@ def record_task(row: dict[str, Any]) -> None:
             description="Seconds to train one concept.",
             boundaries=[10, 30, 60, 120, 300, 600, 1200],
         )
-    _TASK_METRICS["concepts"].inc(1, tags={"status": str(row.get("status"))})
-    if row.get("steps"):
-        _TASK_METRICS["steps"].inc(float(row["steps"]))
-    if row.get("seconds"):
-        _TASK_METRICS["seconds"].observe(float(row["seconds"]))
+    _TASK_METRICS["concepts"].inc(1, tags={"status": str(row.status)})
+    if row.steps:
+        _TASK_METRICS["steps"].inc(float(row.steps))
+    if row.seconds:
+        _TASK_METRICS["seconds"].observe(float(row.seconds))
 
 
 def push_summary(

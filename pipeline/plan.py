@@ -59,6 +59,13 @@ class PlannedConcept:
         return self.spec.name
 
     @property
+    def method(self) -> Any:
+        """The perfusion.methods.Method its training settings pick."""
+        from perfusion.methods import method_for
+
+        return method_for(self.training)
+
+    @property
     def file(self) -> str:
         """Where the concept file lives, relative to the store root."""
         return concept_file(self.concept_key)
@@ -147,10 +154,10 @@ def concept_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def build_plan(
-    manifest: Manifest, fingerprint: str, method_version: str, vocabulary: set[str] | None = None
-) -> list[PlannedConcept]:
+def build_plan(manifest: Manifest, fingerprint: str, vocabulary: set[str] | None = None) -> list[PlannedConcept]:
     """Every concept of the manifest, planned (file problems per concept); ManifestError for catalog problems."""
+    from perfusion.methods import method_for
+
     catalog_problems: list[Problem] = []
     planned: list[PlannedConcept] = []
     for index, spec in enumerate(manifest.concepts):
@@ -178,7 +185,7 @@ def build_plan(
                     )
                 )
         training = manifest.training_config(spec)
-        key = concept_key(spec, images, masks, training, fingerprint, method_version)
+        key = concept_key(spec, images, masks, training, fingerprint, method_for(training).version)
         planned.append(
             PlannedConcept(spec, index, tuple(images), tuple(masks) if masks else None, training, key, tuple(problems))
         )

@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, RenderIndex, Status, now
+from pipeline.index import ConceptIndex, RenderIndex, RenderRow, Status
+from pipeline.jobs import flag
 from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
-from pipeline.render_plan import ConceptRef, RenderPlanError, RenderRow, needed_names, plan_job, resolve_concepts
+from pipeline.render_plan import ConceptRef, PlannedImage, RenderPlanError, needed_names, plan_job, resolve_concepts
 from pipeline.store import Store, sheet_files
 
 COMMIT_EVERY = 64
@@ -38,14 +39,18 @@ Progress = Callable[[int, int, int], None]  # (rows done, rows to do, rows faile
 
 @dataclass(frozen=True)
 class RenderOptions:
-    root: str | None = None  # overrides the manifest's root (flag or PERFUSION_BATCH_ROOT)
-    jobs: tuple[str, ...] = ()  # render just these jobs (default: all)
-    dry_run: bool = False
-    limit: int | None = None  # render at most this many new rows
-    batch_size: int = 8  # rows per actor call: one forward pass per group of equal settings
-    actors: int | None = None  # default: one per GPU, else one per CPU
-    gpus_per_actor: float = 1.0
-    device: str = "auto"  # auto | gpu | cpu: see jobs.task_resources
+    """One render run's options; a submitted Ray Job gets them back as flags (jobs.options_argv)."""
+
+    root: str | None = flag(None, "--root")  # overrides the manifest's root (or PERFUSION_BATCH_ROOT)
+    jobs: tuple[str, ...] = flag((), "--job")  # render just these jobs (default: all)
+    dry_run: bool = flag(False, "--dry-run")
+    limit: int | None = flag(None, "--limit")  # render at most this many new rows
+    batch_size: int = flag(8, "--batch-size")  # rows per actor call: one pass per group of equal settings
+    actors: int | None = flag(None, "--actors")  # default: one per GPU, else one per CPU
+    gpus_per_actor: float = flag(1.0, "--gpus-per-actor")
+    device: str | None = flag(None, "--device")  # auto | gpu | cpu (jobs.task_resources); None: auto
+    pushgateway: str | None = flag(None, "--pushgateway")  # the CLI pushes the run's summary there
+    schedule: str | None = flag(None, "--schedule")  # the schedule this run belongs to (alert rules)
     max_retries: int = 2  # actor restarts and batch retries after a crash
 
 
@@ -134,7 +139,7 @@ class RenderRun:
             raise RenderPlanError(problems)
         return refs
 
-    def plan(self, fingerprint: str, refs: dict[str, ConceptRef]) -> tuple[list[RenderRow], set[str]]:
+    def plan(self, fingerprint: str, refs: dict[str, ConceptRef]) -> tuple[list[PlannedImage], set[str]]:
         rows = [row for job in self.jobs for row in plan_job(self.manifest, job, refs, fingerprint)]
         return rows, self.index.succeeded_render_ids()
 
@@ -172,11 +177,11 @@ class RenderRun:
     def _actor_resources(self) -> dict[str, Any]:
         from pipeline import jobs
 
-        return jobs.task_resources(self.options.device, self.options.gpus_per_actor)
+        return jobs.task_resources(self.options.device or "auto", self.options.gpus_per_actor)
 
     def _render(
         self,
-        todo: list[RenderRow],
+        todo: list[PlannedImage],
         base: Any,
         resources: dict[str, Any],
         summary: RenderSummary,
@@ -215,7 +220,7 @@ class RenderRun:
                 max_task_retries=self.options.max_retries,
                 **resources,
             )
-        pending: list[dict[str, Any]] = []
+        pending: list[RenderRow] = []
         seen: set[str] = set()
         last_commit = time.perf_counter()
         if progress:
@@ -225,7 +230,7 @@ class RenderRun:
                 for result in batch.to_pylist():  # type: ignore[union-attr]  # pyarrow, as batch_format asks
                     seen.add(result["render_id"])
                     pending.append(self._row(by_id[result["render_id"]], result, base.fingerprint))
-                    if result["status"] == SUCCEEDED:
+                    if result["status"] == Status.SUCCEEDED:
                         summary.rendered += 1
                     else:
                         summary.failed += 1
@@ -241,29 +246,39 @@ class RenderRun:
             text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             for row in todo:
                 if row.render_id not in seen:
-                    failed = {"render_id": row.render_id, "status": FAILED, "error": f"gave up: {text}"}
+                    failed = {"status": Status.FAILED, "error": f"gave up: {text}"}
                     pending.append(self._row(row, failed, base.fingerprint))
                     summary.failed += 1
             summary.errors.append(f"the render dataset failed: {text}")
         finally:
             self.index.append(pending)
 
-    def _row(self, row: RenderRow, result: dict[str, Any], fingerprint: str) -> dict[str, Any]:
-        return result | {
-            "attempt_id": uuid.uuid4().hex,
-            "catalog": self.manifest.catalog,
-            "job": row.job,
-            "template": row.template,
-            "prompt": row.prompt,
-            "concept_names": [ref.name for ref in row.concepts],
-            "concept_keys": [ref.concept_key for ref in row.concepts],
-            "seed": row.seed,
-            "settings": row.settings,
-            "base_model": self.manifest.base_model,
-            "fingerprint": fingerprint,
-            "manifest_uri": self.manifest.source,
-            "created_at": now(),
-        }
+    def _row(self, planned: PlannedImage, result: dict[str, Any], fingerprint: str) -> RenderRow:
+        """The index row of one image attempt: the plan's fields and the actor's (renderer.outcome)."""
+        return RenderRow(
+            render_id=planned.render_id,
+            attempt_id=uuid.uuid4().hex,
+            catalog=self.manifest.catalog,
+            job=planned.job,
+            template=planned.template,
+            prompt=planned.prompt,
+            concept_names=[ref.name for ref in planned.concepts],
+            concept_keys=[ref.concept_key for ref in planned.concepts],
+            seed=planned.seed,
+            settings=planned.settings,
+            base_model=self.manifest.base_model,
+            fingerprint=fingerprint,
+            image_uri=result.get("image_uri"),
+            sha256=result.get("sha256"),
+            bytes=result.get("bytes"),
+            width=result.get("width"),
+            height=result.get("height"),
+            status=Status(result["status"]),
+            error=result.get("error"),
+            seconds=result.get("seconds"),
+            device=result.get("device"),
+            manifest_uri=self.manifest.source,
+        )
 
     def _write_sheets(self, summary: RenderSummary) -> None:
         from pipeline.sheets import contact_sheet, html_page, sheet_rows
@@ -298,9 +313,9 @@ def quiet_ray_data_console() -> None:
 
 
 def prepare_render_task(spec: str, root: str, templates: list[str]) -> tuple[Any, list[int], int]:
-    """On a worker: the base's identity and C^-1 (pipeline.tasks.prepare_base), and each template's length
+    """On a worker: the base's identity and C^-1 (pipeline.worker.prepare_base), and each template's length
     in tokens with the text encoder's limit."""
     from pipeline.renderer import prompt_token_counts
-    from pipeline.tasks import prepare_base
+    from pipeline.worker import prepare_base
 
     return (prepare_base(spec, root), *prompt_token_counts(spec, templates))

@@ -1,6 +1,6 @@
-"""Render planning: a manifest's render jobs -> one RenderRow per image, each with a deterministic render_id.
+"""Render planning: a manifest's render jobs -> one PlannedImage per image, each with a deterministic render_id.
 
-    job (templates x combinations x seeds) --resolve names in the concept index--> RenderRow[]
+    job (templates x combinations x seeds) --resolve names in the concept index--> PlannedImage[]
 
 A template with k placeholders ({a}, {b}, ...) is filled with every k-combination of the job's selected
 concepts in name order (or the job's explicit combinations), capped at max_combinations; each filled prompt
@@ -48,7 +48,7 @@ class ConceptRef:
 
 
 @dataclass(frozen=True)
-class RenderRow:
+class PlannedImage:
     """One image to render. Plain data: it travels to the Ray Data actors as a row of JSON strings."""
 
     render_id: str
@@ -121,7 +121,9 @@ def resolve_concepts(
     }
 
 
-def plan_job(manifest: Manifest, job: RenderJob, concepts: dict[str, ConceptRef], fingerprint: str) -> list[RenderRow]:
+def plan_job(
+    manifest: Manifest, job: RenderJob, concepts: dict[str, ConceptRef], fingerprint: str
+) -> list[PlannedImage]:
     """Every image of one job: templates in order, then combinations, then seeds."""
     rows = []
     for template in job.prompts:
@@ -153,5 +155,5 @@ def plan_job(manifest: Manifest, job: RenderJob, concepts: dict[str, ConceptRef]
                     "settings": settings,
                 }
                 digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-                rows.append(RenderRow(digest, job.name, template, prompt, seed, refs, settings))
+                rows.append(PlannedImage(digest, job.name, template, prompt, seed, refs, settings))
     return rows

@@ -2,33 +2,36 @@
 
     ds.map_batches(Renderer, fn_constructor_kwargs=..., batch_format="pyarrow", compute=ActorPoolStrategy(...))
 
-The base pipeline is loaded once per actor (pipeline.tasks.worker_base) and concept files once per actor
-(verified against their sha256 from the index). Rows in one batch that share sampler settings render in ONE
-forward pass even when their concept combinations differ: each row carries its own concept set
-(perfusion.ConceptRenderer, per-sample edits), weights are never merged per combination.
+The base pipeline is loaded once per actor (pipeline.worker) and concept files once per actor (verified
+against their sha256 from the index; any method's file, perfusion.methods.load_concept_file). Rows in one
+batch that share sampler settings render in ONE forward pass even when their concept combinations differ:
+each row carries its own concept set (perfusion.ConceptRenderer, per-sample edits), weights are never
+merged per combination.
 
-Failure policy, row by row: a batch that fails is rendered again row by row, a row that fails is tried
-once more, then returned as a "failed" row with its error; a concept file that fails its checksum fails
-its rows at once (a retry cannot fix it). A crashed actor is restarted by Ray and its batch retried
+Failure policy, row by row (the retry decision is pipeline.worker.is_transient's): a batch that fails is
+rendered again row by row; a row, or a concept file, that fails transiently is tried once more, then
+returned as a "failed" row with its error; bad input (a concept file that fails its checksum, a request the
+concepts cannot serve) fails its rows at once. A crashed actor is restarted by Ray and its batch retried
 (max_restarts / max_task_retries in pipeline/render.py).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
-import platform
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
 
 from pipeline.index import RENDER_SCHEMA, Status
-from pipeline.store import Store, render_file, sha256_hex
-from pipeline.tasks import device_name, worker_base
+from pipeline.store import Artifact, Store, render_file, sha256_hex
+from pipeline.worker import describe, is_transient, planned_base, stored_covariance, worker_base, worker_label
 
-# What an actor returns per row: the render table's columns that only rendering can fill (pipeline/index.py).
+# What an actor returns per row (outcome()): the render table's columns only rendering can fill (index.py).
 OUTPUT_COLUMNS = (
     "render_id",
     "image_uri",
@@ -56,20 +59,14 @@ class Renderer:
     def __init__(self, base_model: str, root: str, fingerprint: str, covariance: str, covariance_sha256: str):
         import perfusion
 
-        self.base = worker_base(base_model)
-        if self.base.fingerprint != fingerprint:
-            raise perfusion.BaseModelError(
-                f"base model {base_model!r} on this worker has fingerprint {self.base.fingerprint[:12]}, the run "
-                f"planned {fingerprint[:12]}: every worker must see the same weights"
-            )
+        self.base = planned_base(base_model, fingerprint)
         self.store = Store(root)
-        data = self.store.read(covariance, covariance_sha256)
         self.renderer = perfusion.ConceptRenderer(
-            self.base, perfusion.covariance_from_bytes(data, fingerprint, label=self.store.uri(covariance))
+            self.base, stored_covariance(self.store, self.base, covariance, covariance_sha256)
         )
         self.default_scheduler = self.base.pipeline.scheduler
         self.attached: dict[str, str] = {}  # concept_key -> token
-        self.device = f"{device_name()}@{platform.node()}"
+        self.device = worker_label()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist(self.render_records(batch.to_pylist()), schema=OUTPUT_SCHEMA)
@@ -84,8 +81,8 @@ class Renderer:
                 results[record["render_id"]] = existing
                 continue
             try:
-                self._attach(json.loads(record["concepts"]))
-            except Exception as error:  # a damaged or missing concept file: retrying cannot fix it
+                _try_twice(functools.partial(self._attach, json.loads(record["concepts"])))
+            except Exception as error:  # a damaged or missing concept file, or storage that kept failing
                 results[record["render_id"]] = self._failed(record, error)
                 continue
             groups[record["settings"]].append(record)
@@ -97,20 +94,19 @@ class Renderer:
     # -- rendering -------------------------------------------------------------------------------------
 
     def _render_group(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One forward pass for rows with the same settings; on failure, row by row, each tried twice."""
+        """One forward pass for rows with the same settings; on failure, row by row (transient failures
+        tried twice), so one bad row never fails the others."""
         try:
             return self._render(records)
-        except Exception:
-            pass
-        out = []
+        except Exception as error:
+            if len(records) == 1 and not is_transient(error):
+                return [self._failed(records[0], error)]
+        out: list[dict[str, Any]] = []
         for record in records:
             try:
-                out += self._render([record])
-            except Exception:
-                try:
-                    out += self._render([record])
-                except Exception as error:
-                    out.append(self._failed(record, error))
+                out += _try_twice(functools.partial(self._render, [record]))
+            except Exception as error:
+                out.append(self._failed(record, error))
         return out
 
     def _render(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -159,18 +155,7 @@ class Renderer:
             if adopted is None:
                 raise
             return adopted
-        return {
-            "render_id": record["render_id"],
-            "image_uri": artifact.uri,
-            "sha256": artifact.sha256,
-            "bytes": artifact.bytes,
-            "width": image.width,
-            "height": image.height,
-            "status": Status.SUCCEEDED,
-            "error": None,
-            "seconds": seconds,
-            "device": self.device,
-        }
+        return outcome(record["render_id"], Status.SUCCEEDED, self.device, artifact, image.size, seconds=seconds)
 
     def _adopt(self, render_id: str) -> dict[str, Any] | None:
         """A stored PNG for this render_id -> its result row; None if there is none (or it is unreadable,
@@ -188,18 +173,8 @@ class Renderer:
         except OSError:
             self.store.remove(relative)
             return None
-        return {
-            "render_id": render_id,
-            "image_uri": self.store.uri(relative),
-            "sha256": sha256_hex(data),
-            "bytes": len(data),
-            "width": width,
-            "height": height,
-            "status": Status.SUCCEEDED,
-            "error": None,
-            "seconds": 0.0,
-            "device": self.device,
-        }
+        artifact = Artifact(self.store.uri(relative), sha256_hex(data), len(data))
+        return outcome(render_id, Status.SUCCEEDED, self.device, artifact, (width, height), seconds=0.0)
 
     def _attach(self, refs: list[dict[str, str]]) -> None:
         """Load each concept once per actor, checking its sha256 against the index row it came from."""
@@ -209,7 +184,7 @@ class Renderer:
             if ref["concept_key"] in self.attached:
                 continue
             data = self.store.read(self.store.relative(ref["file_uri"]), ref["sha256"])
-            concept = perfusion.load_concept(data, self.base, name=ref["file_uri"])
+            concept = perfusion.load_concept_file(data, self.base, name=ref["file_uri"])
             self.renderer.attach(concept)
             self.attached[ref["concept_key"]] = concept.token
 
@@ -224,22 +199,54 @@ class Renderer:
         if type(pipeline.scheduler) is not cls:
             pipeline.scheduler = cls.from_config(self.default_scheduler.config)
 
-    def _failed(self, record: dict[str, Any], error: Exception) -> dict[str, Any]:
-        return {
-            "render_id": record["render_id"],
-            "status": Status.FAILED,
-            "error": f"{type(error).__name__}: {error}",
-            "device": self.device,
-        }
+    def _failed(self, record: dict[str, Any], error: BaseException) -> dict[str, Any]:
+        return outcome(record["render_id"], Status.FAILED, self.device, error=describe(error))
+
+
+def outcome(
+    render_id: str,
+    status: Status,
+    device: str,
+    artifact: Artifact | None = None,
+    size: tuple[int, int] | None = None,
+    *,
+    seconds: float | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """One row's result as the actor returns it (OUTPUT_COLUMNS): the one place it is made."""
+    return {
+        "render_id": render_id,
+        "image_uri": artifact.uri if artifact else None,
+        "sha256": artifact.sha256 if artifact else None,
+        "bytes": artifact.bytes if artifact else None,
+        "width": size[0] if size else None,
+        "height": size[1] if size else None,
+        "status": status,
+        "error": error,
+        "seconds": seconds,
+        "device": device,
+    }
+
+
+def _try_twice(attempt: Callable[[], Any]) -> Any:
+    """attempt(), once more if it failed transiently (pipeline.worker.is_transient); else its error."""
+    try:
+        return attempt()
+    except Exception as error:
+        if not is_transient(error):
+            raise
+    return attempt()
 
 
 def prompt_token_counts(base_model: str, templates: list[str]) -> tuple[list[int], int]:
     """Tokens per template once filled (a concept token is one token) and the text encoder's limit."""
+    import perfusion
     from pipeline.manifest import placeholders
 
     tokenizer = worker_base(base_model).tokenizer
     counts = []
     for template in templates:
-        filled = template.format(**{name: "x" for name in placeholders(template)})
-        counts.append(len(tokenizer(filled).input_ids))
+        counts.append(
+            perfusion.prompt_tokens(tokenizer, template.format(**{name: "x" for name in placeholders(template)}))
+        )
     return counts, int(tokenizer.model_max_length)

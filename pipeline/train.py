@@ -9,8 +9,8 @@
    row in the index are skipped (idempotent; a run killed midway resumes), unless --force.
 3. One task per remaining concept, at most `max_concurrency` in flight, each asking for `gpus_per_task`
    GPUs when the cluster has GPUs (or with --device gpu) and one CPU otherwise. Ray retries crashed
-   workers and RetryableTaskError; a concept whose input is bad fails alone, recorded with its error, and
-   the others go on.
+   workers and TransientError (pipeline/worker.py); a concept whose input is bad fails alone, recorded
+   with its error, and the others go on.
 4. Rows are committed by the driver in batches (every COMMIT_EVERY rows or COMMIT_SECONDS), always after
    the task wrote its file: an index row never points at nothing.
 """
@@ -23,27 +23,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.index import FAILED, SUCCEEDED, ConceptIndex, Status, now
+from pipeline.index import ConceptIndex, ConceptRow, Status
+from pipeline.jobs import flag
 from pipeline.manifest import Manifest
 from pipeline.plan import PlannedConcept, build_plan
 from pipeline.store import Store, concept_file
-from pipeline.tasks import BaseInfo, TrainTask, base_row
+from pipeline.tasks import TrainTask, concept_row
+from pipeline.worker import BaseInfo, TransientError
 
 COMMIT_EVERY = 16
 COMMIT_SECONDS = 10.0
-SKIPPED, PLANNED = Status.SKIPPED, Status.PLANNED
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    root: str | None = None  # overrides the manifest's root (flag or PERFUSION_BATCH_ROOT)
-    force: bool = False  # retrain concepts that already succeeded
-    only: tuple[str, ...] = ()  # train just these concept names
-    dry_run: bool = False
-    max_concurrency: int | None = None  # tasks in flight; default: what the cluster can run at once
-    gpus_per_task: float = 1.0  # on clusters with GPUs; fractions pack several trainings on one GPU
-    device: str = "auto"  # auto | gpu | cpu: see jobs.task_resources
-    max_retries: int = 2  # for crashed workers and retryable errors
+    """One training run's options; the CLI builds them, and a submitted Ray Job gets them back as flags
+    (jobs.options_argv over the `flag` of each field)."""
+
+    root: str | None = flag(None, "--root")  # overrides the manifest's root (or PERFUSION_BATCH_ROOT)
+    force: bool = flag(False, "--force")  # retrain concepts that already succeeded
+    only: tuple[str, ...] = flag((), "--only")  # train just these concept names
+    dry_run: bool = flag(False, "--dry-run")
+    max_concurrency: int | None = flag(None, "--concurrency")  # in flight; default: what the cluster runs at once
+    gpus_per_task: float = flag(1.0, "--gpus-per-task")  # on GPU clusters; fractions pack several on a GPU
+    device: str | None = flag(None, "--device")  # auto | gpu | cpu (jobs.task_resources); None: auto
+    pushgateway: str | None = flag(None, "--pushgateway")  # the CLI pushes the run's summary there
+    max_retries: int = 2  # for crashed workers and transient errors
 
 
 @dataclass
@@ -72,10 +77,10 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        return self.count(FAILED) == 0
+        return self.count(Status.FAILED) == 0
 
     def counts(self) -> dict[str, int]:
-        return {s: self.count(s) for s in (SUCCEEDED, FAILED, SKIPPED, PLANNED)}
+        return {s: self.count(s) for s in (Status.SUCCEEDED, Status.FAILED, Status.SKIPPED, Status.PLANNED)}
 
 
 class Display:
@@ -102,15 +107,18 @@ class TrainRun:
                 manifest.source, [Problem("--only", f"no concept named {n!r} in the manifest") for n in unknown]
             )
 
-    def plan(self, base: BaseInfo) -> tuple[list[PlannedConcept], set[str]]:
-        """The selected concepts and the keys already trained."""
-        from perfusion import METHOD_VERSION
-
-        plan = build_plan(self.manifest, base.fingerprint, METHOD_VERSION, set(base.vocabulary))
+    def plan(self, base: BaseInfo) -> list[tuple[PlannedConcept, Status]]:
+        """The selected concepts, each with what this run does with it: PLANNED (would train), SKIPPED
+        (already trained under its key) or FAILED (its files have problems). `validate` and `--dry-run` stop
+        here; both write nothing."""
+        plan = build_plan(self.manifest, base.fingerprint, set(base.vocabulary))
         if self.options.only:
             plan = [p for p in plan if p.name in self.options.only]
         done = set() if self.options.force else self.index.succeeded_keys()
-        return plan, done
+        return [
+            (item, Status.SKIPPED if item.concept_key in done else Status.PLANNED if item.ready else Status.FAILED)
+            for item in plan
+        ]
 
     def execute(self, display: Display | None = None) -> RunSummary:
         import ray
@@ -130,18 +138,26 @@ class TrainRun:
         # training tasks it runs next): worker start-up then overlaps prepare_base instead of delaying them.
         warming = [] if self.options.dry_run else self._warm_workers(resources)
         base: BaseInfo = ray.get(preparing)
-        plan, done = self.plan(base)
-        for item in plan:
-            status = SKIPPED if item.concept_key in done else (PLANNED if item.ready else FAILED)
+        plan = self.plan(base)
+        for item, status in plan:
             error = "; ".join(str(p) for p in item.problems) or None
             summary.concepts[item.name] = ConceptState(item.name, item.concept_key, status, error=error)
         display.start(summary)
-        pending_rows = [self._failed_row(item, base) for item in plan if not item.ready]
         if self.options.dry_run:
             summary.seconds = time.perf_counter() - started
             display.finish(summary)
             return summary
-        todo = [item for item in plan if item.ready and item.concept_key not in done]
+        pending_rows = [
+            concept_row(
+                self._task(item, base),
+                Status.FAILED,
+                error=summary.concepts[item.name].error,
+                device="driver (planning)",
+            )
+            for item, status in plan
+            if status == Status.FAILED
+        ]
+        todo = [item for item, status in plan if status == Status.PLANNED]
         self._dispatch(todo, base, resources, summary, display, pending_rows)
         ray.wait(warming, num_returns=len(warming))  # (done long ago; a warm-up's failure is prepare_base's too)
         summary.seconds = time.perf_counter() - started
@@ -153,7 +169,7 @@ class TrainRun:
     def _resources(self) -> dict[str, Any]:
         from pipeline import jobs
 
-        return jobs.task_resources(self.options.device, self.options.gpus_per_task)
+        return jobs.task_resources(self.options.device or "auto", self.options.gpus_per_task)
 
     def _concurrency(self, resources: dict[str, Any]) -> int:
         from pipeline import jobs
@@ -185,6 +201,10 @@ class TrainRun:
             root=self.store.root,
             covariance=base.covariance,
             covariance_sha256=base.covariance_sha256,
+            catalog=self.manifest.catalog,
+            base_name=self.manifest.base_model,
+            tags=dict(item.spec.tags),
+            manifest_uri=self.manifest.source,
             attempt_id=attempt,
         )
 
@@ -195,7 +215,7 @@ class TrainRun:
         resources: dict[str, Any],
         summary: RunSummary,
         display: Display,
-        rows: list[dict[str, Any]],
+        rows: list[ConceptRow],
     ) -> None:
         import ray
 
@@ -203,7 +223,7 @@ class TrainRun:
 
         board = jobs.ProgressBoard.remote()
         remote_train = jobs.remote(
-            train_task, max_retries=self.options.max_retries, retry_exceptions=[jobs.RetryableTaskError], **resources
+            train_task, max_retries=self.options.max_retries, retry_exceptions=[TransientError], **resources
         )
         limit = self._concurrency(resources)
         queue = list(todo)
@@ -226,12 +246,11 @@ class TrainRun:
             for ref in ready:
                 item, task = running.pop(ref)
                 row = self._collect(ref, task)
-                rows.append(self._complete_row(row, item))
+                rows.append(row)
                 state = summary.concepts[item.name]
-                state.status, state.error = Status(row["status"]), row.get("error")
-                state.seconds = row.get("seconds")
-                if row.get("steps"):
-                    state.step = state.steps = int(row["steps"])
+                state.status, state.error, state.seconds = row.status, row.error, row.seconds
+                if row.steps:
+                    state.step = state.steps = row.steps
                 display.update(state)
             if rows and (len(rows) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS):
                 self.index.append(rows)
@@ -241,59 +260,30 @@ class TrainRun:
         rows.clear()
         ray.kill(board)
 
-    def _collect(self, ref: Any, task: TrainTask) -> dict[str, Any]:
+    def _collect(self, ref: Any, task: TrainTask) -> ConceptRow:
         """The task's row; a task that failed every retry becomes a failed row with the last error."""
         import ray
 
         try:
-            row: dict[str, Any] = ray.get(ref)
+            row: ConceptRow = ray.get(ref)
             return row
         except ray.exceptions.RayError as error:
             cause = getattr(error, "cause", None)
             message = str(cause) if cause is not None else str(error).strip().splitlines()[-1]
-            row = base_row(task) | {"device": None}
-            return row | {"status": FAILED, "error": f"gave up after {self.options.max_retries + 1} tries: {message}"}
-
-    def _complete_row(self, row: dict[str, Any], item: PlannedConcept) -> dict[str, Any]:
-        """Add what the driver knows (catalog, tags, base, manifest) to a task's row."""
-        from perfusion import METHOD_VERSION
-
-        method = item.training.get("method", "perfusion")
-        return row | {
-            "catalog": self.manifest.catalog,
-            "tags": dict(item.spec.tags),
-            "base_model": self.manifest.base_model,
-            "method": method,
-            "method_version": METHOD_VERSION,
-            "manifest_uri": self.manifest.source,
-            "created_at": now(),
-        }
-
-    def _failed_row(self, item: PlannedConcept, base: BaseInfo) -> dict[str, Any]:
-        row = {
-            "concept_key": item.concept_key,
-            "attempt_id": uuid.uuid4().hex,
-            "name": item.name,
-            "token": item.spec.concept_token,
-            "superclass": item.spec.superclass,
-            "fingerprint": base.fingerprint,
-            "status": FAILED,
-            "error": "; ".join(str(p) for p in item.problems),
-            "device": "driver (planning)",
-        }
-        return self._complete_row(row, item)
+            tries = self.options.max_retries + 1
+            return concept_row(task, Status.FAILED, error=f"gave up after {tries} tries: {message}")
 
 
 def prepare_base_task(spec: str, root: str, write: bool = True) -> BaseInfo:
-    from pipeline.tasks import prepare_base
+    from pipeline.worker import prepare_base
 
     return prepare_base(spec, root, write)
 
 
 def warm_worker_task(spec: str) -> bool:
-    """Load the base model into this worker process's cache (tasks.worker_base). A failure here is reported
+    """Load the base model into this worker process's cache (worker.worker_base). A failure here is reported
     by prepare_base, which loads the same model, so it is only returned, never raised."""
-    from pipeline.tasks import worker_base
+    from pipeline.worker import worker_base
 
     try:
         worker_base(spec)
@@ -302,7 +292,7 @@ def warm_worker_task(spec: str) -> bool:
     return True
 
 
-def train_task(task: TrainTask, board: Any = None) -> dict[str, Any]:
+def train_task(task: TrainTask, board: Any = None) -> ConceptRow:
     """The Ray task body: train, reporting progress to the board every few steps, and count metrics."""
     from pipeline import metrics
     from pipeline.tasks import train_one

@@ -39,8 +39,9 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
 from perfusion.toyworld.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from perfusion.toyworld.language import GENERIC_NOUNS, MODIFIERS, PLURALS, caption, caption_corpus, vocabulary
-from perfusion.toyworld.world import HELD_OUT, MARKS, PALETTE, SHAPES, SIZE, TEXTURES, Scene, render, sample_scene
+from perfusion.toyworld.clip_objectives import AttributeTargets, ConsistencyLoss
+from perfusion.toyworld.language import caption, caption_corpus, vocabulary
+from perfusion.toyworld.world import MARKS, PALETTE, SHAPES, SIZE, TEXTURES, Scene, render, sample_scene
 from perfusion.vocab import MAX_LENGTH, build_vocab, clip_tokenizer
 
 TOY_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-clip"
@@ -123,85 +124,6 @@ def read_states(model: CLIPModel, input_ids: torch.Tensor, read_layer: int) -> t
     if read_layer == -1:
         return output.last_hidden_state, output.pooler_output
     return text.final_layer_norm(output.hidden_states[read_layer]), output.pooler_output
-
-
-class AttributeTargets:
-    """What each noun of a caption is said to be, from the words right before it: the targets that teach the
-    encoder to bind attributes to their own object. In "a red circle and a star" the state of "star" must say
-    "no color stated", not "red"; in "a red star", "red". Only the adjectives contiguous before the noun count
-    (the caption language puts an object's color and texture there); nothing after it is visible to a causal
-    encoder. Positions that are not nouns get IGNORE."""
-
-    IGNORE = -100
-
-    def __init__(self, tokenizer: CLIPTokenizer) -> None:
-        def token(word: str) -> int:
-            return int(tokenizer.convert_tokens_to_ids(f"{word}</w>"))
-
-        self.colors = {token(c): k for k, c in enumerate(PALETTE)}
-        self.textures = {token(t): k for k, t in enumerate(TEXTURES)}
-        self.nouns = {token(w) for w in (*SHAPES, *PLURALS.values(), *GENERIC_NOUNS, "background", "backdrop")}
-        self.skippable = {token(w) for w in MODIFIERS} | set(self.colors) | set(self.textures)
-        self.unstated_color, self.unstated_texture = len(PALETTE), len(TEXTURES)
-
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(color targets, texture targets), each (b, m) long."""
-        colors = torch.full(input_ids.shape, self.IGNORE, dtype=torch.long)
-        textures = torch.full(input_ids.shape, self.IGNORE, dtype=torch.long)
-        for row, ids in enumerate(input_ids.tolist()):
-            for position, token in enumerate(ids):
-                if token not in self.nouns:
-                    continue
-                color, texture, back = self.unstated_color, self.unstated_texture, position - 1
-                while back > 0 and ids[back] in self.skippable:
-                    color = self.colors.get(ids[back], color)
-                    texture = self.textures.get(ids[back], texture)
-                    back -= 1
-                colors[row, position], textures[row, position] = color, texture
-        return colors, textures
-
-
-class ConsistencyLoss(nn.Module):
-    """Within-class spread of noun states: sum |e - p_key|^2 / sum |e - mean|^2 over the batch's nouns, where
-    p_key is an EMA prototype (no gradient) of the states of the same (word, stated color, stated texture).
-
-    Why: in the C^-1 metric of eq. 3 every direction of the corpus counts equally, so whatever context a noun's
-    state carries (the words before it) dilutes s at that noun: s ~ |w|^2 / (|w|^2 + |k|^2) for a word part w and
-    a context part k, both whitened. A shape word is frequent in the toy's captions (|w|^2 small) where a
-    real product noun is rare among CLIP's 49k words; so here the context part must be small instead."""
-
-    prototypes: torch.Tensor  # (keys, d) buffer
-    seen: torch.Tensor  # (keys,) bool buffer
-
-    def __init__(self, vocab_size: int, width: int, decay: float = 0.99) -> None:
-        super().__init__()
-        self.decay = decay
-        keys = vocab_size * (len(PALETTE) + 1) * (len(TEXTURES) + 1)
-        self.register_buffer("prototypes", torch.zeros(keys, width))
-        self.register_buffer("seen", torch.zeros(keys, dtype=torch.bool))
-
-    def forward(
-        self, states: torch.Tensor, input_ids: torch.Tensor, colors: torch.Tensor, textures: torch.Tensor
-    ) -> torch.Tensor:
-        nouns = colors != AttributeTargets.IGNORE  # (b, m)
-        if nouns.sum() < 2:
-            return states.sum() * 0
-        picked = states[nouns]  # (n, d)
-        keys = (input_ids[nouns] * (len(PALETTE) + 1) + colors[nouns]) * (len(TEXTURES) + 1) + textures[nouns]
-        with torch.no_grad():  # the batch's mean state per key, folded into the prototypes
-            unique, inverse = keys.unique(return_inverse=True)
-            sums = torch.zeros(len(unique), picked.shape[1], device=picked.device).index_add_(
-                0, inverse, picked.detach().float()
-            )
-            means = sums / torch.bincount(inverse, minlength=len(unique)).unsqueeze(1)
-            fresh = ~self.seen[unique]
-            self.prototypes[unique] = torch.where(
-                fresh.unsqueeze(1), means, self.decay * self.prototypes[unique] + (1 - self.decay) * means
-            )
-            self.seen[unique] = True
-        within = (picked.float() - self.prototypes[keys]).square().sum()
-        total = (picked.float() - picked.float().mean(0)).square().sum().clamp_min(1e-8)
-        return within / total
 
 
 class ToyClipTrainer(nn.Module):
@@ -414,56 +336,6 @@ def _resume(path: Path, trainer, optimizer, recipe) -> tuple[int, float, random.
     saved = load_checkpoint(path, optimizer)
     trainer.load_state_dict({k[len("model.") :]: v for k, v in saved.tensors.items() if k.startswith("model.")})
     return saved.step, saved.elapsed, saved.rng
-
-
-# --- zero-shot quality --------------------------------------------------------------------------------------
-
-ZERO_SHOT_PROMPTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "shape": ("a photo of a {}", SHAPES),
-    "color": ("a photo of a {} object", tuple(PALETTE)),
-    "background": ("an object on a {} background", tuple(PALETTE)),
-    "texture": ("a photo of a {} object", TEXTURES),
-    "mark": ("an object with {}", MARKS),
-}
-
-
-@torch.no_grad()
-def zero_shot(model: CLIPModel, tokenizer: CLIPTokenizer, count: int = 400, seed: int = 31337) -> dict[str, float]:
-    """Accuracy of zero-shot classification from text prompts on held-out single-object scenes (a seed
-    pretraining never draws, held-out color-shape pairs allowed), per attribute; plus image->text top-1
-    retrieval among `count` held-out captions of one- and two-object scenes."""
-    rng = random.Random(seed)
-    scenes = [sample_scene(rng, two_objects=0.0, allow_held_out=True) for _ in range(count)]
-    image_embeds = _image_embeds(model, np.stack([render(s) for s in scenes]))
-    results: dict[str, float] = {}
-    for attribute, (template, values) in ZERO_SHOT_PROMPTS.items():
-        words = [("no mark" if v == "none" else f"a {v}") if attribute == "mark" else v for v in values]
-        text_embeds = _text_embeds(model, tokenizer, [template.format(w) for w in words])
-        predicted = (image_embeds @ text_embeds.T).argmax(1)
-        truth = [
-            values.index(s.background if attribute == "background" else getattr(s.objects[0], attribute))
-            for s in scenes
-        ]
-        results[attribute] = float((predicted == torch.tensor(truth)).float().mean())
-    pairs = [sample_scene(rng, allow_held_out=True) for _ in range(count)]
-    captions = [caption(s, rng) for s in pairs]
-    similarity = _image_embeds(model, np.stack([render(s) for s in pairs])) @ _text_embeds(model, tokenizer, captions).T
-    results["retrieval top-1"] = float((similarity.argmax(1) == torch.arange(count)).float().mean())
-    results["held-out pairs in retrieval"] = float(
-        np.mean([any((o.color, o.shape) in HELD_OUT for o in s.objects) for s in pairs])
-    )
-    return results
-
-
-def _image_embeds(model: CLIPModel, images: np.ndarray) -> torch.Tensor:
-    output = model.vision_model(pixel_values=pixels_of(images).to(model.device, model.dtype))
-    return F.normalize(model.visual_projection(output.pooler_output).float(), dim=-1)
-
-
-def _text_embeds(model: CLIPModel, tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
-    ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
-    output = model.text_model(input_ids=ids.to(model.device))
-    return F.normalize(model.text_projection(output.pooler_output).float(), dim=-1)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""How well a toy concept was learned, read by the oracle: issue 3's two measures, and the paper's step
+"""How well a toy concept was learned, read by the oracle: the benchmark's two measures, and the paper's step
 selection (sec. 4.4) with the oracle in place of CLIP.
 
 - fidelity: fraction of renders of "a photo of <concept>" in which the oracle finds the concept (its shape,

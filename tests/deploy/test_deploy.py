@@ -235,7 +235,7 @@ def test_the_manifest_mount_and_the_example_catalog_agree_with_the_entrypoints()
         volumes = {v["name"]: v for v in spec["volumes"]}
         mounts = {m["mountPath"]: m["name"] for c in spec["containers"] for m in c.get("volumeMounts", [])}
         assert volumes[mounts["/config"]]["configMap"]["name"] == catalog["metadata"]["name"], where
-    # The environment the CLI reads (pipeline/cli.py envvars) comes from this ConfigMap.
+    # The environment the CLI reads (pipeline/cli/ envvars) comes from this ConfigMap.
     assert {"PERFUSION_BATCH_ROOT", "PERFUSION_BATCH_PUSHGATEWAY", "PERFUSION_BATCH_DEVICE"} <= set(config["data"])
     assert config["data"]["PERFUSION_BATCH_DEVICE"] in {"auto", "gpu", "cpu"}
 
@@ -292,7 +292,7 @@ def test_alert_rules_use_the_metric_names_the_code_exports():
     names = {r["alert"] for r in rules}
     assert {"PerfusionScheduledRenderLate", "PerfusionConceptFailureRatioHigh"} <= names
     source = Path(metrics.__file__).read_text()
-    cli_source = (REPO / "pipeline" / "cli.py").read_text()
+    cli_source = "".join(path.read_text() for path in sorted((REPO / "pipeline" / "cli").glob("*.py")))
     for r in rules:
         for metric in re.findall(r"\b((?:ray_)?perfusion_[a-z_]+)\b", r["expr"]):
             exported = metric.removeprefix("ray_")
@@ -352,7 +352,7 @@ def test_a_regular_install_carries_the_toy_model(tmp_path):
         assert f"perfusion/assets/toy/{asset}" in names
     assert "perfusion/assets/tokenizer/vocab.json" in names
     assert "perfusion/assets/toy/checkpoint.safetensors" not in names
-    assert "pipeline/cli.py" in names
+    assert "pipeline/cli/__init__.py" in names
 
 
 def test_the_operator_guide_refers_to_files_that_exist():

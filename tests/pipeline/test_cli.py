@@ -19,13 +19,59 @@ def test_version():
     assert result.output.startswith("perfusion-batch ")
 
 
-def test_every_command_has_help_text():
+def test_every_command_and_sub_command_has_help_text():
     command = get_command(app)
     assert command.commands, "no commands registered"
+    paths = []
     for name, sub in command.commands.items():
-        assert sub.help and sub.help.strip(), f"{name} has no help"
-        result = runner.invoke(app, [name, "--help"])
-        assert result.exit_code == 0 and "Example" in result.output, name
+        paths.append([name])
+        paths += [[name, child] for child in getattr(sub, "commands", {})]
+    assert ["concepts", "query"] in paths and ["renders", "list"] in paths
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0 and "Example" in result.output, path
+
+
+def test_a_submitted_run_gets_back_exactly_its_options_as_flags():
+    """The Ray Job's entrypoint is rebuilt from the options object: parsing those flags gives the same options."""
+    from pipeline.jobs import options_argv
+    from pipeline.render import RenderOptions
+    from pipeline.train import TrainOptions
+
+    train = TrainOptions(root="s3://b/c", force=True, only=("mug", "bag"), max_concurrency=3, device="gpu")
+    argv = options_argv(train)
+    assert argv == [
+        "--root",
+        "s3://b/c",
+        "--force",
+        "--only",
+        "mug",
+        "--only",
+        "bag",
+        "--concurrency",
+        "3",
+        "--device",
+        "gpu",
+    ]  # defaults (gpus_per_task 1.0, device None) left to the cluster
+    render = RenderOptions(jobs=("pairs",), limit=5, batch_size=4, schedule="nightly", pushgateway="http://g:9091")
+    assert options_argv(render) == [
+        "--job",
+        "pairs",
+        "--limit",
+        "5",
+        "--batch-size",
+        "4",
+        "--pushgateway",
+        "http://g:9091",
+        "--schedule",
+        "nightly",
+    ]
+    assert options_argv(TrainOptions()) == []
+    # every flag an options field names is one the command really takes
+    command = get_command(app)
+    for name, options in (("train", train), ("render", render)):
+        known = {opt for param in command.commands[name].params for opt in param.opts}
+        assert {a for a in options_argv(options) if a.startswith("--")} <= known, name
 
 
 def test_demo_trains_saves_reloads_and_renders(tmp_path):

@@ -5,26 +5,37 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
-from pipeline.index import ConceptIndex
+import pytest
+
+from pipeline.index import ConceptIndex, ConceptRow, Status
 from pipeline.store import Store
 
 
 def row(name: str, status: str = "succeeded", minute: int = 0, **extra):
-    return {
-        "concept_key": f"key-{name}-{minute}",
-        "attempt_id": f"attempt-{name}-{minute}",
-        "catalog": "shop",
-        "name": name,
-        "token": f"<{name}>",
-        "superclass": extra.pop("superclass", "mug"),
-        "tags": extra.pop("tags", {"category": "kitchen"}),
-        "base_model": "tiny",
-        "fingerprint": "f" * 64,
-        "status": status,
-        "error": None if status == "succeeded" else "boom",
-        "created_at": dt.datetime(2026, 1, 1, 12, minute, tzinfo=dt.UTC),
+    return ConceptRow(
+        concept_key=f"key-{name}-{minute}",
+        attempt_id=f"attempt-{name}-{minute}",
+        catalog="shop",
+        name=name,
+        token=f"<{name}>",
+        superclass=extra.pop("superclass", "mug"),
+        tags=extra.pop("tags", {"category": "kitchen"}),
+        base_model="tiny",
+        fingerprint="f" * 64,
+        method="perfusion",
+        method_version="perfusion-1",
+        status=Status(status),
+        error=None if status == "succeeded" else "boom",
+        created_at=dt.datetime(2026, 1, 1, 12, minute, tzinfo=dt.UTC),
         **extra,
-    }
+    )
+
+
+def test_append_takes_typed_rows_only(tmp_path):
+    index = ConceptIndex(Store(str(tmp_path)))
+    with pytest.raises(TypeError, match="takes ConceptRow rows, not dict"):
+        index.append([{"name": "mug"}])
+    assert index.latest() == []
 
 
 def test_latest_successful_row_per_name(tmp_path):

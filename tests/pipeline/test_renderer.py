@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.render_plan import ConceptRef, RenderRow
+from pipeline.render_plan import ConceptRef, PlannedImage
 from pipeline.renderer import Renderer
 from pipeline.store import Store
-from pipeline.tasks import prepare_base
+from pipeline.worker import prepare_base
 
 SETTINGS = {
     "steps": 4,
@@ -47,7 +47,7 @@ def renderer_for(root, info) -> Renderer:  # type: ignore[no-untyped-def]
 
 
 def record(render_id: str, prompt: str, refs: tuple[ConceptRef, ...], seed: int, **settings) -> dict:  # type: ignore[no-untyped-def]
-    return RenderRow(render_id, "job", prompt, prompt, seed, refs, SETTINGS | settings).to_record()
+    return PlannedImage(render_id, "job", prompt, prompt, seed, refs, SETTINGS | settings).to_record()
 
 
 def moved(record: dict, old, new) -> dict:  # type: ignore[no-untyped-def]

@@ -12,8 +12,9 @@ from pipeline.cli import app
 from pipeline.index import ConceptIndex
 from pipeline.manifest import load_manifest
 from pipeline.store import Store
-from pipeline.tasks import prepare_base, train_one
+from pipeline.tasks import train_one
 from pipeline.train import TrainRun
+from pipeline.worker import prepare_base
 from tests.pipeline.conftest import write_catalog
 
 runner = CliRunner()
@@ -97,13 +98,13 @@ def test_a_task_killed_after_its_file_but_before_its_row_is_adopted_on_retry(tmp
     manifest = load_manifest(write_catalog(tmp_path / "shop", str(root), names=("mug",)))
     run = TrainRun(manifest)
     base = prepare_base(run.base_model, run.store.root)
-    (item,), _ = run.plan(base)
+    ((item, _),) = run.plan(base)
     first = train_one(run._task(item, base))  # the worker wrote the file ... and the driver died: no row
-    assert first["status"] == "succeeded" and ConceptIndex(run.store).latest() == []
+    assert first.status == "succeeded" and ConceptIndex(run.store).latest() == []
     summary = run.execute()
     assert summary.concepts["mug"].status == "succeeded"
     (row,) = ConceptIndex(run.store).latest()
-    assert row["sha256"] == first["sha256"] and row["file_uri"] == first["file_uri"]
+    assert row["sha256"] == first.sha256 and row["file_uri"] == first.file_uri
     assert run.store.list("concepts") == [item.file]
 
 
@@ -112,7 +113,7 @@ def test_a_damaged_leftover_file_is_replaced_by_the_retry(tmp_path, ray_local):
     manifest = load_manifest(write_catalog(tmp_path / "shop", str(root), names=("mug",)))
     run = TrainRun(manifest)
     base = prepare_base(run.base_model, run.store.root)
-    (item,), _ = run.plan(base)
+    ((item, _),) = run.plan(base)
     run.store.write_once(item.file, b"half a file")
     summary = run.execute()
     assert summary.concepts["mug"].status == "succeeded"

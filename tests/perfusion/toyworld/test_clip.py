@@ -11,7 +11,8 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from perfusion.clip_scoring import ClipScorer, check_clip_folder
 from perfusion.toyworld import clip as toy_clip
-from perfusion.toyworld.clip import AttributeTargets, ClipRecipe, build_tokenizer, load_recipe, pretrain
+from perfusion.toyworld.clip import ClipRecipe, build_tokenizer, load_recipe, pretrain
+from perfusion.toyworld.clip_objectives import AttributeTargets
 from perfusion.toyworld.language import vocabulary
 from perfusion.toyworld.world import MARKS, PALETTE, SHAPES, TEXTURES
 

@@ -1,4 +1,4 @@
-"""Perfusion learns a catalog product on the shipped toy model, measured by the oracle (issue 3's fast subset
+"""Perfusion learns a catalog product on the shipped toy model, measured by the oracle (the fast subset
 of benchmarks/concept_quality.py; under a minute on 2 CPU cores).
 
 The product is "dotted-star": a purple star with a dotted pattern and a dot. Before training, its token is

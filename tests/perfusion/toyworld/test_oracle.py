@@ -1,4 +1,4 @@
-"""The oracle reads clean generator pictures exactly (issue 3: >= 99%) and stays usable on noisy ones."""
+"""The oracle reads clean generator pictures exactly (>= 99%) and stays usable on noisy ones."""
 
 from __future__ import annotations
 

@@ -73,3 +73,13 @@ def test_a_second_stage_starts_from_the_given_weights_and_counts_every_step(tmp_
     to_first_stage = (second[key].float() - first[key].float()).norm()
     to_own_start = (second[key].float() - own_start[key[len("unet.") :]]).norm()
     assert to_first_stage < 0.1 * to_own_start
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch: pytest.MonkeyPatch):
+    from perfusion.toyworld.pretrain import resolve_precision
+
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert resolve_precision("auto", "cpu") == expected

@@ -1,0 +1,206 @@
+"""`concepts` and `renders`: the index, listed, shown, and queried with SQL (DuckDB)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from pipeline.cli.app import IndexRoot, ManifestOption, app, fail, load, user_errors
+
+if TYPE_CHECKING:
+    from pipeline.index import ConceptIndex, DeltaIndex, RenderIndex
+
+concepts_app = typer.Typer(
+    help="Query the concept index: list, show, SQL. Example: perfusion-batch concepts list -m manifests/catalog.yaml",
+    no_args_is_help=True,
+)
+app.add_typer(concepts_app, name="concepts")
+FormatOption = Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")]
+
+
+def _index(root: str | None, manifest: str | None) -> ConceptIndex:
+    from pipeline.index import ConceptIndex
+    from pipeline.store import Store
+
+    if root is None and manifest is None:
+        raise fail("give --root URI (or set PERFUSION_BATCH_ROOT) or --manifest FILE")
+    if root is None:
+        root = load(manifest).storage_root()  # type: ignore[arg-type]
+    with user_errors():
+        return ConceptIndex(Store(root))
+
+
+def _emit(rows: list[dict[str, object]], columns: list[str], fmt: str) -> None:
+    import csv
+    import datetime
+    import json
+    import sys
+
+    if fmt not in {"table", "json", "csv"}:
+        raise fail(f"--format must be table, json or csv, not {fmt!r}")
+    rows = [{k: (v.isoformat() if isinstance(v, datetime.datetime) else v) for k, v in r.items()} for r in rows]
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2, default=str))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*[_cell(c, row.get(c)) for c in columns])
+        Console().print(table)
+
+
+def _cell(column: str, value: object) -> str:
+    """Short forms for the table view (json and csv keep full values)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if column == "created_at":
+        return str(value)[:19].replace("T", " ")
+    if column in {"file_uri", "image_uri"}:
+        return str(value).rsplit("/", 1)[-1][:16] + "..."
+    return str(value)
+
+
+LIST_COLUMNS = ["name", "token", "superclass", "status", "steps", "final_loss", "bytes", "created_at", "file_uri"]
+
+
+@concepts_app.command("list")
+def concepts_list(
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    catalog: Annotated[str | None, typer.Option("--catalog", help="Only this catalog.")] = None,
+    superclass: Annotated[str | None, typer.Option("--superclass", help="Only this superclass.")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE tag filter (repeatable).")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Latest attempt per name, failed ones included.")] = False,
+    fmt: FormatOption = "table",
+) -> None:
+    """The latest successful concept per name (with --failed: the latest attempt, whatever its status).
+
+    Example: perfusion-batch concepts list --root s3://bucket/catalog --tag category=mugs --format csv
+    """
+    tags = {}
+    for item in tag or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise fail(f"--tag {item!r}: use KEY=VALUE, e.g. --tag category=mugs")
+        tags[key] = value
+    from pipeline.index import Status
+
+    index = _index(root, manifest)
+    rows = index.latest(
+        catalog=catalog, superclass=superclass, tags=tags or None, status=None if failed else Status.SUCCEEDED
+    )
+    _emit(rows, [*LIST_COLUMNS, "error"] if failed else LIST_COLUMNS, fmt)
+
+
+@concepts_app.command("show")
+def concepts_show(
+    name: Annotated[str, typer.Argument(help="Concept name.")],
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the file's sha256.")] = True,
+    fmt: FormatOption = "json",
+) -> None:
+    """Every field of the latest successful concept called NAME; verifies its file's checksum.
+
+    Example: perfusion-batch concepts show dotted-star -m manifests/catalog.yaml
+    """
+    index = _index(root, manifest)
+    row = index.get(name)
+    if row is None:
+        raise fail(f"no successful concept named {name!r} in {index.uri} (see `perfusion-batch concepts list`)", 1)
+    if verify:
+        from pipeline.store import ChecksumError
+
+        try:
+            index.store.read(index.store.relative(row["file_uri"]), row["sha256"])
+        except ChecksumError as error:
+            raise fail(str(error), 1) from None
+        except FileNotFoundError:
+            raise fail(f"{row['file_uri']} is missing from the store", 1) from None
+    _emit([row], list(row), fmt)
+
+
+@concepts_app.command("query")
+def concepts_query(
+    sql: Annotated[str, typer.Argument(help='SQL over the view `concepts`, e.g. "SELECT name FROM concepts".')],
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    fmt: FormatOption = "table",
+) -> None:
+    """Run SQL (DuckDB) over the concept index, exposed as the table `concepts`.
+
+    Example: perfusion-batch concepts query "SELECT status, count(*) FROM concepts GROUP BY status" -m catalog.yaml
+    """
+    _query(_index(root, manifest), sql, fmt)
+
+
+def _query(index: DeltaIndex, sql: str, fmt: str) -> None:
+    """SQL (DuckDB) over a Delta index; any query error is a message, exit code 2."""
+    try:
+        table = index.sql(sql)
+    except Exception as error:
+        raise fail(f"query failed: {error}") from None
+    _emit(table.to_pylist(), table.column_names, fmt)
+
+
+renders_app = typer.Typer(
+    help="Query the render index: list, SQL. Example: perfusion-batch renders list -m manifests/catalog.yaml",
+    no_args_is_help=True,
+)
+app.add_typer(renders_app, name="renders")
+RENDER_COLUMNS = ["job", "prompt", "concept_names", "seed", "status", "seconds", "created_at", "image_uri"]
+
+
+def _render_index(root: str | None, manifest: str | None) -> RenderIndex:
+    from pipeline.index import RenderIndex
+
+    return RenderIndex(_index(root, manifest).store)
+
+
+@renders_app.command("list")
+def renders_list(
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    job: Annotated[str | None, typer.Option("--job", help="Only this job.")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Failed attempts instead of rendered images.")] = False,
+    fmt: FormatOption = "table",
+) -> None:
+    """Rendered images (one row each), or with --failed the failed attempts with their errors.
+
+    Example: perfusion-batch renders list -m manifests/catalog.yaml --job new-scenes --format csv
+    """
+    import pyarrow.compute as pc
+
+    from pipeline.index import Status
+
+    index = _render_index(root, manifest)
+    condition = pc.field("status") == (Status.FAILED if failed else Status.SUCCEEDED)
+    if job:
+        condition = condition & (pc.field("job") == job)
+    rows = sorted(index.rows(filter=condition).to_pylist(), key=lambda r: (r["job"], r["prompt"], r["seed"]))
+    _emit(rows, [*RENDER_COLUMNS, "error"] if failed else RENDER_COLUMNS, fmt)
+
+
+@renders_app.command("query")
+def renders_query(
+    sql: Annotated[str, typer.Argument(help='SQL over the view `renders`, e.g. "SELECT job FROM renders".')],
+    root: IndexRoot = None,
+    manifest: ManifestOption = None,
+    fmt: FormatOption = "table",
+) -> None:
+    """Run SQL (DuckDB) over the render index, exposed as the table `renders`.
+
+    Example: perfusion-batch renders query "SELECT job, count(*) FROM renders GROUP BY job" -m catalog.yaml
+    """
+    _query(_render_index(root, manifest), sql, fmt)

@@ -1,0 +1,81 @@
+"""One training task without Ray: the method seam (the file and the row say which method made a concept)
+and the retry decision (bad input is a failed row, a transient failure is raised for Ray to retry)."""
+
+from __future__ import annotations
+
+import pytest
+
+import perfusion
+from pipeline.index import ConceptIndex, Status
+from pipeline.manifest import load_manifest
+from pipeline.tasks import train_one
+from pipeline.train import TrainRun
+from pipeline.worker import TransientError, is_transient, prepare_base
+from tests.pipeline.conftest import write_catalog
+
+
+def planned(tmp_path, textual_inversion_for: str | None = None):
+    manifest_path = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug", "bag"))
+    if textual_inversion_for:
+        text = manifest_path.read_text().replace(
+            f"  - name: {textual_inversion_for}\n",
+            f"  - name: {textual_inversion_for}\n    training: {{method: textual_inversion}}\n",
+        )
+        manifest_path.write_text(text)
+    run = TrainRun(load_manifest(manifest_path))
+    base = prepare_base(run.base_model, run.store.root)
+    return run, base, {item.name: run._task(item, base) for item, _ in run.plan(base)}
+
+
+def test_the_concept_file_and_its_row_say_which_method_made_it(tmp_path):
+    run, _, tasks = planned(tmp_path, textual_inversion_for="bag")
+    rows = {name: train_one(task) for name, task in tasks.items()}
+    assert {name: row.status for name, row in rows.items()} == {"mug": Status.SUCCEEDED, "bag": Status.SUCCEEDED}
+    assert rows["mug"].method == "perfusion" and rows["bag"].method == "textual_inversion"
+    for name, row in rows.items():
+        data = run.store.read(run.store.relative(row.file_uri), row.sha256)
+        assert perfusion.methods.file_method(data).name == row.method
+        concept = perfusion.load_concept_file(data)
+        assert concept.method == row.method and concept.edits == (name == "mug")
+    run.index.append(list(rows.values()))
+    assert [r["name"] for r in ConceptIndex(run.store).latest(method="textual_inversion")] == ["bag"]
+
+
+def test_the_method_is_part_of_the_concept_key(tmp_path):
+    _, _, perfusion_tasks = planned(tmp_path / "a")
+    _, _, mixed_tasks = planned(tmp_path / "b", textual_inversion_for="bag")
+    assert perfusion_tasks["mug"].concept_key == mixed_tasks["mug"].concept_key
+    assert perfusion_tasks["bag"].concept_key != mixed_tasks["bag"].concept_key
+
+
+def test_an_unknown_method_in_a_concept_file_is_named():
+    concept = perfusion.training.initial_concept(perfusion.load_base("tiny"), "<mug>", "mug")
+    concept.method = "dreambooth"
+    with pytest.raises(perfusion.ConceptFileError, match=r"method 'dreambooth'.*upgrade"):
+        perfusion.load_concept_file(concept.to_bytes())
+
+
+def test_bad_input_is_a_failed_row_and_a_transient_failure_is_raised_for_a_retry(tmp_path, monkeypatch):
+    run, _, tasks = planned(tmp_path)
+    # an image deleted after planning: another try cannot bring it back
+    first_image = tasks["mug"].images[0][0]
+    (tmp_path / "shop" / first_image.split("/shop/", 1)[1]).unlink()
+    row = train_one(tasks["mug"])
+    assert row.status == Status.FAILED and "FileNotFoundError" in (row.error or "")
+    assert row.catalog == "test-shop" and row.method == "perfusion" and row.tags["sku"] == "SKU-0"
+    # storage that times out: worth another try, so it is raised (Ray retries TransientError)
+    import fsspec
+
+    def flaky(*args, **kwargs):
+        raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(fsspec, "open", flaky)
+    with pytest.raises(TransientError, match="TimeoutError: read timed out"):
+        train_one(tasks["bag"])
+    assert not run.store.exists(tasks["bag"].file)
+
+
+def test_the_retry_decision():
+    assert is_transient(TimeoutError()) and is_transient(ConnectionError()) and is_transient(RuntimeError("CUDA"))
+    assert not is_transient(perfusion.TrainingError("bad image"))
+    assert not is_transient(ValueError("bad value")) and not is_transient(FileNotFoundError("gone"))
