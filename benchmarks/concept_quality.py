@@ -28,8 +28,6 @@ Writes benchmarks/results/concept_quality.md and concept_pareto.png (with --mask
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 import perfusion
+from benchmarks.flags import option, parse_flags
 from benchmarks.quality_report import TABLE_HEADER, mean_score, plot_gate_sweep, rank_agreement, table_row
 from perfusion.clip_scoring import ClipFolderError, ClipScorer, check_clip_folder
 from perfusion.toyworld.clip import TOY_CLIP_DIR
@@ -56,40 +55,36 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _option(default: Any, help: str = "") -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class QualityConfig:
     """One run of the benchmark; each field is a flag (--steps, --batch-size, ...)."""
 
-    steps: int = _option(400)
-    images: int = _option(6)
-    batch_size: int = _option(BATCH, "images per optimizer step (TrainConfig.batch_size)")
-    samples: int = _option(16, "renders per measure")
-    quick: bool = _option(False, "one concept, Perfusion only (smoke run)")
-    masks: bool = _option(False, "train with the products' masks (paper sec. 4.4)")
-    mask_background: float = _option(0.25, "the masks' value off the product (0: cut-outs)")
-    select_every: int = _option(
+    steps: int = option(400)
+    images: int = option(6)
+    batch_size: int = option(BATCH, "images per optimizer step (TrainConfig.batch_size)")
+    samples: int = option(16, "renders per measure")
+    quick: bool = option(False, "one concept, Perfusion only (smoke run)")
+    masks: bool = option(False, "train with the products' masks (paper sec. 4.4)")
+    mask_background: float = option(0.25, "the masks' value off the product (0: cut-outs)")
+    select_every: int = option(
         0, "score every N steps on validation seeds and keep the best step (paper sec. 4.4); 0: the last step"
     )
-    select_samples: int = _option(32, "validation renders per measure at each scored step")
-    lr_value: float = _option(perfusion.TrainConfig().lr_value, "TrainConfig.lr_value (o*_V's rate)")
-    lr_schedule: str = _option("constant", "TrainConfig.lr_schedule: constant or cosine")
-    average_tail: float = _option(0.0, "TrainConfig.average_tail: save the mean over this last fraction of steps")
-    render_seed: int = _option(0, "first seed of the reported renders (another draw: 2000; validation: 5000..)")
-    train_seeds: int = _option(
+    select_samples: int = option(32, "validation renders per measure at each scored step")
+    lr_value: float = option(perfusion.TrainConfig().lr_value, "TrainConfig.lr_value (o*_V's rate)")
+    lr_schedule: str = option("constant", "TrainConfig.lr_schedule: constant or cosine")
+    average_tail: float = option(0.0, "TrainConfig.average_tail: save the mean over this last fraction of steps")
+    render_seed: int = option(0, "first seed of the reported renders (another draw: 2000; validation: 5000..)")
+    train_seeds: int = option(
         1, "train each variant this many times (TrainConfig.seed 0..N-1) and report the means, each seed's beside"
     )
-    best_of: int = _option(
+    best_of: int = option(
         1, "train N candidates per reported seed and keep the best on validation renders (selection across runs)"
     )
-    templates: str | None = _option(None, "training prompts, '|'-separated, each with {} (default: the base's own)")
-    table_only: bool = _option(False, "the table alone: no gate sweep, pair or one-shot")
-    variants: str = _option(",".join(VARIANTS), f"comma-separated, from: {', '.join(VARIANTS)}")
-    clip: str = _option(str(TOY_CLIP_DIR), "a local CLIP folder for CLIP-I / CLIP-T beside the oracle; 'none' to skip")
-    device: str = _option("cpu", "cpu or cuda (quality figures do not depend on it)")
+    templates: str | None = option(None, "training prompts, '|'-separated, each with {} (default: the base's own)")
+    table_only: bool = option(False, "the table alone: no gate sweep, pair or one-shot")
+    variants: str = option(",".join(VARIANTS), f"comma-separated, from: {', '.join(VARIANTS)}")
+    clip: str = option(str(TOY_CLIP_DIR), "a local CLIP folder for CLIP-I / CLIP-T beside the oracle; 'none' to skip")
+    device: str = option("cpu", "cpu or cuda (quality figures do not depend on it)")
     out: Path = field(default=RESULTS, metadata={"help": "folder for the table and the plot"})
 
     @property
@@ -160,19 +155,7 @@ class QualityConfig:
 
 def parse_config(argv: list[str] | None = None) -> QualityConfig:
     """The flags of QualityConfig's fields; any problem is an argparse error before anything loads."""
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    for spec in dataclasses.fields(QualityConfig):
-        flag, help_text = f"--{spec.name.replace('_', '-')}", spec.metadata.get("help", "")
-        if isinstance(spec.default, bool):
-            parser.add_argument(flag, action="store_true", help=help_text)
-        else:
-            kind = type(spec.default) if spec.default is not None else str
-            parser.add_argument(flag, type=kind, default=spec.default, help=help_text.replace("%", "%%"))
-    args = parser.parse_args(argv)
-    config = QualityConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(QualityConfig)})
-    for problem in config.problems():
-        parser.error(problem)
-    return config
+    return parse_flags(QualityConfig, (__doc__ or "").splitlines()[0], argv)
 
 
 class QualityRun:

@@ -32,6 +32,7 @@ from perfusion.registry import BUILTIN_BASES
 
 if TYPE_CHECKING:
     from perfusion.attention import PerfusionAttnProcessor, PerfusionCall, install_processors
+    from perfusion.attention_maps import CrossAttentionMaps
     from perfusion.concept import Concept, check_compatible, load_concept
     from perfusion.covariance import (
         Covariance,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "perfusion.attention": ("PerfusionAttnProcessor", "PerfusionCall", "install_processors"),
+    "perfusion.attention_maps": ("CrossAttentionMaps",),
     "perfusion.concept": ("Concept", "check_compatible", "load_concept"),
     "perfusion.covariance": (
         "Covariance",
@@ -96,6 +98,7 @@ __all__ = [
     "ConceptTokenError",
     "Covariance",
     "CovarianceError",
+    "CrossAttentionMaps",
     "Method",
     "PerfusionAttnProcessor",
     "PerfusionCall",

@@ -16,6 +16,7 @@ Self-attention (attn1) receives the same kwargs from the UNet, so its processor 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ from perfusion.models import cross_attention_layers
 from perfusion.rank1 import EditBasis, build_edit_basis, gate
 
 GateOverrides = Mapping[str, tuple[float, float]]  # concept token -> (beta, tau)
+# Called by every cross-attention layer of a recorded call: (layer name, (b, n, m) attention probabilities of
+# each of the n image positions over the m prompt positions, averaged over heads), b in the UNet's batch order.
+AttentionRecorder = Callable[[str, torch.Tensor], None]
 
 
 @dataclass
@@ -42,6 +46,7 @@ class PerfusionCall:
     slots: torch.Tensor  # (b, j) index into `concepts` for each row's slot; padded slots point at 0
     basis: EditBasis  # per-row quantities shared by every layer
     key_encodings: torch.Tensor | None = None  # (b, m, d): global locking's K-path input; None = local
+    record_attention: AttentionRecorder | None = None  # diagnostics: costs one extra QK^T softmax a layer
     # Per-call caches (see apply_edit): [(encodings, version, dtype, mix)] and (layer, path, dtype) -> matrix.
     _mixes: list[tuple[torch.Tensor, int, torch.dtype, torch.Tensor]] = field(default_factory=list, repr=False)
     _matrices: dict[tuple[str, str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -60,6 +65,7 @@ class PerfusionCall:
         exact: bool = True,
         key_encodings: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
+        record_attention: AttentionRecorder | None = None,
     ) -> PerfusionCall:
         """rows[b]: the concepts active in batch row b (possibly none); overrides[b]: per-row beta/tau.
         Embedding-only concepts (textual inversion) act through their token alone and are left out here."""
@@ -84,6 +90,7 @@ class PerfusionCall:
             slots=slots.to(device),
             basis=basis.to(device),
             key_encodings=key_encodings.to(device) if key_encodings is not None else None,
+            record_attention=record_attention,
         )
 
 
@@ -158,6 +165,12 @@ class PerfusionAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if perfusion is not None and perfusion.record_attention is not None:
+            # the probabilities scaled_dot_product_attention computes below (its default scale, 1/sqrt(head_dim))
+            scores = query.float() @ key.float().transpose(-1, -2) / math.sqrt(head_dim)  # (b, heads, n, m)
+            if attention_mask is not None:
+                scores = scores + attention_mask.float()
+            perfusion.record_attention(self.layer_name, scores.softmax(-1).mean(1))
         hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -246,17 +259,8 @@ class SelfAttentionPassthrough:
     def __init__(self, inner: object) -> None:
         self.inner = inner
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        perfusion: PerfusionCall | None = None,
-        **kwargs: object,
-    ) -> torch.Tensor:
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)  # type: ignore[operator]
+    def __call__(self, *args: object, perfusion: PerfusionCall | None = None, **kwargs: object) -> torch.Tensor:
+        return self.inner(*args, **kwargs)  # type: ignore[operator]
 
 
 def install_processors(unet: torch.nn.Module) -> dict[str, PerfusionAttnProcessor]:

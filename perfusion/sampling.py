@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from perfusion.attention import PerfusionCall, install_processors
+from perfusion.attention_maps import CrossAttentionMaps
 from perfusion.concept import Concept, check_compatible
 from perfusion.covariance import Covariance
 from perfusion.errors import RenderError
@@ -107,14 +108,20 @@ class ConceptRenderer:
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in arrays]
 
     def render_arrays(
-        self, requests: Sequence[RenderRequest], settings: RenderSettings = RenderSettings()
+        self,
+        requests: Sequence[RenderRequest],
+        settings: RenderSettings = RenderSettings(),
+        attention_maps: CrossAttentionMaps | None = None,
     ) -> np.ndarray:
-        """Render every request as float pixels: (n, h, w, 3) in [0, 1]."""
+        """Render every request as float pixels: (n, h, w, 3) in [0, 1]. With `attention_maps`, the same passes
+        also record where each prompt token draws the cross-attention (perfusion/attention_maps.py)."""
         rows = [self.concepts_for(request) for request in requests]  # validates everything before any work
         arrays = []
         for start in range(0, len(requests), settings.batch_size):
             stop = start + settings.batch_size
-            arrays.append(self._render_batch(requests[start:stop], rows[start:stop], settings))
+            if attention_maps is not None:
+                attention_maps.begin_batch(start, len(requests[start:stop]), settings.guidance_scale > 1.0)
+            arrays.append(self._render_batch(requests[start:stop], rows[start:stop], settings, attention_maps))
         if not arrays:
             return np.zeros((0, 0, 0, 3), dtype=np.float32)
         return np.concatenate(arrays)
@@ -165,7 +172,11 @@ class ConceptRenderer:
 
     @torch.no_grad()
     def _render_batch(
-        self, requests: Sequence[RenderRequest], rows: list[list[Concept]], settings: RenderSettings
+        self,
+        requests: Sequence[RenderRequest],
+        rows: list[list[Concept]],
+        settings: RenderSettings,
+        attention_maps: CrossAttentionMaps | None = None,
     ) -> np.ndarray:
         base, device = self.base, self.base.device
         positive_ids = self._tokenize([r.prompt for r in requests])
@@ -187,6 +198,7 @@ class ConceptRenderer:
             exact=settings.exact_projection,
             key_encodings=key_encodings,
             device=device,
+            record_attention=attention_maps,
         )
         generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
         result = base.pipeline(

@@ -32,6 +32,12 @@ def covariance() -> Covariance:
 
 
 @pytest.fixture(scope="session")
+def toy_covariance() -> Covariance:
+    """C of the shipped toy base from its own captions, estimated once for every toy test."""
+    return perfusion.estimate_covariance(perfusion.load_base("toy"))
+
+
+@pytest.fixture(scope="session")
 def mug_images() -> list[Image.Image]:
     return product_images(PRODUCTS[0], count=4, seed=0)
 

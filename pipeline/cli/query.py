@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -131,27 +132,36 @@ def concepts_show(
     _emit([row], list(row), fmt)
 
 
-@concepts_app.command("query")
-def concepts_query(
-    sql: Annotated[str, typer.Argument(help='SQL over the view `concepts`, e.g. "SELECT name FROM concepts".')],
-    root: IndexRoot = None,
-    manifest: ManifestOption = None,
-    fmt: FormatOption = "table",
+SqlArgument = Annotated[str, typer.Argument(help="SQL over the index's table (`concepts` or `renders`).")]
+
+
+def add_query_command(
+    sub_app: typer.Typer, view: str, example: str, index_of: Callable[[str | None, str | None], DeltaIndex]
 ) -> None:
-    """Run SQL (DuckDB) over the concept index, exposed as the table `concepts`.
+    """`perfusion-batch VIEW query SQL`: SQL (DuckDB) over one Delta index, exposed as the table VIEW; any
+    query error is a message, exit code 2."""
 
-    Example: perfusion-batch concepts query "SELECT status, count(*) FROM concepts GROUP BY status" -m catalog.yaml
-    """
-    _query(_index(root, manifest), sql, fmt)
+    def query(
+        sql: SqlArgument,
+        root: IndexRoot = None,
+        manifest: ManifestOption = None,
+        fmt: FormatOption = "table",
+    ) -> None:
+        index = index_of(root, manifest)
+        try:
+            table = index.sql(sql)
+        except Exception as error:
+            raise fail(f"query failed: {error}") from None
+        _emit(table.to_pylist(), table.column_names, fmt)
+
+    sub_app.command(
+        "query",
+        help=f"Run SQL (DuckDB) over the {view[:-1]} index, exposed as the table `{view}`.\n\n"
+        f'Example: perfusion-batch {view} query "{example}" -m catalog.yaml',
+    )(query)
 
 
-def _query(index: DeltaIndex, sql: str, fmt: str) -> None:
-    """SQL (DuckDB) over a Delta index; any query error is a message, exit code 2."""
-    try:
-        table = index.sql(sql)
-    except Exception as error:
-        raise fail(f"query failed: {error}") from None
-    _emit(table.to_pylist(), table.column_names, fmt)
+add_query_command(concepts_app, "concepts", "SELECT status, count(*) FROM concepts GROUP BY status", _index)
 
 
 renders_app = typer.Typer(
@@ -192,15 +202,4 @@ def renders_list(
     _emit(rows, [*RENDER_COLUMNS, "error"] if failed else RENDER_COLUMNS, fmt)
 
 
-@renders_app.command("query")
-def renders_query(
-    sql: Annotated[str, typer.Argument(help='SQL over the view `renders`, e.g. "SELECT job FROM renders".')],
-    root: IndexRoot = None,
-    manifest: ManifestOption = None,
-    fmt: FormatOption = "table",
-) -> None:
-    """Run SQL (DuckDB) over the render index, exposed as the table `renders`.
-
-    Example: perfusion-batch renders query "SELECT job, count(*) FROM renders GROUP BY job" -m catalog.yaml
-    """
-    _query(_render_index(root, manifest), sql, fmt)
+add_query_command(renders_app, "renders", "SELECT job, count(*) FROM renders GROUP BY job", _render_index)

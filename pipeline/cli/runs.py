@@ -97,10 +97,7 @@ def train(
         return
     with user_errors():
         summary = TrainRun(spec, options).execute(make_display())
-    if not dry_run:
-        push(pushgateway, "train", spec.catalog, summary, "concepts")
-    if not summary.ok:
-        raise typer.Exit(code=1)
+    finish(summary, options, "train", "concepts")
 
 
 @app.command()
@@ -167,10 +164,7 @@ def render(
     for name, sheet in summary.sheets.items():
         typer.echo(f"  {name}: contact sheet {sheet}, page {summary.pages[name]}")
     typer.echo(summary.line())
-    if not dry_run:
-        push(pushgateway, "render", spec.catalog, summary, "images", schedule=schedule)
-    if not summary.ok:
-        raise typer.Exit(code=1)
+    finish(summary, options, "render", "images")
 
 
 @app.command()
@@ -207,15 +201,25 @@ def doctor(
         raise typer.Exit(code=1)
 
 
-def push(gateway: str | None, command: str, catalog: str, summary: Any, unit: str, schedule: str | None = None) -> None:
-    """Push a run's summary (job=perfusion-batch-COMMAND) when a Pushgateway is configured; a push that fails
-    is a warning, never the run's failure."""
+def finish(summary: Any, options: Any, command: str, unit: str) -> None:
+    """A run's end: its summary pushed (job=perfusion-batch-COMMAND) when a Pushgateway is configured and it
+    was not a dry run (a push that fails is a warning, never the run's failure); exit 1 if anything failed."""
     from pipeline.metrics import push_summary
 
-    if not gateway:
-        return
-    try:
-        job = f"perfusion-batch-{command}"
-        push_summary(gateway, job, catalog, summary.counts(), summary.seconds, summary.ok, unit=unit, schedule=schedule)
-    except OSError as error:
-        typer.secho(f"warning: could not push the summary to the Pushgateway: {error}", fg="yellow", err=True)
+    if options.pushgateway and not options.dry_run:
+        job, schedule = f"perfusion-batch-{command}", getattr(options, "schedule", None)
+        try:
+            push_summary(
+                options.pushgateway,
+                job,
+                summary.catalog,
+                summary.counts(),
+                summary.seconds,
+                summary.ok,
+                unit=unit,
+                schedule=schedule,
+            )
+        except OSError as error:
+            typer.secho(f"warning: could not push the summary to the Pushgateway: {error}", fg="yellow", err=True)
+    if not summary.ok:
+        raise typer.Exit(code=1)

@@ -149,3 +149,22 @@ def test_token_gates_show_where_each_concept_acts(base, covariance, trained_pair
     assert max(g["<new>"] for _, g in shut) < 1e-6
     with pytest.raises(RenderError, match="does not use"):  # checked like a render request
         renderer.token_gates(perfusion.RenderRequest("a photo of a mug", gates={"<new>": (0.5, 0.15)}))
+
+
+def test_attention_maps_are_recorded_from_the_same_passes_without_changing_the_images(renderer):
+    """Per request and prompt position, where the cross-attention goes (conditional rows only, batches of 2
+    so requests span batches); each image position's probabilities over the prompt sum to 1."""
+    settings = perfusion.RenderSettings(steps=4, batch_size=2)
+    maps = perfusion.CrossAttentionMaps(grid=8)
+    recorded = renderer.render_arrays(MIXED, settings, attention_maps=maps)
+    np.testing.assert_array_equal(recorded, renderer.render_arrays(MIXED, settings))
+    tokenizer = renderer.base.tokenizer
+    for index in range(len(MIXED)):
+        attention = maps.of(index)
+        assert attention.shape == (tokenizer.model_max_length, 8, 8)
+        torch.testing.assert_close(attention.sum(0), torch.ones(8, 8), atol=1e-4, rtol=0)
+    ids = tokenizer(MIXED[2].prompt).input_ids
+    mug = ids.index(tokenizer.convert_tokens_to_ids("<mug-1>"))
+    assert maps.of(2)[mug].mean() > 0  # the concept's token draws some of the attention
+    with pytest.raises(KeyError, match="request 5"):
+        maps.of(5)

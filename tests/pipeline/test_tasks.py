@@ -14,8 +14,8 @@ from pipeline.worker import TransientError, is_transient, prepare_base
 from tests.pipeline.conftest import write_catalog
 
 
-def planned(tmp_path, textual_inversion_for: str | None = None):
-    manifest_path = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug", "bag"))
+def planned(tmp_path, textual_inversion_for: str | None = None, root: str | None = None):
+    manifest_path = write_catalog(tmp_path / "shop", root or str(tmp_path / "store"), names=("mug", "bag"))
     if textual_inversion_for:
         text = manifest_path.read_text().replace(
             f"  - name: {textual_inversion_for}\n",
@@ -42,8 +42,9 @@ def test_the_concept_file_and_its_row_say_which_method_made_it(tmp_path):
 
 
 def test_the_method_is_part_of_the_concept_key(tmp_path):
-    _, _, perfusion_tasks = planned(tmp_path / "a")
-    _, _, mixed_tasks = planned(tmp_path / "b", textual_inversion_for="bag")
+    root = str(tmp_path / "store")  # one store: C^-1 is estimated once
+    _, _, perfusion_tasks = planned(tmp_path / "a", root=root)
+    _, _, mixed_tasks = planned(tmp_path / "b", textual_inversion_for="bag", root=root)
     assert perfusion_tasks["mug"].concept_key == mixed_tasks["mug"].concept_key
     assert perfusion_tasks["bag"].concept_key != mixed_tasks["bag"].concept_key
 

@@ -44,10 +44,10 @@ def _score(concept: perfusion.Concept, spec: PersonalConcept, covariance) -> tup
 
 
 @pytest.mark.slow
-def test_a_products_look_is_learned_from_six_photos_on_the_toy_model():
+def test_a_products_look_is_learned_from_six_photos_on_the_toy_model(toy_covariance):
     spec = next(c for c in PERSONAL_CONCEPTS if c.name == "dotted-star")
     base = perfusion.load_base("toy")
-    covariance = perfusion.estimate_covariance(base)
+    covariance = toy_covariance
     untrained = initial_concept(base, "<product>", spec.superclass)
     trained = perfusion.train_concept(
         base,

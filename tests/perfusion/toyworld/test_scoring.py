@@ -61,10 +61,10 @@ def test_harmonic_mean_is_the_step_selection_criterion():
     assert ConceptScore(0.0, 0.0).harmonic == 0.0
 
 
-def test_oracle_scorer_scores_a_concept_on_validation_seeds():
+def test_oracle_scorer_scores_a_concept_on_validation_seeds(toy_covariance):
     spec = next(c for c in PERSONAL_CONCEPTS if c.name == "dotted-star")
     base = perfusion.load_base("toy")
-    covariance = perfusion.estimate_covariance(base)
+    covariance = toy_covariance
     untrained = initial_concept(base, "<product>", spec.superclass)
     logged: list[str] = []
     score = oracle_scorer(lambda: perfusion.load_base("toy"), covariance, spec, samples=2, log=logged.append)(
@@ -89,12 +89,12 @@ def test_oracle_scorer_scores_a_concept_on_validation_seeds():
     assert np.abs(pictures[0] - pictures[1]).mean() > 0.02  # floats in [0, 1]; the same seed gives 0 exactly
 
 
-def test_clip_i_and_clip_t_sit_beside_the_oracle_and_use_the_superclass_prompt():
+def test_clip_i_and_clip_t_sit_beside_the_oracle_and_use_the_superclass_prompt(toy_covariance):
     """CLIP-I of the fidelity renders vs the training photos; CLIP-T of the context renders vs their prompts with
     the token replaced by the superclass word (the paper's protocol), from the shipped toy CLIP."""
     spec = next(c for c in PERSONAL_CONCEPTS if c.name == "marked-circle")
     base = perfusion.load_base("toy")
-    covariance = perfusion.estimate_covariance(base)
+    covariance = toy_covariance
     renderer = perfusion.ConceptRenderer(base, covariance)
     renderer.attach(initial_concept(base, "<product>", spec.superclass))
     clip = ClipScorer.from_folder(TOY_CLIP_DIR, expected_text_width=base.text_encoder.config.hidden_size)
