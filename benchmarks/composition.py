@@ -1,20 +1,21 @@
 """Several products in one scene, measured: every pair of the example catalog's products, by the oracle.
 
     python -m benchmarks.composition                         # trains the 4 products once, then measures
-    python -m benchmarks.composition --variants local,global --seeds 4
+    python -m benchmarks.composition --variants "local,own token" --seeds 4
     python -m benchmarks.composition --untrained --seeds 1 --steps 5 --out /tmp/c   # a smoke run, seconds
 
 Each product is trained once (key-locked Perfusion, the concept benchmark's recipe: 6 images, 400 steps,
 batch 8, no flips) and its file kept in --concepts (reused on the next run when its base fingerprint
 matches). Every unordered pair renders in each of PAIR_FORMS (perfusion/toyworld/composition.py) with
 --seeds seeds; each product alone renders in SINGLE_FORMS as the reference. Per render the oracle says
-whether each product is present (shape and color) and exact (texture and mark too), whether the two are
-distinct objects or two copies of one, and whether the background is the one asked for; CLIP-I (a pair's
+whether each product's color is there, whether it is present (shape and color) and exact (texture and mark
+too), whether the scene holds two objects or two copies of one product, and whether the background is the
+one asked for; CLIP-I (a pair's
 render against each product's training images) and CLIP-T (the prompt with each token replaced by its
 superclass word) beside it. Variants are rendering options measured on the same concepts and seeds, with
 their cost: UNet passes per denoising step and seconds per image.
 
-Writes results/composition.md and, for the first variant, results/composition_failures.png: failing pair
+Writes results/composition.md and, for the first concept variant, results/composition_failures.png: failing pair
 renders beside the cross-attention maps of each product's token (perfusion/attention_maps.py, recorded in a
 second render of those rows) and each product's gate at every prompt token (ConceptRenderer.token_gates).
 """
@@ -42,6 +43,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, dict[str, Any]] = {  # name -> RenderSettings fields
     "local": {"lock": "local"},  # the paper's local locking (the default)
     "global": {"lock": "global"},  # the paper's global locking: the K path reads the superclass prompt
+    "own token": {"lock": "local", "edit_positions": "token"},  # local locking, each edit at its own token only
+    # local locking, each edit everywhere but at the other concepts' tokens (one concept: the paper exactly)
+    "not others' tokens": {"lock": "local", "edit_positions": "not_other_tokens"},
+    # No concepts: each token replaced by its product's description in words ("a dotted purple star with a
+    # dot"), what the base itself can compose; the ceiling the base sets, not a method.
+    "words": {},
 }
 MAP_GRID = 16
 
@@ -52,7 +59,9 @@ class CompositionConfig:
     steps: int = option(400, "training steps per product")
     render_steps: int = option(25, "denoising steps per image")
     guidance: float = option(4.0, "classifier-free guidance scale")
-    variants: str = option("local,global", f"comma-separated, from: {', '.join(VARIANTS)}")
+    variants: str = option(
+        "words,local,global,own token,not others' tokens", f"comma-separated, from: {', '.join(VARIANTS)}"
+    )
     untrained: bool = option(False, "no training: each product's step-0 concept (a smoke run of the pipeline)")
     concepts: str = option(str(RESULTS / "composition_concepts"), "folder of the products' concept files")
     clip: str = option(str(TOY_CLIP_DIR), "a local CLIP folder for CLIP-I / CLIP-T; 'none' to skip")
@@ -80,9 +89,11 @@ class Tally:
     """Counts of one variant's renders (pairs and singles)."""
 
     pairs: int = 0
+    each_present: int = 0  # products present, counted one by one (two per pair render)
+    each_colored: int = 0  # products whose color is on some object
     both_present: int = 0
     both_exact: int = 0
-    distinct: int = 0
+    two_objects: int = 0
     copies: int = 0
     pair_background: list[bool] = field(default_factory=list)
     singles: int = 0
@@ -101,8 +112,9 @@ class Tally:
             return format(float(np.mean(values)), fmt) if values else "-"
 
         return (
-            f"| {name} | 1 | {self.seconds_per_image:.2f} | {share(self.both_present, self.pairs)} | "
-            f"{share(self.both_exact, self.pairs)} | {share(self.distinct, self.pairs)} | "
+            f"| {name} | 1 | {self.seconds_per_image:.2f} | {share(self.each_colored, 2 * self.pairs)} | "
+            f"{share(self.each_present, 2 * self.pairs)} | {share(self.both_present, self.pairs)} | "
+            f"{share(self.both_exact, self.pairs)} | {share(self.two_objects, self.pairs)} | "
             f"{share(self.copies, self.pairs)} | {mean(self.pair_background)} | "
             f"{share(self.single_present, self.singles)} | {share(self.single_exact, self.singles)} | "
             f"{mean(self.single_background)} | {mean(self.clip_i, '.3f')} | {mean(self.clip_t, '.3f')} |"
@@ -110,9 +122,9 @@ class Tally:
 
 
 HEADER = [
-    "| variant | UNet passes a step | s / image | pair: both present | both exact | distinct | two copies "
-    "| background | alone: present | exact | background | CLIP-I | CLIP-T |",
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    "| variant | UNet passes a step | s / image | pair: each color | each present | both present | both exact "
+    "| two objects | two copies | background | alone: present | exact | background | CLIP-I | CLIP-T |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
 ]
 
 
@@ -164,15 +176,25 @@ def plan(seeds: int) -> list[Render]:
     return renders
 
 
+def described(prompt: str) -> str:
+    """The prompt with each product's token replaced by the product in words."""
+    for spec in PERSONAL_CONCEPTS:
+        prompt = prompt.replace(f"<{spec.name}>", spec.description())
+    return prompt
+
+
 def measure(
     renderer: perfusion.ConceptRenderer,
     renders: list[Render],
     settings: perfusion.RenderSettings,
     clip: ClipScorer | None,
+    in_words: bool = False,
 ) -> tuple[Tally, list[tuple[int, Any]]]:
-    """(the tally, the failing pair renders as (index into renders, verdict))."""
+    """(the tally, the failing pair renders as (index into renders, verdict)). in_words: the products
+    described in words instead of their tokens."""
     by_name = {spec.name: spec for spec in PERSONAL_CONCEPTS}
-    requests = [perfusion.RenderRequest(r.prompt, seed=r.seed) for r in renders]
+    prompts = [described(r.prompt) if in_words else r.prompt for r in renders]
+    requests = [perfusion.RenderRequest(prompt, seed=r.seed) for prompt, r in zip(prompts, renders, strict=True)]
     started = time.perf_counter()
     images = renderer.render_arrays(requests, settings)
     tally = Tally(seconds_per_image=(time.perf_counter() - started) / len(renders))
@@ -182,9 +204,11 @@ def measure(
             a, b = (by_name[n] for n in render.names)
             verdict = judge_pair(reading, a, b, render.background)
             tally.pairs += 1
+            tally.each_present += sum(verdict.present)
+            tally.each_colored += sum(verdict.colored)
             tally.both_present += verdict.both_present
             tally.both_exact += verdict.both_exact
-            tally.distinct += verdict.distinct
+            tally.two_objects += verdict.two_objects
             tally.copies += verdict.copies
             if verdict.background is not None:
                 tally.pair_background.append(verdict.background)
@@ -240,8 +264,12 @@ def failure_sheet(
             word.replace("</w>", "") + ":" + "/".join(f"{value:.2f}" for value in values.values())
             for word, values in renderer.token_gates(request)
         ]
-        text = [render.prompt, f"present {verdict.present}  distinct {verdict.distinct}  copies {verdict.copies}"]
-        text += ["gates (" + " / ".join(render.names) + ") at each token:"]
+        text = [
+            render.prompt,
+            f"colored {verdict.colored}  present {verdict.present}  two objects {verdict.two_objects}  "
+            f"copies {verdict.copies}",
+        ]
+        text += ["gates of eq. 3 (" + " / ".join(render.names) + ") at each token, before any confinement:"]
         text += [" ".join(gates[k : k + 5]) for k in range(0, len(gates), 5)]
         for line, words in enumerate(text):
             draw.text((cell * 3 + 6, top + 4 + 12 * line), words, fill="black")
@@ -262,25 +290,30 @@ def run(config: CompositionConfig) -> Path:
         "",
         *HEADER,
     ]
-    for number, variant in enumerate(config.chosen):
+    sheet_drawn = False
+    for variant in config.chosen:
         renderer = perfusion.ConceptRenderer(perfusion.load_base("toy", device=config.device), covariance)
         for concept in concepts:
             renderer.attach(concept)
         settings = perfusion.RenderSettings(
             steps=config.render_steps, guidance_scale=config.guidance, batch_size=24, **VARIANTS[variant]
         )
-        tally, failing = measure(renderer, renders, settings, clip)
+        tally, failing = measure(renderer, renders, settings, clip, in_words=variant == "words")
         lines.append(tally.row(variant))
         print(lines[-1], flush=True)
-        if number == 0:
+        if variant != "words" and not sheet_drawn:
+            sheet_drawn = True
             config.out.mkdir(parents=True, exist_ok=True)
             shown = [(renders[index], verdict) for index, verdict in failing[: config.failures]]
             failure_sheet(renderer, settings, shown, config.out / "composition_failures.png")
     lines += [
         "",
-        "Pairs: every unordered pair of the 4 products in each pair form; 'both present' and 'both exact' count only "
-        "renders where the two are distinct objects. 'alone': each product by itself in the single forms. "
-        f"composition_failures.png: the first variant's first {config.failures} failing pair renders.",
+        "Pairs: every unordered pair of the 4 products in each pair form; 'each color' and 'each present' count the "
+        "two products of a render one by one (an object of its color; of its shape and color); 'both present' and "
+        "'both exact' count only renders where the two are separate objects; 'two objects': the scene holds two or "
+        "more separate objects, whatever they are. 'alone': each product by itself in the single forms. "
+        f"composition_failures.png: the first concept variant's first {config.failures} failing pair renders. "
+        "'words': no concepts, each token replaced by its product's description (what the base composes).",
     ]
     config.out.mkdir(parents=True, exist_ok=True)
     table = config.out / "composition.md"

@@ -47,6 +47,9 @@ class PerfusionCall:
     basis: EditBasis  # per-row quantities shared by every layer
     key_encodings: torch.Tensor | None = None  # (b, m, d): global locking's K-path input; None = local
     record_attention: AttentionRecorder | None = None  # diagnostics: costs one extra QK^T softmax a layer
+    # (b, m, j): 1 where slot j's concept may edit prompt position m, 0 where that position is left exactly as the
+    # base computes it (gate and projection both off); None: every position (the paper). See build(confine_to=).
+    position_mask: torch.Tensor | None = None
     # Per-call caches (see apply_edit): [(encodings, version, dtype, mix)] and (layer, path, dtype) -> matrix.
     _mixes: list[tuple[torch.Tensor, int, torch.dtype, torch.Tensor]] = field(default_factory=list, repr=False)
     _matrices: dict[tuple[str, str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -66,9 +69,15 @@ class PerfusionCall:
         key_encodings: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
         record_attention: AttentionRecorder | None = None,
+        confine_to: tuple[torch.Tensor, Mapping[str, int]] | None = None,
+        confine: str = "token",
     ) -> PerfusionCall:
         """rows[b]: the concepts active in batch row b (possibly none); overrides[b]: per-row beta/tau.
-        Embedding-only concepts (textual inversion) act through their token alone and are left out here."""
+        Embedding-only concepts (textual inversion) act through their token alone and are left out here.
+        confine_to=(ids (b, m), concept token -> token id) sets position_mask: with confine="token" each concept
+        edits only the positions of row b that hold its own token (its gate elsewhere, however open, is ignored);
+        with confine="not_other_tokens" every position except those holding another concept's token of the row
+        (a row with one concept is then exactly the paper's)."""
         rows = [[c for c in row if c.edits] for row in rows]
         concepts: list[Concept] = []
         index: dict[int, int] = {}
@@ -85,12 +94,27 @@ class PerfusionCall:
             slots[b, : len(row)] = torch.tensor([index[id(c)] for c in row], dtype=torch.long)
             gated_rows.append([(c.target_input, *row_overrides.get(c.token, (c.beta, c.tau))) for c in row])
         basis = build_edit_basis(gated_rows, covariance.c_inv, covariance.cholesky, exact=exact)
+        position_mask = None
+        if confine_to is not None:
+            if confine not in ("token", "not_other_tokens"):
+                raise RenderError(f"confine must be 'token' or 'not_other_tokens', not {confine!r}")
+            ids, token_ids = confine_to  # (b, m)
+            position_mask = torch.zeros(len(rows), ids.shape[1], width)
+            for b, row in enumerate(rows):
+                for j, concept in enumerate(row):
+                    if confine == "token":
+                        position_mask[b, :, j] = (ids[b] == token_ids[concept.token]).float()
+                    else:
+                        others = [token_ids[c.token] for c in row if c.token != concept.token]
+                        position_mask[b, :, j] = (~torch.isin(ids[b], torch.tensor(others, dtype=ids.dtype))).float()
+            position_mask = position_mask.to(device)
         return cls(
             concepts=concepts,
             slots=slots.to(device),
             basis=basis.to(device),
             key_encodings=key_encodings.to(device) if key_encodings is not None else None,
             record_attention=record_attention,
+            position_mask=position_mask,
         )
 
 
@@ -247,6 +271,8 @@ def _mix(call: PerfusionCall, encodings: torch.Tensor, dtype: torch.dtype) -> to
         coefficients = torch.bmm(enc, basis.projection_dirs)  # (b, m, j): u_k^T C^-1 e
         sims = torch.bmm(enc, basis.similarity_dirs)  # (b, m, j): s_k(e), eq. (2)
         gates = gate(sims, basis.beta[:, None, :], basis.tau[:, None, :]) * basis.active[:, None, :]  # eq. (3)
+        if call.position_mask is not None:  # confined: off the concept's own token, the base's projection
+            gates, coefficients = gates * call.position_mask, coefficients * call.position_mask
         mix = torch.cat([gates, -coefficients], dim=-1).to(dtype)
     call._mixes[:] = [entry for entry in call._mixes if entry[0] is not encodings][-3:]  # K and V inputs, 2 dtypes
     call._mixes.append((encodings, encodings._version, dtype, mix))

@@ -56,6 +56,9 @@ class RenderSettings:
     height: int | None = None  # None: the base model's native size
     width: int | None = None
     lock: str = "local"  # "local" or "global" key locking (global: richer scenes, use beta 0.4-0.6)
+    # "all": a concept edits every prompt position its gate opens at (the paper); "token": only the positions of
+    # its own token; "not_other_tokens": every position but another concept's token (PerfusionCall.position_mask)
+    edit_positions: str = "all"
     exact_projection: bool = True  # False: the cheaper e - sum_k s_k(e) i*_k approximation
     batch_size: int = 8
     eta: float = 0.0  # DDIM eta; 0 is deterministic given the seed
@@ -63,6 +66,10 @@ class RenderSettings:
     def __post_init__(self) -> None:
         if self.lock not in {"local", "global"}:
             raise RenderError(f"lock must be 'local' or 'global', not {self.lock!r}")
+        if self.edit_positions not in {"all", "token", "not_other_tokens"}:
+            raise RenderError(
+                f"edit_positions must be 'all', 'token' or 'not_other_tokens', not {self.edit_positions!r}"
+            )
         if self.steps < 1 or self.batch_size < 1:
             raise RenderError("steps and batch_size must be >= 1")
 
@@ -191,6 +198,11 @@ class ConceptRenderer:
         if settings.lock == "global":
             positive_keys = self._superclass_encodings(positive_ids, positive, rows)
             key_encodings = torch.cat([negative, positive_keys]) if guided else positive_keys
+        confine_to, confine = None, "token"
+        if settings.edit_positions != "all":  # the UNet batch's prompt ids, in its row order
+            ids = torch.cat([negative_ids, positive_ids]) if guided else positive_ids
+            token_ids = {c.token: self.base.tokenizer.convert_tokens_to_ids(c.token) for row in rows for c in row}
+            confine_to, confine = (ids, token_ids), settings.edit_positions
         call = PerfusionCall.build(
             call_rows,
             self.covariance,
@@ -199,6 +211,8 @@ class ConceptRenderer:
             key_encodings=key_encodings,
             device=device,
             record_attention=attention_maps,
+            confine_to=confine_to,
+            confine=confine,
         )
         generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
         result = base.pipeline(

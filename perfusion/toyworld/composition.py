@@ -2,7 +2,9 @@
 
 For a render of a prompt naming products a and b (and maybe a background), from the oracle's reading:
 - present(x): an object of x's shape and color; exact(x): of its texture and mark too (oracle.has_concept);
-- distinct: two different objects, one present-matching a and the other b (not one object counted twice);
+  colored(x): an object of x's color, whatever its shape (a product whose color bled into the other's is not);
+- apart: two different objects, one present-matching a and the other b (not one object counted twice);
+- two objects: the scene holds at least two separate objects, whatever they are (not one merged blob);
 - copies: two or more objects of one product and none of the other, the failure a shared edit produces
   ("two copies of one product");
 - background: the one the prompt asks for (None when it asks for none).
@@ -38,29 +40,33 @@ def matches(found: ObjectReading, product: PersonalConcept) -> bool:
 class PairVerdict:
     present: tuple[bool, bool]  # a, b
     exact: tuple[bool, bool]
-    distinct: bool
+    colored: tuple[bool, bool]
+    apart: bool
+    two_objects: bool
     copies: bool
     background: bool | None  # None: the prompt asks for no background
 
     @property
     def both_present(self) -> bool:
-        return all(self.present) and self.distinct
+        return all(self.present) and self.apart
 
     @property
     def both_exact(self) -> bool:
-        return all(self.exact) and self.distinct
+        return all(self.exact) and self.apart
 
 
 def judge_pair(reading: Reading, a: PersonalConcept, b: PersonalConcept, background: str | None) -> PairVerdict:
     objects = reading.objects
     for_a = [k for k, found in enumerate(objects) if matches(found, a)]
     for_b = [k for k, found in enumerate(objects) if matches(found, b)]
-    distinct = any(i != j for i in for_a for j in for_b)
+    apart = any(i != j for i in for_a for j in for_b)
     copies = (len(for_a) >= 2 and not for_b) or (len(for_b) >= 2 and not for_a)
     return PairVerdict(
         present=(bool(for_a), bool(for_b)),
         exact=(has_concept(reading, a), has_concept(reading, b)),
-        distinct=distinct,
+        colored=(any(o.color == a.color for o in objects), any(o.color == b.color for o in objects)),
+        apart=apart,
+        two_objects=len(objects) >= 2,
         copies=copies,
         background=None if background is None else reading.background == background,
     )

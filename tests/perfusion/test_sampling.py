@@ -168,3 +168,50 @@ def test_attention_maps_are_recorded_from_the_same_passes_without_changing_the_i
     assert maps.of(2)[mug].mean() > 0  # the concept's token draws some of the attention
     with pytest.raises(KeyError, match="request 5"):
         maps.of(5)
+
+
+def test_confined_edits_act_only_at_their_own_token(renderer, base):
+    """edit_positions="token": a concept edits only the positions holding its own token; a row that uses a
+    concept whose token is not in its prompt renders exactly as the base; mixed batches stay exact."""
+    confined = perfusion.RenderSettings(steps=6, batch_size=8, edit_positions="token")
+    plain = perfusion.ConceptRenderer(perfusion.load_base("tiny"), renderer.covariance)
+    request = perfusion.RenderRequest("a photo of a dog on the beach", seed=3, concepts=("<mug-1>",))
+    np.testing.assert_allclose(
+        renderer.render_arrays([request], confined),
+        plain.render_arrays([perfusion.RenderRequest(request.prompt, seed=3)], confined),
+        atol=1e-6,
+    )
+    mixed = renderer.render_arrays(MIXED, confined)
+    alone = np.concatenate([renderer.render_arrays([r], confined) for r in MIXED])
+    assert np.abs(mixed - alone).max() < MIXED_TOLERANCE
+    # the mask itself: <mug-1>'s slot is open at <mug-1> only, <bag-1>'s at <bag-1> only
+    tokenizer = renderer.base.tokenizer
+    ids = tokenizer([MIXED[2].prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    concepts = [renderer.concepts["<mug-1>"], renderer.concepts["<bag-1>"]]
+    token_ids = {c.token: tokenizer.convert_tokens_to_ids(c.token) for c in concepts}
+    call = perfusion.PerfusionCall.build([concepts], renderer.covariance, confine_to=(ids, token_ids))
+    assert call.position_mask is not None and call.position_mask.shape == (1, 77, 2)
+    for slot, concept in enumerate(concepts):
+        where = call.position_mask[0, :, slot].nonzero().flatten().tolist()
+        assert where == (ids[0] == token_ids[concept.token]).nonzero().flatten().tolist() and len(where) == 1
+    with pytest.raises(RenderError, match="edit_positions"):
+        perfusion.RenderSettings(edit_positions="box")
+
+
+def test_edits_kept_off_the_other_concepts_tokens_leave_single_concept_rows_as_the_paper(renderer):
+    """edit_positions="not_other_tokens": a row with one concept renders exactly as edit_positions="all"; with
+    two, each concept's slot is shut at the other's token and open everywhere else."""
+    paper = perfusion.RenderSettings(steps=6, batch_size=8)
+    kept_off = perfusion.RenderSettings(steps=6, batch_size=8, edit_positions="not_other_tokens")
+    single = [MIXED[0], MIXED[3]]
+    np.testing.assert_array_equal(renderer.render_arrays(single, kept_off), renderer.render_arrays(single, paper))
+    tokenizer = renderer.base.tokenizer
+    ids = tokenizer([MIXED[2].prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    concepts = [renderer.concepts["<mug-1>"], renderer.concepts["<bag-1>"]]
+    token_ids = {c.token: tokenizer.convert_tokens_to_ids(c.token) for c in concepts}
+    call = perfusion.PerfusionCall.build(
+        [concepts], renderer.covariance, confine_to=(ids, token_ids), confine="not_other_tokens"
+    )
+    mask = call.position_mask[0]  # (77, 2)
+    mug, bag = (int((ids[0] == token_ids[t]).nonzero()) for t in ("<mug-1>", "<bag-1>"))
+    assert mask[bag, 0] == 0 and mask[mug, 1] == 0 and mask.sum() == 2 * 77 - 2

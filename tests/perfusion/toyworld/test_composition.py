@@ -22,13 +22,15 @@ def scene(background: str, *objects) -> np.ndarray:
 def test_two_distinct_products_are_both_present_and_exact():
     verdict = judge_pair(read(scene("white", (STAR, (8, 16)), (RING, (24, 16)))), STAR, RING, "white")
     assert verdict.present == (True, True) and verdict.exact == (True, True)
-    assert verdict.distinct and not verdict.copies and verdict.background is True
+    assert verdict.apart and verdict.two_objects and not verdict.copies and verdict.background is True
+    assert verdict.colored == (True, True)
     assert verdict.both_present and verdict.both_exact
 
 
 def test_two_copies_of_one_product_are_named_and_not_counted_as_the_pair():
     verdict = judge_pair(read(scene("yellow", (STAR, (8, 16)), (STAR, (24, 16)))), STAR, RING, "yellow")
-    assert verdict.copies and not verdict.distinct and verdict.present == (True, False)
+    assert verdict.copies and not verdict.apart and verdict.two_objects and verdict.present == (True, False)
+    assert verdict.colored == (True, False)
     assert not verdict.both_present
 
 
@@ -57,7 +59,7 @@ def test_the_benchmark_plans_every_pair_in_every_form_and_counts_what_it_renders
     settings = perfusion.RenderSettings(steps=2, guidance_scale=4.0)
     tally, failing = composition.measure(renderer, subset, settings, clip=None)
     assert (tally.pairs, tally.singles) == (1, 1)
-    assert tally.both_present <= tally.distinct <= 1 and tally.both_exact <= tally.both_present
+    assert tally.both_exact <= tally.both_present <= tally.two_objects <= 1 and tally.each_present <= 2
     assert len(failing) == 1 - tally.both_present and len(tally.pair_background) == 1
     assert tally.seconds_per_image > 0 and "| local | 1 |" in tally.row("local")
 
