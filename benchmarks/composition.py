@@ -140,7 +140,8 @@ def products(config: CompositionConfig, base: perfusion.BaseModel, covariance: A
         path = folder / f"{spec.name}.safetensors"
         if path.is_file():
             concept = perfusion.load_concept_file(path.read_bytes(), name=str(path))
-            if concept.fingerprint == base.fingerprint and concept.metadata.get("steps_asked") == config.steps:
+            trained_steps = concept.metadata.get("train_config", {}).get("steps")
+            if concept.fingerprint == base.fingerprint and trained_steps == config.steps:
                 concepts.append(concept)
                 continue
         print(f"training {token} ({config.steps} steps) ...", flush=True)
@@ -148,7 +149,6 @@ def products(config: CompositionConfig, base: perfusion.BaseModel, covariance: A
         concept = perfusion.train_concept(
             base, concept_images(spec, 6, seed=11), token, spec.superclass, recipe, covariance=covariance
         )
-        concept.metadata["steps_asked"] = config.steps
         folder.mkdir(parents=True, exist_ok=True)
         concept.save(path)
         concepts.append(concept)
@@ -222,10 +222,13 @@ def measure(
             if single.background is not None:
                 tally.single_background.append(single.background)
     if clip is not None:
-        references = {s.name: [np.asarray(i) for i in concept_images(s, 6, seed=11)] for s in PERSONAL_CONCEPTS}
+        # CLIP-I of a render and a product = its embedding . the mean of the product's training-image embeddings
+        # (the mean cosine over the pairs, as ClipScorer.image_similarity), each image embedded once
+        references = {s.name: clip.image_embeddings(concept_images(s, 6, seed=11)).mean(0) for s in PERSONAL_CONCEPTS}
+        embedded = clip.image_embeddings(list(images))
         superclasses = {f"<{s.name}>": s.superclass for s in PERSONAL_CONCEPTS}
-        for render, image in zip(renders, images, strict=True):
-            tally.clip_i += [clip.image_similarity([image], references[n]) for n in render.names]
+        for render, embedding in zip(renders, embedded, strict=True):
+            tally.clip_i += [float(embedding @ references[n]) for n in render.names]
         plain = [superclass_prompt(r.prompt, superclasses) for r in renders]
         tally.clip_t.append(clip.text_similarity(list(images), plain))
     return tally, failing

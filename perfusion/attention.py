@@ -34,6 +34,9 @@ GateOverrides = Mapping[str, tuple[float, float]]  # concept token -> (beta, tau
 # Called by every cross-attention layer of a recorded call: (layer name, (b, n, m) attention probabilities of
 # each of the n image positions over the m prompt positions, averaged over heads), b in the UNet's batch order.
 AttentionRecorder = Callable[[str, torch.Tensor], None]
+# Where a concept may edit the prompt: "all" positions its gate opens at (the paper); only its own "token";
+# everywhere but the other concepts' tokens ("not_other_tokens"; a row with one concept is then the paper's).
+CONFINEMENTS = ("all", "token", "not_other_tokens")
 
 
 @dataclass
@@ -48,7 +51,7 @@ class PerfusionCall:
     key_encodings: torch.Tensor | None = None  # (b, m, d): global locking's K-path input; None = local
     record_attention: AttentionRecorder | None = None  # diagnostics: costs one extra QK^T softmax a layer
     # (b, m, j): 1 where slot j's concept may edit prompt position m, 0 where that position is left exactly as the
-    # base computes it (gate and projection both off); None: every position (the paper). See build(confine_to=).
+    # base computes it (gate and projection both off); None: every position (the paper). See build(confine=).
     position_mask: torch.Tensor | None = None
     # Per-call caches (see apply_edit): [(encodings, version, dtype, mix)] and (layer, path, dtype) -> matrix.
     _mixes: list[tuple[torch.Tensor, int, torch.dtype, torch.Tensor]] = field(default_factory=list, repr=False)
@@ -69,15 +72,18 @@ class PerfusionCall:
         key_encodings: torch.Tensor | None = None,
         device: torch.device | str = "cpu",
         record_attention: AttentionRecorder | None = None,
-        confine_to: tuple[torch.Tensor, Mapping[str, int]] | None = None,
-        confine: str = "token",
+        confine: str = "all",
+        prompt_ids: tuple[torch.Tensor, Mapping[str, int]] | None = None,
     ) -> PerfusionCall:
         """rows[b]: the concepts active in batch row b (possibly none); overrides[b]: per-row beta/tau.
         Embedding-only concepts (textual inversion) act through their token alone and are left out here.
-        confine_to=(ids (b, m), concept token -> token id) sets position_mask: with confine="token" each concept
-        edits only the positions of row b that hold its own token (its gate elsewhere, however open, is ignored);
-        with confine="not_other_tokens" every position except those holding another concept's token of the row
-        (a row with one concept is then exactly the paper's)."""
+        confine (CONFINEMENTS) other than "all" sets position_mask from prompt_ids=(ids (b, m), concept token ->
+        token id): "token", each concept edits only the positions of row b that hold its own token (its gate
+        elsewhere, however open, is ignored); "not_other_tokens", every position but another concept's token."""
+        if confine not in CONFINEMENTS:
+            raise RenderError(f"confine must be one of {CONFINEMENTS}, not {confine!r}")
+        if confine != "all" and prompt_ids is None:
+            raise RenderError(f"confine={confine!r} needs the prompt_ids of the batch")
         rows = [[c for c in row if c.edits] for row in rows]
         concepts: list[Concept] = []
         index: dict[int, int] = {}
@@ -95,10 +101,8 @@ class PerfusionCall:
             gated_rows.append([(c.target_input, *row_overrides.get(c.token, (c.beta, c.tau))) for c in row])
         basis = build_edit_basis(gated_rows, covariance.c_inv, covariance.cholesky, exact=exact)
         position_mask = None
-        if confine_to is not None:
-            if confine not in ("token", "not_other_tokens"):
-                raise RenderError(f"confine must be 'token' or 'not_other_tokens', not {confine!r}")
-            ids, token_ids = confine_to  # (b, m)
+        if confine != "all" and prompt_ids is not None:
+            ids, token_ids = prompt_ids  # (b, m)
             position_mask = torch.zeros(len(rows), ids.shape[1], width)
             for b, row in enumerate(rows):
                 for j, concept in enumerate(row):

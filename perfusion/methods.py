@@ -12,7 +12,6 @@ imported on first use ("module:function").
 
 from __future__ import annotations
 
-import importlib
 import json
 import struct
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from perfusion.errors import ConceptFileError, TrainingError
+from perfusion.registry import resolve
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,10 @@ class Method:
     file_format: str  # the "format" its concept files carry in their safetensors metadata
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        return _resolve(self.trainer)(*args, **kwargs)
+        return resolve(self.trainer)(*args, **kwargs)
 
     def load(self, data: bytes, base: Any = None, *, name: str | None = None) -> Any:
-        return _resolve(self.loader)(data, base, name=name)
+        return resolve(self.loader)(data, base, name=name)
 
 
 _PERFUSION = {
@@ -101,8 +101,3 @@ def header_metadata(data: bytes) -> dict[str, str] | None:
         return None
     metadata = header.get("__metadata__") or {}
     return dict(metadata) if isinstance(metadata, dict) else {}
-
-
-def _resolve(target: str) -> Any:
-    module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)

@@ -23,7 +23,6 @@ bytes so the same model loaded in fp32 on CPU and fp16 on GPU has one fingerprin
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from perfusion.corpus import NEUTRAL_TEMPLATES, builtin_prompts, read_caption_file
 from perfusion.errors import BaseModelError
-from perfusion.registry import BUILTIN_BASES
+from perfusion.registry import BUILTIN_BASES, resolve
 from perfusion.vocab import load_tiny_tokenizer
 
 TINY_SEED = 0
@@ -124,8 +123,7 @@ def load_base(
     # Load at the stored precision and fingerprint BEFORE casting: hashing fp16 bytes makes fp32 and fp16
     # loads agree, but a bf16 cast drops mantissa bits first and would change the identity.
     if spec in BUILTIN_BASES:
-        module, function = BUILTIN_BASES[spec].split(":")
-        built: BuiltinBase = getattr(importlib.import_module(module), function)()
+        built: BuiltinBase = resolve(BUILTIN_BASES[spec])()
     elif os.path.isdir(spec):
         built = BuiltinBase(_load_folder(spec))
     elif os.path.isfile(spec):

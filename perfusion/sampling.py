@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from perfusion.attention import PerfusionCall, install_processors
+from perfusion.attention import CONFINEMENTS, PerfusionCall, install_processors
 from perfusion.attention_maps import CrossAttentionMaps
 from perfusion.concept import Concept, check_compatible
 from perfusion.covariance import Covariance
@@ -56,9 +56,7 @@ class RenderSettings:
     height: int | None = None  # None: the base model's native size
     width: int | None = None
     lock: str = "local"  # "local" or "global" key locking (global: richer scenes, use beta 0.4-0.6)
-    # "all": a concept edits every prompt position its gate opens at (the paper); "token": only the positions of
-    # its own token; "not_other_tokens": every position but another concept's token (PerfusionCall.position_mask)
-    edit_positions: str = "all"
+    edit_positions: str = "all"  # attention.CONFINEMENTS: where each concept may edit the prompt
     exact_projection: bool = True  # False: the cheaper e - sum_k s_k(e) i*_k approximation
     batch_size: int = 8
     eta: float = 0.0  # DDIM eta; 0 is deterministic given the seed
@@ -66,10 +64,8 @@ class RenderSettings:
     def __post_init__(self) -> None:
         if self.lock not in {"local", "global"}:
             raise RenderError(f"lock must be 'local' or 'global', not {self.lock!r}")
-        if self.edit_positions not in {"all", "token", "not_other_tokens"}:
-            raise RenderError(
-                f"edit_positions must be 'all', 'token' or 'not_other_tokens', not {self.edit_positions!r}"
-            )
+        if self.edit_positions not in CONFINEMENTS:
+            raise RenderError(f"edit_positions must be one of {CONFINEMENTS}, not {self.edit_positions!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise RenderError("steps and batch_size must be >= 1")
 
@@ -198,11 +194,11 @@ class ConceptRenderer:
         if settings.lock == "global":
             positive_keys = self._superclass_encodings(positive_ids, positive, rows)
             key_encodings = torch.cat([negative, positive_keys]) if guided else positive_keys
-        confine_to, confine = None, "token"
+        prompt_ids = None
         if settings.edit_positions != "all":  # the UNet batch's prompt ids, in its row order
             ids = torch.cat([negative_ids, positive_ids]) if guided else positive_ids
             token_ids = {c.token: self.base.tokenizer.convert_tokens_to_ids(c.token) for row in rows for c in row}
-            confine_to, confine = (ids, token_ids), settings.edit_positions
+            prompt_ids = (ids, token_ids)
         call = PerfusionCall.build(
             call_rows,
             self.covariance,
@@ -211,8 +207,8 @@ class ConceptRenderer:
             key_encodings=key_encodings,
             device=device,
             record_attention=attention_maps,
-            confine_to=confine_to,
-            confine=confine,
+            confine=settings.edit_positions,
+            prompt_ids=prompt_ids,
         )
         generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
         result = base.pipeline(

@@ -59,13 +59,6 @@ class PlannedConcept:
         return self.spec.name
 
     @property
-    def method(self) -> Any:
-        """The perfusion.methods.Method its training settings pick."""
-        from perfusion.methods import method_for
-
-        return method_for(self.training)
-
-    @property
     def file(self) -> str:
         """Where the concept file lives, relative to the store root."""
         return concept_file(self.concept_key)

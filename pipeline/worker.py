@@ -24,14 +24,7 @@ from pipeline.store import ChecksumError, Store, covariance_file, sha256_hex
 
 
 class TransientError(Exception):
-    """A failure another try may fix (it carries only a message, so it pickles across Ray processes)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __reduce__(self) -> tuple[type, tuple[str]]:
-        return (type(self), (self.message,))
+    """A failure another try may fix. Raised with one message argument, so it pickles across Ray processes."""
 
 
 def is_transient(error: BaseException) -> bool:

@@ -189,7 +189,7 @@ def test_confined_edits_act_only_at_their_own_token(renderer, base):
     ids = tokenizer([MIXED[2].prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
     concepts = [renderer.concepts["<mug-1>"], renderer.concepts["<bag-1>"]]
     token_ids = {c.token: tokenizer.convert_tokens_to_ids(c.token) for c in concepts}
-    call = perfusion.PerfusionCall.build([concepts], renderer.covariance, confine_to=(ids, token_ids))
+    call = perfusion.PerfusionCall.build([concepts], renderer.covariance, confine="token", prompt_ids=(ids, token_ids))
     assert call.position_mask is not None and call.position_mask.shape == (1, 77, 2)
     for slot, concept in enumerate(concepts):
         where = call.position_mask[0, :, slot].nonzero().flatten().tolist()
@@ -210,7 +210,7 @@ def test_edits_kept_off_the_other_concepts_tokens_leave_single_concept_rows_as_t
     concepts = [renderer.concepts["<mug-1>"], renderer.concepts["<bag-1>"]]
     token_ids = {c.token: tokenizer.convert_tokens_to_ids(c.token) for c in concepts}
     call = perfusion.PerfusionCall.build(
-        [concepts], renderer.covariance, confine_to=(ids, token_ids), confine="not_other_tokens"
+        [concepts], renderer.covariance, confine="not_other_tokens", prompt_ids=(ids, token_ids)
     )
     mask = call.position_mask[0]  # (77, 2)
     mug, bag = (int((ids[0] == token_ids[t]).nonzero()) for t in ("<mug-1>", "<bag-1>"))
