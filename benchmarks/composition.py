@@ -46,6 +46,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name -> RenderSettings fields
     "own token": {"lock": "local", "edit_positions": "token"},  # local locking, each edit at its own token only
     # local locking, each edit everywhere but at the other concepts' tokens (one concept: the paper exactly)
     "not others' tokens": {"lock": "local", "edit_positions": "not_other_tokens"},
+    # local locking, each edit confined per image position to where its token draws the cross-attention
+    "regions": {"lock": "local", "edit_positions": "regions"},
     # No concepts: each token replaced by its product's description in words ("a dotted purple star with a
     # dot"), what the base itself can compose; the ceiling the base sets, not a method.
     "words": {},
@@ -60,7 +62,7 @@ class CompositionConfig:
     render_steps: int = option(25, "denoising steps per image")
     guidance: float = option(4.0, "classifier-free guidance scale")
     variants: str = option(
-        "words,local,global,own token,not others' tokens", f"comma-separated, from: {', '.join(VARIANTS)}"
+        "words,local,global,own token,not others' tokens,regions", f"comma-separated, from: {', '.join(VARIANTS)}"
     )
     untrained: bool = option(False, "no training: each product's step-0 concept (a smoke run of the pipeline)")
     concepts: str = option(str(RESULTS / "composition_concepts"), "folder of the products' concept files")

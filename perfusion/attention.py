@@ -6,7 +6,9 @@ AttnProcessor2_0 does, then applies the gated rank-1 edit (perfusion/rank1.py) t
     V = W_V e_perp + sum_k gate_k o*_V,k      o*_V,k learned per layer
 Local locking (default): K and V both see the concept prompt's encodings. Global locking: the K path,
 gate included, sees the encodings of the same prompt with each concept word replaced by its superclass
-(aligned to the concept prompt's positions, see tokens.substitute_superclass).
+(aligned to the concept prompt's positions, see tokens.substitute_superclass). Where each concept may edit
+(CONFINEMENTS): the paper's every position its gate opens at, or confined by prompt position or, per image
+position, by region (regional_attention).
 
 Per-call state travels in `cross_attention_kwargs={"perfusion": PerfusionCall}`: which concepts each batch
 row uses, and the per-row basis shared by all layers. No call state -> the unedited layer, exactly.
@@ -35,8 +37,12 @@ GateOverrides = Mapping[str, tuple[float, float]]  # concept token -> (beta, tau
 # each of the n image positions over the m prompt positions, averaged over heads), b in the UNet's batch order.
 AttentionRecorder = Callable[[str, torch.Tensor], None]
 # Where a concept may edit the prompt: "all" positions its gate opens at (the paper); only its own "token";
-# everywhere but the other concepts' tokens ("not_other_tokens"; a row with one concept is then the paper's).
-CONFINEMENTS = ("all", "token", "not_other_tokens")
+# everywhere but the other concepts' tokens ("not_other_tokens"; a row with one concept is then the paper's);
+# "regions": per image position, as the paper inside the region its own token's cross-attention draws and
+# only at its token elsewhere (see regional_attention). Rows with one concept are the paper's under all but "token".
+CONFINEMENTS = ("all", "token", "not_other_tokens", "regions")
+# gamma of regional_attention's weights: each concept's attention share is raised to it before normalising.
+REGION_SHARPNESS = 1.0
 
 
 @dataclass
@@ -53,8 +59,14 @@ class PerfusionCall:
     # (b, m, j): 1 where slot j's concept may edit prompt position m, 0 where that position is left exactly as the
     # base computes it (gate and projection both off); None: every position (the paper). See build(confine=).
     position_mask: torch.Tensor | None = None
-    # Per-call caches (see apply_edit): [(encodings, version, dtype, mix)] and (layer, path, dtype) -> matrix.
-    _mixes: list[tuple[torch.Tensor, int, torch.dtype, torch.Tensor]] = field(default_factory=list, repr=False)
+    # (1 + j, b, m, j), confine="regions" only: [0] each slot open at its own token only (the pass whose attention
+    # defines the regions); [1 + r] the edit region r's image positions see: slot r open everywhere but the other
+    # slots' tokens, every other slot at its own token only.
+    region_masks: torch.Tensor | None = None
+    # Per-call caches (see apply_edit): [(encodings, version, dtype, mask, mix)], (layer, path, dtype) -> matrix.
+    _mixes: list[tuple[torch.Tensor, int, torch.dtype, torch.Tensor | None, torch.Tensor]] = field(
+        default_factory=list, repr=False
+    )
     _matrices: dict[tuple[str, str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -79,7 +91,8 @@ class PerfusionCall:
         Embedding-only concepts (textual inversion) act through their token alone and are left out here.
         confine (CONFINEMENTS) other than "all" sets position_mask from prompt_ids=(ids (b, m), concept token ->
         token id): "token", each concept edits only the positions of row b that hold its own token (its gate
-        elsewhere, however open, is ignored); "not_other_tokens", every position but another concept's token."""
+        elsewhere, however open, is ignored); "not_other_tokens", every position but another concept's token;
+        "regions" sets region_masks instead (regional_attention)."""
         if confine not in CONFINEMENTS:
             raise RenderError(f"confine must be one of {CONFINEMENTS}, not {confine!r}")
         if confine != "all" and prompt_ids is None:
@@ -100,18 +113,27 @@ class PerfusionCall:
             slots[b, : len(row)] = torch.tensor([index[id(c)] for c in row], dtype=torch.long)
             gated_rows.append([(c.target_input, *row_overrides.get(c.token, (c.beta, c.tau))) for c in row])
         basis = build_edit_basis(gated_rows, covariance.c_inv, covariance.cholesky, exact=exact)
-        position_mask = None
+        position_mask = region_masks = None
         if confine != "all" and prompt_ids is not None:
             ids, token_ids = prompt_ids  # (b, m)
-            position_mask = torch.zeros(len(rows), ids.shape[1], width)
+            own_token = torch.zeros(len(rows), ids.shape[1], width)  # (b, m, j): slot j's token positions
             for b, row in enumerate(rows):
                 for j, concept in enumerate(row):
-                    if confine == "token":
-                        position_mask[b, :, j] = (ids[b] == token_ids[concept.token]).float()
-                    else:
-                        others = [token_ids[c.token] for c in row if c.token != concept.token]
-                        position_mask[b, :, j] = (~torch.isin(ids[b], torch.tensor(others, dtype=ids.dtype))).float()
-            position_mask = position_mask.to(device)
+                    own_token[b, :, j] = (ids[b] == token_ids[concept.token]).float()
+            # (b, m, j): every position but another slot's token (a concept's token appears in its row only once
+            # per mention, and two slots never share a token)
+            not_others = (1 - (own_token.sum(-1, keepdim=True) - own_token)).clamp(min=0)
+            if confine == "token":
+                position_mask = own_token.to(device)
+            elif confine == "not_other_tokens":
+                position_mask = not_others.to(device)
+            else:
+                variants = [own_token]
+                for r in range(width):
+                    variant = own_token.clone()
+                    variant[:, :, r] = not_others[:, :, r]
+                    variants.append(variant)
+                region_masks = torch.stack(variants).to(device)
         return cls(
             concepts=concepts,
             slots=slots.to(device),
@@ -119,6 +141,7 @@ class PerfusionCall:
             key_encodings=key_encodings.to(device) if key_encodings is not None else None,
             record_attention=record_attention,
             position_mask=position_mask,
+            region_masks=region_masks,
         )
 
 
@@ -164,42 +187,40 @@ class PerfusionAttnProcessor:
             key_input = attn.norm_encoder_hidden_states(key_input)
         key = attn.to_k(key_input)  # (b, m, inner)
         value = attn.to_v(encoder_hidden_states)  # (b, m, inner)
-        if perfusion is not None and perfusion.concepts:
-            if perfusion.batch_size != batch_size:
-                raise RenderError(
-                    f"the Perfusion call describes {perfusion.batch_size} rows but the UNet batch has "
-                    f"{batch_size}; build the call for the batch the UNet sees (guidance doubles it)"
-                )
-            name = self.layer_name
-            key = apply_edit(
-                perfusion, name, "k", key_input, key, attn.to_k.weight, lambda: self._key_targets(attn, perfusion)
-            )
-            value = apply_edit(
-                perfusion,
-                name,
-                "v",
-                encoder_hidden_states,
-                value,
-                attn.to_v.weight,
-                lambda: self._value_targets(perfusion),
-            )
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (b, heads, n, head_dim)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (b, heads, m, head_dim)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        head_dim = key.shape[-1] // attn.heads
+        query = _heads(query, attn.heads)  # (b, heads, n, head_dim)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if perfusion is not None and perfusion.record_attention is not None:
-            # the probabilities scaled_dot_product_attention computes below (its default scale, 1/sqrt(head_dim))
-            scores = query.float() @ key.float().transpose(-1, -2) / math.sqrt(head_dim)  # (b, heads, n, m)
-            if attention_mask is not None:
-                scores = scores + attention_mask.float()
-            perfusion.record_attention(self.layer_name, scores.softmax(-1).mean(1))
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        if perfusion is not None and perfusion.concepts and perfusion.batch_size != batch_size:
+            raise RenderError(
+                f"the Perfusion call describes {perfusion.batch_size} rows but the UNet batch has "
+                f"{batch_size}; build the call for the batch the UNet sees (guidance doubles it)"
+            )
+
+        def edited(mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            """K and V in (b, heads, m, head_dim), with the concepts' edits under `mask` (None: the call's)."""
+            k, v = key, value
+            if perfusion is not None and perfusion.concepts:
+                name, call = self.layer_name, perfusion
+                k = apply_edit(
+                    call, name, "k", key_input, k, attn.to_k.weight, lambda: self._key_targets(attn, call), mask
+                )
+                v = apply_edit(
+                    call, name, "v", encoder_hidden_states, v, attn.to_v.weight, lambda: self._value_targets(call), mask
+                )
+            k = _heads(k, attn.heads)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            return k, _heads(v, attn.heads)
+
+        if perfusion is not None and perfusion.concepts and perfusion.region_masks is not None:
+            regions = perfusion.region_masks
+            hidden_states = regional_attention(perfusion, regions, self.layer_name, query, edited, attention_mask)
+        else:
+            k, v = edited(None)
+            if perfusion is not None and perfusion.record_attention is not None:
+                perfusion.record_attention(self.layer_name, attention_probabilities(query, k, attention_mask))
+            hidden_states = F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)  # linear
@@ -234,6 +255,7 @@ def apply_edit(
     projected: torch.Tensor,
     weight: torch.Tensor,
     targets: Callable[[], torch.Tensor],
+    position_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h = W e_perp (+ bias) + sum_k gate_k(e) o*_k, as rank1.edit_projection (eq. 4), in one batched product:
 
@@ -245,10 +267,11 @@ def apply_edit(
     must not be rounded). The matrix depends only on the layer and the call: cached for renders; in training
     (gradients on) it is rebuilt every forward, since o*_V is being learned. Without gradients the product runs
     in the projection's dtype as one fused kernel; with gradients in float32, as the reference does.
-    targets() -> o*_k for each row's slots: (b, j, o)."""
+    targets() -> o*_k for each row's slots: (b, j, o). position_mask (b, m, j): where each slot may edit; None:
+    the call's own position_mask."""
     training = torch.is_grad_enabled()
     dtype = torch.float32 if training else projected.dtype
-    mix = _mix(call, encodings, dtype)
+    mix = _mix(call, encodings, dtype, position_mask if position_mask is not None else call.position_mask)
     key = (layer_name, path, dtype)
     matrix = call._matrices.get(key)
     if matrix is None:
@@ -263,11 +286,14 @@ def apply_edit(
         return projected + torch.bmm(mix, matrix).to(projected.dtype)
 
 
-def _mix(call: PerfusionCall, encodings: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[gate_k(e) | -c_k(e)] for every row and position: (b, m, 2j). Padded slots have gate 0 and a zero basis."""
-    for tensor, version, cached_dtype, mix in call._mixes:
+def _mix(
+    call: PerfusionCall, encodings: torch.Tensor, dtype: torch.dtype, position_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """[gate_k(e) | -c_k(e)] for every row and position: (b, m, 2j). Padded slots have gate 0 and a zero basis.
+    Where position_mask (b, m, j) is 0, the slot's gate and projection are both off: the base's projection."""
+    for tensor, version, cached_dtype, mask, mix in call._mixes:
         # Identity, not equality: holding `tensor` keeps its id from being reused; _version catches in-place edits.
-        if tensor is encodings and version == encodings._version and cached_dtype == dtype:
+        if tensor is encodings and version == encodings._version and cached_dtype == dtype and mask is position_mask:
             return mix
     basis = call.basis
     with torch.autocast(encodings.device.type, enabled=False):
@@ -275,12 +301,71 @@ def _mix(call: PerfusionCall, encodings: torch.Tensor, dtype: torch.dtype) -> to
         coefficients = torch.bmm(enc, basis.projection_dirs)  # (b, m, j): u_k^T C^-1 e
         sims = torch.bmm(enc, basis.similarity_dirs)  # (b, m, j): s_k(e), eq. (2)
         gates = gate(sims, basis.beta[:, None, :], basis.tau[:, None, :]) * basis.active[:, None, :]  # eq. (3)
-        if call.position_mask is not None:  # confined: off the concept's own token, the base's projection
-            gates, coefficients = gates * call.position_mask, coefficients * call.position_mask
+        if position_mask is not None:
+            gates, coefficients = gates * position_mask, coefficients * position_mask
         mix = torch.cat([gates, -coefficients], dim=-1).to(dtype)
-    call._mixes[:] = [entry for entry in call._mixes if entry[0] is not encodings][-3:]  # K and V inputs, 2 dtypes
-    call._mixes.append((encodings, encodings._version, dtype, mix))
+    # keep one entry per (K or V input, dtype, mask): 2 x 2 x (2 + slots) at most
+    variants = 1 if call.region_masks is None else call.region_masks.shape[0] + 1
+    call._mixes[:] = [e for e in call._mixes if not (e[0] is encodings and e[2] == dtype and e[3] is position_mask)]
+    call._mixes[:] = call._mixes[-(4 * variants - 1) :]
+    call._mixes.append((encodings, encodings._version, dtype, position_mask, mix))
     return mix
+
+
+def _heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, length, heads x head_dim) -> (b, heads, length, head_dim)."""
+    return tensor.view(tensor.shape[0], tensor.shape[1], heads, -1).transpose(1, 2)
+
+
+def attention_probabilities(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """(b, n, m): softmax(Q K^T / sqrt(head_dim)) as scaled_dot_product_attention computes it, head-averaged.
+    query (b, heads, n, head_dim), key (b, heads, m, head_dim)."""
+    scores = query.float() @ key.float().transpose(-1, -2) / math.sqrt(query.shape[-1])  # (b, heads, n, m)
+    if attention_mask is not None:
+        scores = scores + attention_mask.float()
+    return scores.softmax(-1).mean(1)
+
+
+def regional_attention(
+    call: PerfusionCall,
+    masks: torch.Tensor,
+    layer_name: str,
+    query: torch.Tensor,
+    edited: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Each concept's edit confined, per image position, to where its own token draws the cross-attention
+    (as Personalized Residuals' localized sampling and FreeFuse do, with no boxes and in the same pass):
+
+        A   = softmax(Q K_tok^T / sqrt(d))          (b, n, m)  K_tok: every concept edited at its own token only
+        a_r = A @ t_r                               (b, n)     t_r (m,): 1 at slot r's token
+        w_r = a_r^g / sum_s a_s^g                   (b, n)     g = REGION_SHARPNESS; rows with no concept token
+                                                               (negative prompts): 1 / slots, the row's slots
+        out = sum_r w_r * softmax(Q K_r^T / sqrt(d)) V_r        K_r, V_r: region_masks[1 + r]
+
+    so the image positions drawn to slot r's token read the prompt as the paper's edit for r alone, with the
+    other concepts present only at their own tokens. A row with one concept gets w_0 = 1: the paper exactly.
+    Costs (1 + slots) attention products a layer instead of 1; still one UNet pass. query (b, heads, n, d);
+    edited(mask) -> K, V (b, heads, m, d) under that mask; masks: the call's region_masks (1 + j, b, m, j).
+    Returns (b, heads, n, d)."""
+    key_tok, _ = edited(masks[0])
+    probabilities = attention_probabilities(query, key_tok, attention_mask)  # (b, n, m)
+    if call.record_attention is not None:
+        call.record_attention(layer_name, probabilities)
+    drawn = torch.bmm(probabilities, masks[0]) ** REGION_SHARPNESS  # (b, n, j)
+    total = drawn.sum(-1, keepdim=True)
+    active = call.basis.active.float()  # (b, j)
+    fallback = active / active.sum(-1, keepdim=True).clamp(min=1)
+    fallback[:, 0] += (active.sum(-1) == 0).float()  # a row with no concept: every region is the base, take one
+    weights = torch.where(total > 0, drawn / total.clamp(min=torch.finfo(drawn.dtype).tiny), fallback[:, None, :])
+    out = torch.zeros_like(query)
+    for region in range(masks.shape[0] - 1):
+        key, value = edited(masks[1 + region])
+        region_out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        out = out + weights[:, None, :, region, None].to(out.dtype) * region_out
+    return out
 
 
 class SelfAttentionPassthrough:

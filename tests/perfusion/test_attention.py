@@ -34,8 +34,8 @@ def recorded(monkeypatch):
     records: dict[int, torch.Tensor] = {}
     original = attention_module.apply_edit
 
-    def recording(call, layer_name, path, encodings, projected, weight, targets):
-        out = original(call, layer_name, path, encodings, projected, weight, targets)
+    def recording(call, layer_name, path, encodings, projected, weight, targets, position_mask):
+        out = original(call, layer_name, path, encodings, projected, weight, targets, position_mask)
         records[id(weight)] = out.detach().clone()
         return out
 

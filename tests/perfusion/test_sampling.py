@@ -215,3 +215,35 @@ def test_edits_kept_off_the_other_concepts_tokens_leave_single_concept_rows_as_t
     mask = call.position_mask[0]  # (77, 2)
     mug, bag = (int((ids[0] == token_ids[t]).nonzero()) for t in ("<mug-1>", "<bag-1>"))
     assert mask[bag, 0] == 0 and mask[mug, 1] == 0 and mask.sum() == 2 * 77 - 2
+
+
+def test_regional_edits_leave_single_concept_rows_as_the_paper_and_mixed_batches_exact(renderer):
+    """edit_positions="regions": a row with one concept renders as edit_positions="all" (its region weight is
+    1 everywhere); a two-concept row is changed; a mixed batch of 0, 1 and 2 concepts equals each row alone."""
+    paper = perfusion.RenderSettings(steps=6, batch_size=8)
+    regions = perfusion.RenderSettings(steps=6, batch_size=8, edit_positions="regions")
+    single = [MIXED[0], MIXED[1], MIXED[3]]
+    expected = renderer.render_arrays(single, paper)
+    np.testing.assert_allclose(renderer.render_arrays(single, regions), expected, atol=1e-6)
+    mixed = renderer.render_arrays(MIXED, regions)
+    alone = np.concatenate([renderer.render_arrays([r], regions) for r in MIXED])
+    assert np.abs(mixed - alone).max() < MIXED_TOLERANCE
+    pair_paper = renderer.render_arrays([MIXED[2]], paper)
+    assert np.abs(mixed[2] - pair_paper[0]).max() > 1e-3
+
+
+def test_region_masks_open_each_slot_everywhere_in_its_own_region_and_at_its_token_elsewhere(renderer):
+    tokenizer = renderer.base.tokenizer
+    ids = tokenizer([MIXED[2].prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    concepts = [renderer.concepts["<mug-1>"], renderer.concepts["<bag-1>"]]
+    token_ids = {c.token: tokenizer.convert_tokens_to_ids(c.token) for c in concepts}
+    call = perfusion.PerfusionCall.build(
+        [concepts], renderer.covariance, confine="regions", prompt_ids=(ids, token_ids)
+    )
+    assert call.position_mask is None and call.region_masks is not None
+    masks = call.region_masks[:, 0]  # (3, 77, 2)
+    mug, bag = (int((ids[0] == token_ids[t]).nonzero()) for t in ("<mug-1>", "<bag-1>"))
+    assert masks[0, :, 0].nonzero().flatten().tolist() == [mug] and masks[0, :, 1].nonzero().flatten().tolist() == [bag]
+    # region of <mug-1>: mug's slot everywhere but <bag-1>'s token, bag's slot at its token only; and vice versa
+    assert masks[1, :, 0].sum() == 76 and masks[1, bag, 0] == 0 and masks[1, :, 1].nonzero().flatten().tolist() == [bag]
+    assert masks[2, :, 1].sum() == 76 and masks[2, mug, 1] == 0 and masks[2, :, 0].nonzero().flatten().tolist() == [mug]
