@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from perfusion.config import TrainConfig
+from perfusion.config import SelectConfig, TrainConfig
 from perfusion.errors import (
     BaseModelError,
     ConceptFileError,
@@ -106,6 +106,7 @@ __all__ = [
     "RenderError",
     "RenderRequest",
     "RenderSettings",
+    "SelectConfig",
     "StepInfo",
     "TrainConfig",
     "TrainingError",

@@ -79,6 +79,59 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# A selection scorer: "toy" (the toy world's CLIP; the toy base only), "clip:<folder>" (a local CLIPModel
+# folder, for real bases), "none" (no selection).
+SCORER_RULE = "use 'toy' (toy base only), 'clip:<path to a local CLIP model folder>' or 'none'"
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """How a concept's operating point is chosen (paper sec. 4.4; perfusion/selection.py): its training is
+    scored every TrainConfig.select_every steps on `samples` validation renders, trained on `seeds` seeds
+    (TrainConfig.seed, seed + 1, ...), and the best of those is kept; then, with `gate`, its inference
+    (beta, tau) is swept on the same scorer. Costs about seeds x (1 + scoring) training time."""
+
+    scorer: str = "toy"
+    seeds: int = _bounded(1, ge=1, le=16)
+    samples: int = _bounded(8, ge=1, le=64)  # renders per score: as many "a photo of <c>" and new-context
+    gate: bool = True
+
+    def __post_init__(self) -> None:
+        problems = [(f, m) for f, m in _bound_problems(self) if f != "scorer"]
+        if (wrong := scorer_problem(self.scorer)) is not None:
+            problems.append(("scorer", wrong))
+        if problems:
+            raise TrainingError("invalid selection config: " + "; ".join(f"{f} {m}" for f, m in problems))
+
+    @property
+    def clip_folder(self) -> str | None:
+        """The folder of a 'clip:<folder>' scorer, else None."""
+        return self.scorer.removeprefix("clip:") if self.scorer.startswith("clip:") else None
+
+
+def scorer_problem(scorer: str) -> str | None:
+    """What is wrong with the form of a scorer spec (whether its folder holds a CLIP is checked at planning)."""
+    if scorer in {"toy", "none"} or (scorer.startswith("clip:") and scorer.removeprefix("clip:").strip()):
+        return None
+    return f"{scorer!r} is not a scorer: {SCORER_RULE}"
+
+
+def _bound_problems(settings: Any) -> list[tuple[str, str]]:
+    """(field, what is wrong) for every bound a dataclass instance's fields break."""
+    return [
+        (spec.name, message)
+        for spec in dataclasses.fields(settings)
+        for message in _broken_bounds(getattr(settings, spec.name), spec.metadata)
+    ]
+
+
+def _broken_bounds(value: Any, bounds: Mapping[str, float]) -> list[str]:
+    """'must be >= 1' for each bound ({"ge": 1}, ...) that `value` breaks; none for None."""
+    if value is None:
+        return []
+    return [f"must be {_COMPARE[b][1]} {limit}" for b, limit in bounds.items() if not _COMPARE[b][0](value, limit)]
+
+
 def settings_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(field, what is wrong) for every rule `values` (TrainConfig fields; missing ones take their defaults)
     breaks: unknown names, bounds, choices, and the rules across fields."""
@@ -89,10 +142,7 @@ def settings_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     for name, value in settings.items():
         if value is None:
             continue
-        for bound, limit in specs[name].metadata.items():
-            compare, sign = _COMPARE[bound]
-            if not compare(value, limit):
-                found.append((name, f"must be {sign} {limit}"))
+        found += [(name, message) for message in _broken_bounds(value, specs[name].metadata)]
         choices = literal_choices(hints[name])
         if choices and value not in choices:
             found.append((name, "must be one of " + ", ".join(repr(c) for c in choices)))
@@ -116,10 +166,11 @@ def _hints() -> dict[str, Any]:
     return get_type_hints(TrainConfig)
 
 
-def field_types() -> dict[str, tuple[Any, dict[str, float]]]:
-    """Each TrainConfig field's type and bounds: what a schema built from it (the manifest's) checks."""
-    hints = _hints()
-    return {spec.name: (hints[spec.name], dict(spec.metadata)) for spec in dataclasses.fields(TrainConfig)}
+def field_types(settings: type = TrainConfig) -> dict[str, tuple[Any, dict[str, float]]]:
+    """Each field's type and bounds (TrainConfig's or SelectConfig's): what a schema built from it (the
+    manifest's) checks."""
+    hints = _hints() if settings is TrainConfig else get_type_hints(settings)
+    return {spec.name: (hints[spec.name], dict(spec.metadata)) for spec in dataclasses.fields(settings)}
 
 
 def token_problem(token: str) -> str | None:

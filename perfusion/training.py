@@ -220,6 +220,7 @@ def _train(
         "train_config": config.to_dict(),
         "loss": _loss_summary(losses),
         "selected_step": selected_step,
+        "selected_score": None if best is None else best[0],  # the scorer's value at that step
         "seconds": round(time.perf_counter() - started, 3),
         "device": str(device),
     }

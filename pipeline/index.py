@@ -73,6 +73,13 @@ class ConceptRow:
     device: str | None = None
     created_at: dt.datetime = field(default_factory=now)
     manifest_uri: str | None = None
+    # The concept's operating point: the step and seed it was saved from, its default inference gate, and
+    # the selection scorer's value there (None without `training.select`). Added in version 2 of this table.
+    selected_step: int | None = None
+    selected_seed: int | None = None
+    beta: float | None = None
+    tau: float | None = None
+    selection_score: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,7 +165,10 @@ class DeltaIndex:
         table = pa.Table.from_pylist([to_arrow_record(r) for r in rows], schema=self.SCHEMA)
         for attempt in range(COMMIT_ATTEMPTS):
             try:
-                write_deltalake(self.uri, table, mode="append", storage_options=self.storage_options)
+                # merge: a table written before a column was added takes the new columns (old rows read null)
+                write_deltalake(
+                    self.uri, table, mode="append", schema_mode="merge", storage_options=self.storage_options
+                )
                 return
             except CommitFailedError:
                 if attempt == COMMIT_ATTEMPTS - 1:

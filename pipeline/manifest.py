@@ -12,6 +12,8 @@
         images: [images/dotted-star/*.png]  # URIs or globs, relative to the manifest's folder
         masks: [masks/dotted-star/*.png]  # optional; one mask per image after expansion, same order
         training: {steps: 300}            # optional per-concept overrides of the defaults
+        # training.select: {every: 25, seeds: 1, samples: 8, scorer: toy | "clip:<folder>" | none, gate: true}
+        # chooses each concept's step, seed and gate with a scorer (perfusion/selection.py)
         tags: {sku: A-1001, category: toys}
     renders:                              # optional: batch render jobs (perfusion-batch render)
       - name: new-scenes                  # names the job's files and rows
@@ -34,6 +36,7 @@ images, tokens that collide with the base model's vocabulary) live in pipeline/p
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import string
@@ -44,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from perfusion.config import field_types, settings_problems, token_problem
+from perfusion.config import SelectConfig, TrainConfig, field_types, scorer_problem, settings_problems, token_problem
 from perfusion.registry import BUILTIN_BASES
 from pipeline.store import ROOT_ENV
 
@@ -84,6 +87,18 @@ class _Settings(_Strict):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+# `training.select`: perfusion.SelectConfig's fields (the library owns their bounds), each optional, plus
+# `every`, the scoring cadence (TrainConfig.select_every). A concept's block overrides the catalog's per field.
+if TYPE_CHECKING:
+    SelectSettings = _Settings
+else:
+    SelectSettings = create_model(
+        "SelectSettings",
+        __base__=_Settings,
+        every=(int | None, Field(None, **field_types()["select_every"][1])),
+        **{name: (hint | None, Field(None, **bounds)) for name, (hint, bounds) in field_types(SelectConfig).items()},
+    )
+
 # Overrides of perfusion.TrainConfig, one optional field per TrainConfig field with its type and bounds (the
 # library owns them: perfusion/config.py); a field left out keeps the catalog default, then the library's.
 if TYPE_CHECKING:
@@ -92,6 +107,7 @@ else:
     TrainingSettings = create_model(
         "TrainingSettings",
         __base__=_Settings,
+        select=(SelectSettings | None, None),
         **{name: (hint | None, Field(None, **bounds)) for name, (hint, bounds) in field_types().items()},
     )
 
@@ -159,8 +175,28 @@ class Manifest(_Strict):
     source: str = Field("", exclude=True)
 
     def training_config(self, concept: ConceptSpec) -> dict[str, Any]:
-        """Catalog defaults, then the concept's overrides (the fields given; the rest are the library's)."""
-        return self.training.values() | concept.training.values()
+        """TrainConfig fields: catalog defaults, then the concept's overrides (the fields given; the rest are
+        the library's); `select.every` is TrainConfig.select_every."""
+        merged = self.training.values() | concept.training.values()
+        merged.pop("select", None)
+        every = self.selection_settings(concept).get("every")
+        return merged | ({"select_every": every} if every is not None else {})
+
+    def selection_settings(self, concept: ConceptSpec) -> dict[str, Any]:
+        """The concept's `training.select` fields: the catalog's block, then the concept's, per field."""
+        blocks = [self.training.values().get("select"), concept.training.values().get("select")]
+        return {k: v for block in blocks if block for k, v in block.items() if v is not None}
+
+    def selection(self, concept: ConceptSpec) -> SelectConfig | None:
+        """How the concept's operating point is chosen; None: no selection (no block, or scorer 'none').
+        A clip:<folder> scorer's relative folder starts at the manifest's folder."""
+        fields = {k: v for k, v in self.selection_settings(concept).items() if k != "every"}
+        if not self.selection_settings(concept) or fields.get("scorer") == "none":
+            return None
+        scorer = fields.get("scorer", SelectConfig.scorer)
+        if scorer.startswith("clip:"):
+            fields["scorer"] = "clip:" + self.resolve(os.path.expanduser(scorer.removeprefix("clip:")))
+        return SelectConfig(**fields)
 
     @property
     def base_dir(self) -> str:
@@ -269,6 +305,7 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
             if not image.strip():
                 problems.append(Problem(f"{at}.images[{position}]", "empty path"))
         own = spec.training.values()
+        problems += [p for p in _selection_problems(manifest, spec, at) if p not in problems]
         for name, message in settings_problems(manifest.training_config(spec)):
             problem = Problem(f"{at}.training.{name}" if name in own else f"training.{name}", message)
             if problem not in problems:  # a catalog default's problem is reported once, not once per concept
@@ -287,6 +324,40 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
         else:
             first_by_job[job.name] = index
         problems += _render_job_problems(manifest, job, at, set(first_by_name))
+    return problems
+
+
+def selection_path(spec: ConceptSpec, at: str, field: str) -> str:
+    """Where a `training.select` field of a concept was set: its own block (`at` = "concepts[3]") or the
+    catalog's."""
+    own = {k for k, v in (spec.training.values().get("select") or {}).items() if v is not None}
+    return f"{at}.training.select.{field}" if field in own else f"training.select.{field}"
+
+
+def _selection_problems(manifest: Manifest, spec: ConceptSpec, at: str) -> list[Problem]:
+    """A scorer that is well-formed and fits the base, and a cadence that scores at least once."""
+    settings = manifest.selection_settings(spec)
+    if not settings:
+        return []
+    where = functools.partial(selection_path, spec, at)
+    problems = []
+    scorer = settings.get("scorer", SelectConfig.scorer)
+    if (wrong := scorer_problem(scorer)) is not None:
+        problems.append(Problem(where("scorer"), wrong))
+    elif scorer == "toy" and manifest.base_model != "toy":
+        problems.append(
+            Problem(
+                where("scorer"),
+                f"'toy' scores the toy base only; base_model {manifest.base_model!r} has no built-in scorer: "
+                "use 'clip:<path to a local CLIP model folder>' or 'none'",
+            )
+        )
+    steps = manifest.training_config(spec).get("steps", TrainConfig.steps)
+    every = settings.get("every")
+    if every is not None and scorer != "none" and every > steps:
+        problems.append(
+            Problem(where("every"), f"{every} is more than the {steps} training steps: use at most {steps}")
+        )
     return problems
 
 
@@ -330,9 +401,19 @@ def _render_job_problems(manifest: Manifest, job: RenderJob, at: str, known: set
             unknown(name, f"{at}.combinations[{position}][{slot}]")
         if len(set(combination)) != len(combination):
             problems.append(Problem(f"{at}.combinations[{position}]", "a concept appears twice in one combination"))
-    for name in job.gates:
-        unknown(name, f"{at}.gates.{name}")
     selected = manifest.selected_concepts(job)
+    rendered = {c.name for c in selected} | {n for c in job.combinations or [] for n in c}
+    for name in job.gates:
+        if name not in known:
+            unknown(name, f"{at}.gates.{name}")
+        elif name not in rendered:
+            problems.append(
+                Problem(
+                    f"{at}.gates.{name}",
+                    f"{name!r} is not rendered by this job (it renders {sorted(rendered)}): remove the override "
+                    "or add the concept to the job's concepts",
+                )
+            )
     if not selected and job.combinations is None:
         problems.append(Problem(f"{at}.concepts", "selects no concept (check the names and tags)"))
     for position, template in enumerate(job.prompts):

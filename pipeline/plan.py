@@ -14,6 +14,7 @@ that concept's key changes. Tags are left out on purpose: relabelling a product 
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
 import hashlib
 import io
@@ -24,7 +25,8 @@ from typing import Any
 import fsspec
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.manifest import ConceptSpec, Manifest, ManifestError, Problem
+from perfusion.config import SelectConfig
+from pipeline.manifest import ConceptSpec, Manifest, ManifestError, Problem, selection_path
 from pipeline.store import concept_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -49,6 +51,7 @@ class PlannedConcept:
     training: dict[str, Any]  # merged TrainConfig overrides
     concept_key: str
     problems: tuple[Problem, ...] = ()  # non-empty: cannot train until the files are fixed
+    selection: SelectConfig | None = None  # how its operating point is chosen (training.select); None: not
 
     @property
     def ready(self) -> bool:
@@ -133,8 +136,9 @@ def concept_key(
     training: dict[str, Any],
     fingerprint: str,
     method_version: str,
+    selection: SelectConfig | None = None,
 ) -> str:
-    payload = {
+    payload: dict[str, Any] = {
         "name": spec.name,
         "token": spec.concept_token,
         "superclass": spec.superclass.strip(),
@@ -144,6 +148,8 @@ def concept_key(
         "fingerprint": fingerprint,
         "method_version": method_version,
     }
+    if selection is not None:  # absent rather than null: concepts without selection keep their keys
+        payload["selection"] = dataclasses.asdict(selection)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -153,6 +159,7 @@ def build_plan(manifest: Manifest, fingerprint: str, vocabulary: set[str] | None
 
     catalog_problems: list[Problem] = []
     planned: list[PlannedConcept] = []
+    checked: dict[str, str | None] = {}  # CLIP folder -> its problem (each folder checked once)
     for index, spec in enumerate(manifest.concepts):
         token = spec.concept_token
         if vocabulary is not None and (token in vocabulary or token + "</w>" in vocabulary):
@@ -178,10 +185,32 @@ def build_plan(manifest: Manifest, fingerprint: str, vocabulary: set[str] | None
                     )
                 )
         training = manifest.training_config(spec)
-        key = concept_key(spec, images, masks, training, fingerprint, method_for(training).version)
+        selection = manifest.selection(spec)
+        if selection is not None and selection.clip_folder is not None:
+            found = _clip_folder_problems(selection.clip_folder, spec, index, checked)
+            catalog_problems += [p for p in found if p not in catalog_problems]  # a catalog block's: once
+        key = concept_key(spec, images, masks, training, fingerprint, method_for(training).version, selection)
         planned.append(
-            PlannedConcept(spec, index, tuple(images), tuple(masks) if masks else None, training, key, tuple(problems))
+            PlannedConcept(
+                spec, index, tuple(images), tuple(masks) if masks else None, training, key, tuple(problems), selection
+            )
         )
     if catalog_problems:
         raise ManifestError(manifest.source, catalog_problems)
     return planned
+
+
+def _clip_folder_problems(folder: str, spec: ConceptSpec, index: int, checked: dict[str, str | None]) -> list[Problem]:
+    """A clip:<folder> scorer that is not a usable CLIP folder, as a catalog problem (before any training)."""
+    if folder not in checked:
+        from perfusion.clip_scoring import ClipFolderError, check_clip_folder  # imports torch: only when used
+
+        try:
+            check_clip_folder(folder)
+            checked[folder] = None
+        except ClipFolderError as error:
+            checked[folder] = f"{error} (a scorer is 'clip:<folder>', the folder relative to the manifest's)"
+    problem = checked[folder]
+    if problem is None:
+        return []
+    return [Problem(selection_path(spec, f"concepts[{index}]", "scorer"), problem)]

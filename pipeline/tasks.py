@@ -30,6 +30,7 @@ class TrainTask:
     images: tuple[tuple[str, str], ...]  # (uri, sha256)
     masks: tuple[tuple[str, str], ...] | None
     training: dict[str, Any]  # TrainConfig fields; training["method"] picks the method (perfusion.methods)
+    selection: Any  # perfusion.SelectConfig (the operating point chosen by a scorer), or None
     concept_key: str
     file: str  # relative to the store root
     base_model: str  # what loads the base (a built-in name or a resolved local path)
@@ -57,6 +58,7 @@ def concept_row(
     error: str | None = None,
     seconds: float | None = None,
     device: str | None = None,
+    concept: Any = None,
 ) -> ConceptRow:
     """The index row of one attempt: the one place a ConceptRow is made (tasks, and the driver's failures)."""
     from perfusion.methods import method_for
@@ -84,7 +86,23 @@ def concept_row(
         seconds=seconds,
         device=device,
         manifest_uri=task.manifest_uri,
+        **({} if concept is None else operating_point(concept)),
     )
+
+
+def operating_point(concept: Any) -> dict[str, Any]:
+    """The index's operating-point columns of a trained concept, from what its file records."""
+    metadata = concept.metadata
+    selection = metadata.get("selection") or {}
+    seed = selection.get("seed", (metadata.get("train_config") or {}).get("seed"))
+    step = metadata.get("selected_step")
+    return {
+        "selected_step": None if step is None else int(step),
+        "selected_seed": None if seed is None else int(seed),
+        "beta": getattr(concept, "beta", None),  # a method without a gate has none
+        "tau": getattr(concept, "tau", None),
+        "selection_score": selection.get("score"),
+    }
 
 
 def train_one(task: TrainTask, progress: ProgressFn | None = None) -> ConceptRow:
@@ -116,16 +134,18 @@ def _train(task: TrainTask, progress: ProgressFn | None, started: float) -> Conc
         if progress is not None:
             progress(info.step, info.steps, info.loss)
 
-    concept = perfusion.method_for(task.training).train(
-        base,
-        images,
-        task.token,
-        task.superclass,
-        perfusion.TrainConfig(**task.training),
-        masks=masks,
-        covariance=covariance,
-        on_step=on_step,
-    )
+    method, config = perfusion.method_for(task.training), perfusion.TrainConfig(**task.training)
+    if task.selection is None:
+        concept = method.train(
+            base, images, task.token, task.superclass, config, masks=masks, covariance=covariance, on_step=on_step
+        )
+    else:
+        from perfusion.selection import train_selected
+
+        concept = train_selected(
+            method.train, base, images, task.token, task.superclass, config, task.selection,
+            masks=masks, covariance=covariance, on_step=on_step,
+        )  # fmt: skip
     concept.metadata["name"] = task.name
     concept.metadata["concept_key"] = task.concept_key
     try:
@@ -144,6 +164,7 @@ def _train(task: TrainTask, progress: ProgressFn | None, started: float) -> Conc
         final_loss=loss["mean_last_10pct"],
         seconds=time.perf_counter() - started,
         device=worker_label(),
+        concept=concept,
     )
 
 
@@ -170,6 +191,7 @@ def _adopt_existing(store: Store, task: TrainTask, base: Any, started: float) ->
         final_loss=loss.get("mean_last_10pct"),
         seconds=time.perf_counter() - started,
         device=worker_label(),
+        concept=concept,
     )
 
 

@@ -194,6 +194,7 @@ class TrainRun:
             images=tuple((f.uri, f.sha256) for f in item.images),
             masks=tuple((f.uri, f.sha256) for f in item.masks) if item.masks else None,
             training=item.training,
+            selection=item.selection,
             concept_key=item.concept_key,
             file=file,
             base_model=self.base_model,

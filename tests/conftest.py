@@ -54,3 +54,11 @@ def trained_pair(covariance: Covariance, mug_images, bag_images) -> tuple[perfus
     mug = perfusion.train_concept(trainer, mug_images, "<mug-1>", "mug", FAST, covariance=covariance)
     bag = perfusion.train_concept(trainer, bag_images, "<bag-1>", "teddy bear", FAST, covariance=covariance)
     return mug, bag
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP folder whose text width (32) is the tiny base's: a `clip:<folder>` scorer."""
+    from tests.helpers import write_tiny_clip
+
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,3 +55,28 @@ def http_receiver() -> Iterator[tuple[str, list[tuple[str, str, bytes]]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+PROCESSOR = {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 0}
+
+
+def write_tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIPModel (text width 32, the tiny base's) saved as a real CLIP folder would be: config,
+    safetensors, tokenizer, image-processor config."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from perfusion.vocab import load_tiny_tokenizer
+
+    tokenizer = load_tiny_tokenizer()
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPModel(
+        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
+    return folder

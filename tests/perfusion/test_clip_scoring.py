@@ -2,38 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+from transformers import CLIPModel, CLIPTextConfig, CLIPTextModel
 
 from perfusion.clip_scoring import ClipFolderError, ClipScorer, check_clip_folder, superclass_prompt
-from perfusion.vocab import load_tiny_tokenizer
-
-PROCESSOR = {"crop_size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "resample": 0}
 
 
 @pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny random CLIPModel saved as a real CLIP folder would be (config, safetensors, tokenizer, processor)."""
-    folder = tmp_path_factory.mktemp("clip")
-    tokenizer = load_tiny_tokenizer()
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
-                          bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(
-        CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
-    ).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
-    return folder
+def clip_folder(tiny_clip):
+    return tiny_clip
 
 
 def _images(count: int, seed: int) -> list[np.ndarray]:

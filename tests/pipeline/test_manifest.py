@@ -170,9 +170,10 @@ def test_the_manifest_resolves_its_storage_root_and_base_model(tmp_path, monkeyp
 def test_the_training_schema_is_train_config_and_tokens_follow_the_library():
     from dataclasses import fields
 
-    from pipeline.manifest import TrainingSettings
+    from pipeline.manifest import SelectSettings, TrainingSettings
 
-    assert set(TrainingSettings.model_fields) == {f.name for f in fields(perfusion.TrainConfig)}
+    assert set(TrainingSettings.model_fields) == {f.name for f in fields(perfusion.TrainConfig)} | {"select"}
+    assert set(SelectSettings.model_fields) == {f.name for f in fields(perfusion.SelectConfig)} | {"every"}
     name = "a" * 64  # a valid name (it names files) whose token <aaa...a> is one character too long
     found = problems_of(
         f"version: 1\ncatalog: shop\nconcepts:\n  - {{name: {name}, superclass: mug, images: [a.png]}}\n"
@@ -207,3 +208,45 @@ def test_reading_a_manifest_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+SELECTING = """
+version: 1
+catalog: shop
+base_model: tiny
+training: {steps: 40, select: {every: 10, scorer: "clip:models/clip"}}
+concepts:
+  - {name: red-mug, superclass: mug, images: [m.png], training: {select: {seeds: 3, gate: false}}}
+  - {name: blue-bag, superclass: bag, images: [b.png], training: {select: {scorer: none}}}
+  - {name: green-cup, superclass: cup, images: [c.png]}
+renders:
+  - {name: mugs, prompts: ["{a}"], concepts: {names: [red-mug]}, gates: {red-mug: {beta: 0.6}}}
+"""
+
+
+def test_training_select_merges_per_field_and_sets_the_scoring_cadence():
+    manifest = parse_manifest(SELECTING, "/data/shop/catalog.yaml")
+    mug, bag, cup = manifest.concepts
+    assert manifest.training_config(mug) == {"steps": 40, "select_every": 10}  # `select` is not a TrainConfig field
+    assert manifest.selection(mug) == perfusion.SelectConfig(scorer="clip:/data/shop/models/clip", seeds=3, gate=False)
+    assert manifest.selection(bag) is None  # scorer none: no selection
+    assert manifest.selection(cup) == perfusion.SelectConfig(scorer="clip:/data/shop/models/clip")
+    assert parse_manifest(GOOD, "catalog.yaml").selection(parse_manifest(GOOD).concepts[0]) is None
+
+
+def test_bad_selection_and_gate_overrides_are_refused_with_their_paths():
+    text = (
+        SELECTING.replace("base_model: tiny", "base_model: toy")
+        .replace('scorer: "clip:models/clip"', "scorer: bert")
+        .replace("seeds: 3, gate: false", "every: 50, seeds: 0")
+        .replace("{scorer: none}", "{scorer: toy}")
+        .replace("gates: {red-mug:", "gates: {blue-bag:")
+    )
+    found = problems_of(text)
+    assert "concepts[0].training.select.seeds: input should be greater than or equal to 1" in found
+    found = problems_of(text.replace("seeds: 0", "seeds: 1"))
+    assert any(p.startswith("training.select.scorer: 'bert' is not a scorer: use 'toy'") for p in found)
+    assert "concepts[0].training.select.every: 50 is more than the 40 training steps: use at most 40" in found
+    assert any(p.startswith("renders[0].gates.blue-bag: 'blue-bag' is not rendered by this job") for p in found)
+    on_sd = problems_of(SELECTING.replace("{scorer: none}", "{scorer: toy}"))
+    assert any(p.startswith("concepts[1].training.select.scorer: 'toy' scores the toy base only") for p in on_sd)

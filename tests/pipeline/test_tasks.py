@@ -7,7 +7,7 @@ import pytest
 
 import perfusion
 from pipeline.index import ConceptIndex, Status
-from pipeline.manifest import load_manifest
+from pipeline.manifest import ManifestError, load_manifest
 from pipeline.tasks import train_one
 from pipeline.train import TrainRun
 from pipeline.worker import TransientError, is_transient, prepare_base
@@ -80,3 +80,38 @@ def test_the_retry_decision():
     assert is_transient(TimeoutError()) and is_transient(ConnectionError()) and is_transient(RuntimeError("CUDA"))
     assert not is_transient(perfusion.TrainingError("bad image"))
     assert not is_transient(ValueError("bad value")) and not is_transient(FileNotFoundError("gone"))
+
+
+def _selecting(tmp_path, scorer: str):
+    manifest_path = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug",))
+    text = manifest_path.read_text().replace(
+        "training: {steps: 4, batch_size: 2}",
+        f'training: {{steps: 4, batch_size: 2, select: {{every: 2, scorer: "{scorer}", samples: 1, gate: false}}}}',
+    )
+    manifest_path.write_text(text)
+    run = TrainRun(load_manifest(manifest_path))
+    return run, prepare_base(run.base_model, run.store.root)
+
+
+def test_a_selected_concept_records_its_operating_point_in_its_file_and_row(tmp_path, tiny_clip):
+    run, base = _selecting(tmp_path, f"clip:{tiny_clip}")
+    [(item, status)] = run.plan(base)
+    assert status == Status.PLANNED and item.selection.samples == 1
+    _, _, plain = planned(tmp_path / "plain")
+    assert item.concept_key != plain["mug"].concept_key  # selection is part of the key
+    row = train_one(run._task(item, base))
+    assert row.status == Status.SUCCEEDED, row.error
+    concept = perfusion.load_concept_file(run.store.read(run.store.relative(row.file_uri), row.sha256))
+    selection = concept.metadata["selection"]
+    assert row.selected_step == selection["step"] in (2, 4) and row.selected_seed == selection["seed"] == 0
+    assert row.selection_score == selection["score"] == concept.metadata["selected_score"]
+    assert (row.beta, row.tau) == (concept.beta, concept.tau) == (0.7, 0.15)  # gate: false keeps the default
+    run.index.append([row])
+    assert ConceptIndex(run.store).get("mug")["selected_step"] == row.selected_step
+
+
+def test_a_scorer_folder_that_is_not_a_clip_stops_the_plan(tmp_path):
+    (tmp_path / "not-clip").mkdir()
+    run, base = _selecting(tmp_path, f"clip:{tmp_path / 'not-clip'}")
+    with pytest.raises(ManifestError, match=r"training\.select\.scorer: CLIP folder .*not-clip has no config.json"):
+        run.plan(base)
