@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             selection = concept.metadata.get("selection", {})
             rows.append(
                 f"| {name} | {label} | {concept.metadata['selected_step']} | {concept.beta:g} / {concept.tau:g} | "
-                f"{selection.get('score', float('nan')):.3f} | {score.fidelity:.0%} | {score.alignment:.0%} | "
+                f"{format(selection['score'], '.3f') if 'score' in selection else '-'} | {score.fidelity:.0%} | "
+                f"{score.alignment:.0%} | "
                 f"{score.in_context:.0%} | {seconds:.0f} |"
             )
             print(rows[-1], flush=True)

@@ -72,7 +72,19 @@ def _cell(column: str, value: object) -> str:
     return str(value)
 
 
-LIST_COLUMNS = ["name", "token", "superclass", "status", "steps", "final_loss", "bytes", "created_at", "file_uri"]
+LIST_COLUMNS = [
+    "name",
+    "token",
+    "superclass",
+    "status",
+    "steps",
+    "final_loss",
+    "beta",
+    "tau",
+    "bytes",
+    "created_at",
+    "file_uri",
+]
 
 
 @concepts_app.command("list")
