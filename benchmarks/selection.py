@@ -2,6 +2,8 @@
 
     python -m benchmarks.selection                                   # dotted-star, ~15 minutes on 2 cores
     python -m benchmarks.selection --products dotted-star,striped-square --every 50 --samples 8
+    python -m benchmarks.selection --products dotted-star,striped-square --scorer oracle \
+        --out benchmarks/results/selection_oracle.md                # selection with the oracle as scorer
 
 Each product is trained twice on the toy base, from one recipe (the composition benchmark's: 6 images, 400
 steps, batch 8, no flips): plain (the last step, the default gate), and with `training.select` as a catalog
@@ -21,7 +23,7 @@ from pathlib import Path
 import perfusion
 from benchmarks.flags import option, parse_flags
 from perfusion.selection import train_selected
-from perfusion.toyworld.scoring import score_concept
+from perfusion.toyworld.scoring import oracle_scorer, score_concept
 from perfusion.toyworld.world import PERSONAL_CONCEPTS, concept_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -35,12 +37,15 @@ class SelectionConfig:
     every: int = option(100, "score every N steps (training.select.every)")
     samples: int = option(4, "validation renders a measure at each score (training.select.samples)")
     seeds: int = option(1, "training seeds tried (training.select.seeds)")
+    scorer: str = option("toy", "toy (the toy CLIP, as a catalog's `scorer: toy`) or oracle (knows the product)")
     report_samples: int = option(16, "oracle renders a measure for the reported figures")
     out: str = option(str(RESULTS / "selection.md"), "where the table goes")
 
     def problems(self) -> list[str]:
         unknown = [n for n in self.products.split(",") if n not in KNOWN]
         found = [f"--products: unknown {unknown}; use {', '.join(KNOWN)}"] if unknown else []
+        if self.scorer not in {"toy", "oracle"}:
+            found.append(f"--scorer must be toy or oracle, not {self.scorer!r}")
         if not 1 <= self.every <= self.steps:
             found.append(f"--every must be between 1 and --steps ({self.steps})")
         return found
@@ -61,9 +66,12 @@ def main(argv: list[str] | None = None) -> None:
         plain_seconds = time.perf_counter() - started
         print(f"{name}: plain training {plain_seconds:.0f} s; selecting ...", flush=True)
         started = time.perf_counter()
+        oracle = None
+        if config.scorer == "oracle":
+            oracle = oracle_scorer(lambda: perfusion.load_base("toy"), covariance, spec, config.samples, log=print)
         chosen = train_selected(
             perfusion.train_concept, base, images, token, spec.superclass, recipe, select,
-            covariance=covariance, log=print,
+            covariance=covariance, log=print, scorer=oracle,
         )  # fmt: skip
         selected_seconds = time.perf_counter() - started
         ratios.append(selected_seconds / plain_seconds)
@@ -80,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(rows[-1], flush=True)
     lines = [
-        f"# Operating-point selection on toy {base.fingerprint[:12]} ({config.steps} steps, batch 8; scorer toy "
-        f"CLIP every {config.every} steps on {config.samples} renders a measure, {config.seeds} seed(s), then the "
-        f"gate grid; oracle on {config.report_samples} renders a measure)",
+        f"# Operating-point selection on toy {base.fingerprint[:12]} ({config.steps} steps, batch 8; scorer "
+        f"{'the toy CLIP' if config.scorer == 'toy' else 'the oracle'} every {config.every} steps on "
+        f"{config.samples} renders a measure, {config.seeds} seed(s), then the gate grid; oracle on "
+        f"{config.report_samples} renders a measure)",
         "",
         "| product | training | step | beta / tau | selection score | fidelity | alignment | in context | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -128,12 +128,15 @@ def train_selected(
     log: Callable[[str], None] | None = None,
     grid: Sequence[tuple[float, float]] = GATE_GRID,
     render: RenderSettings = SELECTION_RENDER,
+    scorer: Scorer | None = None,
 ) -> Concept:
     """Train on select.seeds seeds with step selection, keep the best (seed, step), then sweep its gate over
-    `grid` (select.gate). `train` is a method's trainer (train_concept's signature, with `scorer`)."""
+    `grid` (select.gate). `train` is a method's trainer (train_concept's signature, with `scorer`). `scorer`
+    replaces select.scorer's CLIP score (a benchmark's: the toy world's oracle, which knows the product)."""
     started = time.perf_counter()
-    clip = load_scorer_clip(select, base)
-    scorer = clip_scorer(base, covariance, clip, images, superclass, select.samples, log, render)
+    if scorer is None:
+        clip = load_scorer_clip(select, base)
+        scorer = clip_scorer(base, covariance, clip, images, superclass, select.samples, log, render)
     candidates = []
     for offset in range(select.seeds):
         seeded = dataclasses.replace(config, seed=config.seed + offset)
