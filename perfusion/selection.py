@@ -109,8 +109,8 @@ def load_scorer_clip(select: SelectConfig, base: BaseModel) -> ClipScorer:
         return ClipScorer.from_folder(TOY_CLIP_DIR, device=str(base.device))
     folder = select.clip_folder
     assert folder is not None  # SelectConfig checked the form
-    width = int(base.text_encoder.config.hidden_size)
-    return ClipScorer.from_folder(Path(folder).expanduser(), device=str(base.device), expected_text_width=width)
+    # any CLIP scores images and captions: it need not be the text encoder the base was built on
+    return ClipScorer.from_folder(Path(folder).expanduser(), device=str(base.device))
 
 
 def train_selected(
