@@ -51,6 +51,10 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name -> RenderSettings fields
     # No concepts: each token replaced by its product's description in words ("a dotted purple star with a
     # dot"), what the base itself can compose; the ceiling the base sets, not a method.
     "words": {},
+    # Personalized Residuals concepts of the same products: with LAG (each residual where its token and macro
+    # class draw the cross-attention, the default) and applied at every image position
+    "residuals, LAG": {"method": "residuals", "localized": True},
+    "residuals, everywhere": {"method": "residuals", "localized": False},
 }
 MAP_GRID = 16
 
@@ -66,6 +70,10 @@ class CompositionConfig:
     )
     untrained: bool = option(False, "no training: each product's step-0 concept (a smoke run of the pipeline)")
     concepts: str = option(str(RESULTS / "composition_concepts"), "folder of the products' concept files")
+    residual_steps: int = option(150, "training steps per product of the residual variants (the paper: 150)")
+    residual_concepts: str = option(
+        str(RESULTS / "composition_residuals"), "folder of the products' residual concept files"
+    )
     clip: str = option(str(TOY_CLIP_DIR), "a local CLIP folder for CLIP-I / CLIP-T; 'none' to skip")
     failures: int = option(8, "failing pair renders drawn in composition_failures.png")
     device: str = option("cpu", "cpu or cuda")
@@ -130,25 +138,37 @@ HEADER = [
 ]
 
 
-def products(config: CompositionConfig, base: perfusion.BaseModel, covariance: Any) -> list[perfusion.Concept]:
-    """One concept per catalog product: loaded from --concepts when trained on this base, else trained there."""
-    folder = Path(config.concepts)
+def products(
+    config: CompositionConfig, base: perfusion.BaseModel, covariance: Any, method: str = "perfusion"
+) -> list[Any]:
+    """One concept per catalog product: loaded from its folder (--concepts, --residual-concepts) when trained on
+    this base with this recipe, else trained there. Perfusion: 400 steps, batch 8; residuals: the paper's
+    recipe (batch 4, lr 1e-3) for --residual-steps."""
+    residual = method == "residuals"
+    folder = Path(config.residual_concepts if residual else config.concepts)
+    steps = config.residual_steps if residual else config.steps
     concepts = []
     for spec in PERSONAL_CONCEPTS:
         token = f"<{spec.name}>"
         if config.untrained:
-            concepts.append(perfusion.training.initial_concept(base, token, spec.superclass))
+            initial = (
+                perfusion.residual_training.initial_residual_concept if residual else perfusion.training.initial_concept
+            )
+            concepts.append(initial(base, token, spec.superclass))
             continue
         path = folder / f"{spec.name}.safetensors"
         if path.is_file():
             concept = perfusion.load_concept_file(path.read_bytes(), name=str(path))
             trained_steps = concept.metadata.get("train_config", {}).get("steps")
-            if concept.fingerprint == base.fingerprint and trained_steps == config.steps:
+            if concept.fingerprint == base.fingerprint and trained_steps == steps:
                 concepts.append(concept)
                 continue
-        print(f"training {token} ({config.steps} steps) ...", flush=True)
-        recipe = perfusion.TrainConfig(steps=config.steps, batch_size=8, flip_probability=0.0)
-        concept = perfusion.train_concept(
+        print(f"training {token} ({method}, {steps} steps) ...", flush=True)
+        if residual:
+            recipe = perfusion.TrainConfig.for_method(method="residuals", steps=steps, flip_probability=0.0)
+        else:
+            recipe = perfusion.TrainConfig(steps=steps, batch_size=8, flip_probability=0.0)
+        concept = perfusion.methods.method_named(method).train(
             base, concept_images(spec, 6, seed=11), token, spec.superclass, recipe, covariance=covariance
         )
         folder.mkdir(parents=True, exist_ok=True)
@@ -284,10 +304,13 @@ def failure_sheet(
 def run(config: CompositionConfig) -> Path:
     base = perfusion.load_base("toy", device=config.device)
     covariance = perfusion.estimate_covariance(base)
-    concepts = products(config, base, covariance)
+    methods = {VARIANTS[v].get("method", "perfusion") for v in config.chosen if v != "words"}
+    concepts = {method: products(config, base, covariance, method) for method in sorted(methods)}
     clip = ClipScorer.from_folder(config.clip, device=config.device) if config.clip != "none" else None
     renders = plan(config.seeds)
     recipe = "untrained (step 0)" if config.untrained else f"key-locked Perfusion, {config.steps} steps, 6 images"
+    if "residuals" in methods and not config.untrained:
+        recipe += f"; residuals {config.residual_steps} steps, batch 4"
     lines = [
         f"# Composition on toy {base.fingerprint[:12]} ({recipe}; {len(PAIR_FORMS)} pair forms and "
         f"{len(SINGLE_FORMS)} single forms x {config.seeds} seeds, {config.render_steps} DDIM steps, guidance "
@@ -298,10 +321,11 @@ def run(config: CompositionConfig) -> Path:
     sheet_drawn = False
     for variant in config.chosen:
         renderer = perfusion.ConceptRenderer(perfusion.load_base("toy", device=config.device), covariance)
-        for concept in concepts:
+        fields = dict(VARIANTS[variant])
+        for concept in concepts.get(fields.pop("method", "perfusion"), []):
             renderer.attach(concept)
         settings = perfusion.RenderSettings(
-            steps=config.render_steps, guidance_scale=config.guidance, batch_size=24, **VARIANTS[variant]
+            steps=config.render_steps, guidance_scale=config.guidance, batch_size=24, **fields
         )
         tally, failing = measure(renderer, renders, settings, clip, in_words=variant == "words")
         lines.append(tally.row(variant))

@@ -28,6 +28,7 @@ Writes benchmarks/results/concept_quality.md and concept_pareto.png (with --mask
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "perfusion": {},
     "trained keys": {"lock_keys": False},
     "textual inversion": {"method": "textual_inversion"},
+    # Personalized Residuals (RESIDUALS.md), their own recipe (--residual-*); one training serves both rows
+    "residuals": {"method": "residuals"},
+    "residuals, LAG off": {"method": "residuals", "localized": False},
 }
+DEFAULT_VARIANTS = "untrained,described in words,perfusion,trained keys,textual inversion"
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,10 @@ class QualityConfig:
     )
     templates: str | None = option(None, "training prompts, '|'-separated, each with {} (default: the base's own)")
     table_only: bool = option(False, "the table alone: no gate sweep, pair or one-shot")
-    variants: str = option(",".join(VARIANTS), f"comma-separated, from: {', '.join(VARIANTS)}")
+    variants: str = option(DEFAULT_VARIANTS, f"comma-separated, from: {', '.join(VARIANTS)}")
+    residual_steps: int = option(150, "residual variants: training steps (the paper: 150)")
+    residual_batch: int = option(4, "residual variants: images per step (the paper: 4)")
+    residual_lr: float = option(1e-3, "residual variants: TrainConfig.lr_residual (the paper: 1e-3)")
     clip: str = option(str(TOY_CLIP_DIR), "a local CLIP folder for CLIP-I / CLIP-T beside the oracle; 'none' to skip")
     device: str = option("cpu", "cpu or cuda (quality figures do not depend on it)")
     out: Path = field(default=RESULTS, metadata={"help": "folder for the table and the plot"})
@@ -150,6 +158,11 @@ class QualityConfig:
         parts += [f"templates {list(self.prompt_templates or ())}"] if self.templates else []
         parts += [f"masks (background {self.mask_background})"] if self.masks else []
         parts.append(f"embedding norm cap {perfusion.TrainConfig().embedding_norm_cap}")
+        if any(VARIANTS[v].get("method") == "residuals" for v in self.chosen):
+            parts.append(
+                f"residuals: {self.residual_steps} steps, batch {self.residual_batch}, lr {self.residual_lr}, rank "
+                f"{perfusion.TrainConfig().residual_rank} x channels"
+            )
         return ", ".join(parts)
 
 
@@ -169,6 +182,7 @@ class QualityRun:
         self.concepts = PERSONAL_CONCEPTS[:1] if config.quick else PERSONAL_CONCEPTS
         self.trained: dict[tuple[str, str], perfusion.Concept] = {}  # (concept, variant) -> first seed's concept
         self.fidelities: dict[str, float] = {}  # Perfusion's, per concept: the sweep and the pair use the best
+        self.residuals: dict[tuple[str, int], Any] = {}  # (concept, seed) -> residual concept, both LAG rows
 
     def fresh_base(self) -> perfusion.BaseModel:
         """A fresh copy of the toy base: renderers add concept tokens to theirs."""
@@ -189,7 +203,24 @@ class QualityRun:
         overrides: dict[str, Any],
         scorer: Scorer | None,
     ) -> perfusion.Concept:
-        """One training of the shared recipe (step selection with `scorer` when --select-every is set)."""
+        """One training of the shared recipe (step selection with `scorer` when --select-every is set); the
+        residual variants train on their own recipe, once per concept and seed."""
+        if overrides.get("method") == "residuals":
+            key = (spec.name, seed)
+            if key not in self.residuals:
+                recipe = perfusion.TrainConfig.for_method(
+                    method="residuals",
+                    steps=self.config.residual_steps,
+                    batch_size=self.config.residual_batch,
+                    lr_residual=self.config.residual_lr,
+                    flip_probability=0.0,
+                    templates=self.config.prompt_templates,
+                    seed=seed,
+                )
+                self.residuals[key] = perfusion.methods.method_named("residuals").train(
+                    self.base, images, f"<{spec.name}>", spec.superclass, recipe, masks=masks
+                )
+            return self.residuals[key]
         every = self.config.select_every
         config = perfusion.TrainConfig(
             **self.config.recipe(), select_every=every or self.config.steps, seed=seed, **overrides
@@ -245,9 +276,18 @@ class QualityRun:
         config, token = self.config, f"<{spec.name}>"
         references = [np.asarray(image) for image in images]
 
+        settings = dataclasses.replace(RENDER, localized=VARIANTS[variant].get("localized", True))
+
         def score(renderer: perfusion.ConceptRenderer, prompt: str) -> ConceptScore:
             return score_concept(
-                renderer, spec, prompt, config.samples, seed=config.render_seed, clip=self.clip, references=references
+                renderer,
+                spec,
+                prompt,
+                config.samples,
+                seed=config.render_seed,
+                clip=self.clip,
+                references=references,
+                settings=settings,
             )
 
         if variant == "described in words":  # nothing to train: the base model alone
@@ -260,7 +300,8 @@ class QualityRun:
                 )
             else:
                 seeds = range(group * config.best_of, (group + 1) * config.best_of)  # --best-of 1: seed = group
-                candidates = [(s, self.train(spec, images, masks, s, VARIANTS[variant], scorer)) for s in seeds]
+                overrides = {k: v for k, v in VARIANTS[variant].items() if k != "localized"}  # a render setting
+                candidates = [(s, self.train(spec, images, masks, s, overrides, scorer)) for s in seeds]
                 seed, concept = (
                     pick_best(candidates, scorer, f"{spec.name} {variant}") if len(seeds) > 1 else candidates[0]
                 )

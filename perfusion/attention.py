@@ -12,8 +12,9 @@ position, by region (regional_attention).
 
 Per-call state travels in `cross_attention_kwargs={"perfusion": PerfusionCall}`: which concepts each batch
 row uses, and the per-row basis shared by all layers. No call state -> the unedited layer, exactly.
-Self-attention (attn1) receives the same kwargs from the UNet, so its processor is wrapped to drop the
-`perfusion` entry (otherwise diffusers logs a warning on every call).
+Residual concepts' call (`"residuals"`, perfusion/residual_layers.py) is handed this layer's cross-attention
+probabilities when its localized sampling needs them. Self-attention (attn1) receives the same kwargs from
+the UNet, so its processor is wrapped to drop both entries (otherwise diffusers logs a warning on every call).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from perfusion.covariance import Covariance
 from perfusion.errors import RenderError
 from perfusion.models import cross_attention_layers
 from perfusion.rank1 import EditBasis, build_edit_basis, gate
+from perfusion.residual_layers import ResidualCall
 
 GateOverrides = Mapping[str, tuple[float, float]]  # concept token -> (beta, tau)
 # Called by every cross-attention layer of a recorded call: (layer name, (b, n, m) attention probabilities of
@@ -160,6 +162,7 @@ class PerfusionAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         perfusion: PerfusionCall | None = None,
+        residuals: ResidualCall | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -216,10 +219,17 @@ class PerfusionAttnProcessor:
         if perfusion is not None and perfusion.concepts and perfusion.region_masks is not None:
             regions = perfusion.region_masks
             hidden_states = regional_attention(perfusion, regions, self.layer_name, query, edited, attention_mask)
+            if residuals is not None and residuals.localized:
+                residuals.observe(self.layer_name, attention_probabilities(query, edited(None)[0], attention_mask))
         else:
             k, v = edited(None)
-            if perfusion is not None and perfusion.record_attention is not None:
-                perfusion.record_attention(self.layer_name, attention_probabilities(query, k, attention_mask))
+            recording = perfusion is not None and perfusion.record_attention is not None
+            if recording or (residuals is not None and residuals.localized):
+                probabilities = attention_probabilities(query, k, attention_mask)
+                if recording:
+                    perfusion.record_attention(self.layer_name, probabilities)
+                if residuals is not None:  # LAG's maps (perfusion/residual_layers.py)
+                    residuals.observe(self.layer_name, probabilities)
             hidden_states = F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -374,7 +384,13 @@ class SelfAttentionPassthrough:
     def __init__(self, inner: object) -> None:
         self.inner = inner
 
-    def __call__(self, *args: object, perfusion: PerfusionCall | None = None, **kwargs: object) -> torch.Tensor:
+    def __call__(
+        self,
+        *args: object,
+        perfusion: PerfusionCall | None = None,
+        residuals: ResidualCall | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor:
         return self.inner(*args, **kwargs)  # type: ignore[operator]
 
 

@@ -64,8 +64,14 @@ class TrainConfig:
     flip_probability: float = _bounded(0.5, ge=0, le=1)  # horizontal flips; 0 for asymmetric concepts
     select_every: int = _bounded(25, ge=1)  # step-selection cadence (paper: every 25 steps)
     lock_keys: bool = True  # False: the "trained keys" ablation, o*_K trained like o*_V
-    # "textual_inversion": the embedding row only, no rank-1 edit (a baseline)
-    method: Literal["perfusion", "textual_inversion"] = "perfusion"
+    # "textual_inversion": the embedding row only, no rank-1 edit (a baseline); "residuals": Personalized
+    # Residuals (RESIDUALS.md), whose own defaults are METHOD_DEFAULTS["residuals"]
+    method: Literal["perfusion", "textual_inversion", "residuals"] = "perfusion"
+    # Residuals only: rank r_i = ceil(residual_rank x channels) of each proj_out's dW = A B (paper: 0.05),
+    # their rate, and whether the concept token's embedding learns too (default: kept at its initialisation)
+    residual_rank: float = _bounded(0.05, gt=0, le=1)
+    lr_residual: float = _bounded(1e-3, gt=0)
+    residual_train_embedding: bool = False
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, none on CPU
     seed: int = 0
     templates: tuple[str, ...] | None = None  # None: the base model's own (BaseModel.templates)
@@ -77,6 +83,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def for_method(cls, **settings: Any) -> TrainConfig:
+        """A config from `settings`, the fields not given taking the method's defaults (METHOD_DEFAULTS)."""
+        return cls(**with_method_defaults(settings))
+
+
+# Where a method's paper recipe differs from Perfusion's field defaults: applied to the fields not given.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "residuals": {"steps": 150, "batch_size": 4},  # Ham et al.: 150 steps, batch 4, lr 1e-3
+}
+
+
+def with_method_defaults(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """TrainConfig fields: the method's defaults, then `settings` (what a manifest or a caller gave)."""
+    return METHOD_DEFAULTS.get(str(settings.get("method", "perfusion")), {}) | dict(settings)
 
 
 # A selection scorer: "toy" (the toy world's CLIP; the toy base only), "clip:<folder>" (a local CLIPModel
@@ -137,6 +159,7 @@ def settings_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     breaks: unknown names, bounds, choices, and the rules across fields."""
     specs = {spec.name: spec for spec in dataclasses.fields(TrainConfig)}
     found = [(name, "is not a training setting") for name in values if name not in specs]
+    values = with_method_defaults(values)  # a method's own defaults count as given
     settings = {name: values.get(name, spec.default) for name, spec in specs.items()}
     hints = _hints()
     for name, value in settings.items():

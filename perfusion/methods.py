@@ -47,6 +47,15 @@ METHODS: dict[str, Method] = {
     "perfusion": Method("perfusion", "perfusion-1", **_PERFUSION),
     # The embedding row alone, no layer edited: the baseline the paper compares against (same file format).
     "textual_inversion": Method("textual_inversion", "perfusion-1", **_PERFUSION),
+    # Low-rank residuals on every transformer block's proj_out, applied where the concept is attended to
+    # (Ham et al. 2024; RESIDUALS.md).
+    "residuals": Method(
+        "residuals",
+        "residuals-1",
+        trainer="perfusion.residual_training:train_residual_concept",
+        loader="perfusion.residuals:load_residual_concept",
+        file_format="residual-concept",
+    ),
 }
 DEFAULT_METHOD = "perfusion"
 

@@ -5,16 +5,19 @@
     images = renderer.render([RenderRequest("a photo of <backpack> on the beach", seed=3)])
 
 Each request carries its own concept set (by default: the attached concept tokens found in its prompt),
-seed and beta/tau overrides. Rows with different sets render together in one batch: the edit is applied
-per encoding (PerfusionCall), never by merging weights, so a mixed batch gives the same images as
-rendering each row alone. The denoising loop is diffusers' own StableDiffusionPipeline, fed
-prompt_embeds and cross_attention_kwargs.
+seed and beta/tau overrides. Concepts of either method attach: Perfusion's (a gated rank-1 edit of K and V,
+applied per encoding: PerfusionCall) and residual ones (low-rank proj_out residuals, applied per row where
+the concept is attended to: ResidualCall). Rows with different sets render together in one batch, never by
+merging weights, so a mixed batch gives the same images as rendering each row alone. A residual concept's
+token is followed by its macro class in the prompt it renders ("<sku> backpack"), as it was trained.
+The denoising loop is diffusers' own StableDiffusionPipeline, fed prompt_embeds and cross_attention_kwargs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -29,6 +32,8 @@ from perfusion.covariance import Covariance
 from perfusion.errors import RenderError
 from perfusion.models import BaseModel
 from perfusion.rank1 import gate, similarity
+from perfusion.residual_layers import ResidualCall, install_residual_hooks
+from perfusion.residuals import ResidualConcept, check_residual_compatible
 from perfusion.tokens import (
     add_concept_token,
     prompt_tokens,
@@ -38,6 +43,7 @@ from perfusion.tokens import (
 )
 
 logger = logging.getLogger(__name__)
+AnyConcept = Concept | ResidualConcept  # what a renderer attaches: a concept of either method
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class RenderSettings:
     exact_projection: bool = True  # False: the cheaper e - sum_k s_k(e) i*_k approximation
     batch_size: int = 8
     eta: float = 0.0  # DDIM eta; 0 is deterministic given the seed
+    localized: bool = True  # residual concepts: LAG sampling (the residual only where the concept is attended)
 
     def __post_init__(self) -> None:
         if self.lock not in {"local", "global"}:
@@ -78,14 +85,27 @@ class ConceptRenderer:
             raise RenderError(f"the covariance belongs to base model {covariance.fingerprint}, not {base.fingerprint}")
         self.base = base
         self.covariance = covariance
-        self.concepts: dict[str, Concept] = {}  # token -> concept, tensors on the base's device
+        self.concepts: dict[str, AnyConcept] = {}  # token -> concept, tensors on the base's device
         install_processors(base.unet)
+        install_residual_hooks(base.unet)
 
-    def attach(self, concept: Concept) -> None:
+    def attach(self, concept: AnyConcept) -> None:
         """Validate against the base model and register the token. Re-attaching a token replaces it."""
+        device = self.base.device
+        if isinstance(concept, ResidualConcept):
+            check_residual_compatible(concept, self.base)
+            superclass_token_ids(self.base.tokenizer, concept.superclass)
+            on_device_residual = dataclasses.replace(
+                concept,
+                embedding=concept.embedding.float().to(device),
+                up={n: a.float().to(device) for n, a in concept.up.items()},
+                down={n: b.float().to(device) for n, b in concept.down.items()},
+            )
+            add_concept_token(self.base.tokenizer, self.base.text_encoder, concept.token, on_device_residual.embedding)
+            self.concepts[concept.token] = on_device_residual
+            return
         check_compatible(concept, self.base)
         superclass_token_ids(self.base.tokenizer, concept.superclass)
-        device = self.base.device
         on_device = dataclasses.replace(
             concept,
             embedding=concept.embedding.float().to(device),
@@ -129,7 +149,7 @@ class ConceptRenderer:
             return np.zeros((0, 0, 0, 3), dtype=np.float32)
         return np.concatenate(arrays)
 
-    def concepts_for(self, request: RenderRequest) -> list[Concept]:
+    def concepts_for(self, request: RenderRequest) -> list[AnyConcept]:
         """The concepts a request uses, checked against what is attached."""
         found = self._tokens_in(request.prompt)
         self._tokens_in(request.negative_prompt)  # a concept token there must be attached too
@@ -143,7 +163,20 @@ class ConceptRenderer:
         bad_gates = [t for t in request.gates if t not in tokens]
         if bad_gates:
             raise RenderError(f"gate overrides for {bad_gates}, which the prompt {request.prompt!r} does not use")
+        ungated = [t for t in request.gates if isinstance(self.concepts[t], ResidualConcept)]
+        if ungated:
+            raise RenderError(f"gate overrides for {ungated}: residual concepts have no gate (beta, tau); remove them")
         return [self.concepts[t] for t in dict.fromkeys(tokens)]
+
+    def prompt_for(self, request: RenderRequest) -> str:
+        """The prompt as rendered: each residual concept's token followed by its macro class, as in training
+        ("<sku> backpack"), unless the prompt already says it."""
+        prompt = request.prompt
+        for concept in self.concepts_for(request):
+            if isinstance(concept, ResidualConcept):
+                token, word = re.escape(concept.token), re.escape(concept.superclass.strip())
+                prompt = re.sub(rf"{token}(?!\s+{word}\b)", f"{concept.token} {concept.superclass.strip()}", prompt)
+        return prompt
 
     def _tokens_in(self, prompt: str) -> list[str]:
         ids = self.base.tokenizer(prompt, add_special_tokens=False).input_ids
@@ -160,7 +193,7 @@ class ConceptRenderer:
         concept, with the request's gate overrides (the value path; local locking's key path too). The edit
         is not tied to the concept's token: any encoding close to i* in the C^-1 metric is edited, and one
         far from it (a concept token in a context it was never trained in) is not."""
-        concepts = self.concepts_for(request)
+        concepts = [c for c in self.concepts_for(request) if isinstance(c, Concept)]
         ids = self.base.tokenizer(request.prompt, truncation=True).input_ids  # BOS .. EOS, no padding
         encodings = self.base.text_encoder(torch.tensor([ids], device=self.base.device))[0][0].double()  # (m, d)
         c_inv = self.covariance.c_inv.to(encodings.device, torch.float64)
@@ -177,12 +210,14 @@ class ConceptRenderer:
     def _render_batch(
         self,
         requests: Sequence[RenderRequest],
-        rows: list[list[Concept]],
+        concept_rows: list[list[AnyConcept]],
         settings: RenderSettings,
         attention_maps: CrossAttentionMaps | None = None,
     ) -> np.ndarray:
         base, device = self.base, self.base.device
-        positive_ids = self._tokenize([r.prompt for r in requests])
+        rows = [[c for c in row if isinstance(c, Concept)] for row in concept_rows]
+        residual_rows = [[c for c in row if isinstance(c, ResidualConcept)] for row in concept_rows]
+        positive_ids = self._tokenize([self.prompt_for(r) for r in requests])
         negative_ids = self._tokenize([r.negative_prompt for r in requests])
         positive = base.text_encoder(positive_ids.to(device))[0]  # (b, m, d)
         negative = base.text_encoder(negative_ids.to(device))[0]
@@ -210,6 +245,7 @@ class ConceptRenderer:
             confine=settings.edit_positions,
             prompt_ids=prompt_ids,
         )
+        residual_call = self._residual_call(residual_rows, negative_ids, positive_ids, guided, settings.localized)
         generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
         result = base.pipeline(
             prompt_embeds=positive,
@@ -221,9 +257,37 @@ class ConceptRenderer:
             generator=generators,
             eta=settings.eta,
             output_type="np",
-            cross_attention_kwargs={"perfusion": call},
+            cross_attention_kwargs={"perfusion": call, "residuals": residual_call},
         )
         return np.asarray(result.images, dtype=np.float32)
+
+    def _residual_call(
+        self,
+        rows: list[list[ResidualConcept]],
+        negative_ids: torch.Tensor,
+        positive_ids: torch.Tensor,
+        guided: bool,
+        localized: bool,
+    ) -> ResidualCall | None:
+        """The residual concepts of the UNet batch ([negative rows, positive rows] with guidance); with LAG, each
+        negative row takes its positive row's mask (the conditional half's map serves both halves)."""
+        if not any(rows):
+            return None
+        count = len(rows)
+        call_rows = rows + rows if guided else rows
+        if not localized:
+            return ResidualCall.build(call_rows, device=self.base.device)
+        tokenizer = self.base.tokenizer
+        phrases = {
+            c.token: (int(tokenizer.convert_tokens_to_ids(c.token)), superclass_token_ids(tokenizer, c.superclass))
+            for row in rows
+            for c in row
+        }
+        ids = torch.cat([negative_ids, positive_ids]) if guided else positive_ids
+        mask_rows = torch.arange(len(call_rows)) % count + (count if guided else 0)
+        return ResidualCall.build(
+            call_rows, prompt_ids=ids, token_phrases=phrases, mask_rows=mask_rows, device=self.base.device
+        )
 
     def _tokenize(self, prompts: list[str]) -> torch.Tensor:
         tokenizer = self.base.tokenizer

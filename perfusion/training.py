@@ -79,7 +79,7 @@ def train_concept(
     weights = None
     if masks is not None:
         weights = torch.stack([load_mask(m, resolution, token, i) for i, m in enumerate(masks)])
-    latents = _encode_latents(base, pixels.to(device))  # (mean, std) for [originals, flipped]
+    latents = encode_latents(base, pixels.to(device))  # (mean, std) for [originals, flipped]
     latent_size = latents[0].shape[-1]
     if weights is not None:
         weights = mask_weights(weights, latent_size).to(device)  # (n, 1, h, w), max 1 per image
@@ -130,7 +130,7 @@ def _train(
     scorer: Scorer | None,
 ) -> Concept:
     device, unet, text_encoder = base.device, base.unet, base.text_encoder
-    scheduler = _noise_schedule(base)
+    scheduler = noise_schedule(base)
     # The trainable tensors live inside `state`, so the processor reads exactly what will be saved.
     # Trainable: the embedding row and o*_V (and o*_K only in the trained-keys ablation). Nothing else.
     state.embedding = torch.nn.Parameter(state.embedding.clone())
@@ -153,8 +153,7 @@ def _train(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     batch, micro = config.batch_size, config.batch_size // config.grad_accumulation
     gate = {state.token: (config.train_beta, config.train_tau)}
-    autocast = _autocast(device, config.mixed_precision)
-    originals = len(latents[0]) // 2  # latents hold [originals, flipped originals]
+    autocast = autocast_for(device, config.mixed_precision)
     losses: list[float] = []
     best: tuple[float, int, Concept] | None = None
     tail = _TailAverage(first_step=config.steps - int(config.average_tail * config.steps) + 1)
@@ -162,20 +161,9 @@ def _train(
 
     templates = training_templates(base, config)
     for step in range(1, config.steps + 1):
-        # All randomness of the step is drawn for the full batch, then split into micro-batches, so
-        # gradient accumulation computes the same update as one big batch.
-        picks = [rng.randrange(originals) for _ in range(batch)]
-        flips = [rng.random() < config.flip_probability for _ in range(batch)]
-        prompts = [rng.choice(templates).format(state.token) for _ in range(batch)]
-        rows = torch.tensor([p + (originals if f else 0) for p, f in zip(picks, flips, strict=True)])
-        mean, std = latents[0][rows], latents[1][rows]  # (batch, c, h, w)
-        clean = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * _scaling(base)
-        noise = torch.randn(clean.shape, generator=generator, device=device)  # Gaussian, never uniform
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        target = _denoising_target(scheduler, clean, noise, timesteps)
-        pixel_weights = pick_weights(weights, picks, flips) if weights is not None else None  # (batch, 1, h, w)
-        ids = _tokenize(base, prompts).to(device)  # (batch, m)
+        drawn = draw_batch(base, scheduler, latents, weights, templates, state.token, config, rng, generator)
+        noisy, timesteps, target, pixel_weights = drawn.noisy, drawn.timesteps, drawn.target, drawn.pixel_weights
+        ids = tokenize_prompts(base, drawn.prompts).to(device)  # (batch, m)
 
         optimizer.zero_grad(set_to_none=True)
         step_loss, concept_encodings = 0.0, []
@@ -218,7 +206,7 @@ def _train(
     selected_step, result = (config.steps, tail.snapshot(state)) if best is None else (best[1], best[2])
     result.metadata = {
         "train_config": config.to_dict(),
-        "loss": _loss_summary(losses),
+        "loss": loss_summary(losses),
         "selected_step": selected_step,
         "selected_score": None if best is None else best[0],  # the scorer's value at that step
         "seconds": round(time.perf_counter() - started, 3),
@@ -227,14 +215,58 @@ def _train(
     return result
 
 
-def _noise_schedule(base: BaseModel) -> DDPMScheduler:
+@dataclass(frozen=True)
+class DenoisingBatch:
+    """One optimizer step's training examples (every method's): noised latents and what the UNet must predict."""
+
+    noisy: torch.Tensor  # (batch, c, h, w)
+    timesteps: torch.Tensor  # (batch,)
+    target: torch.Tensor  # (batch, c, h, w): the noise, or the velocity
+    pixel_weights: torch.Tensor | None  # (batch, 1, h, w) soft foreground mask, max 1 per image; None: no masks
+    prompts: list[str]
+
+
+def draw_batch(
+    base: BaseModel,
+    scheduler: DDPMScheduler,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    weights: torch.Tensor | None,
+    templates: Sequence[str],
+    subject: str,
+    config: TrainConfig,
+    rng: random.Random,
+    generator: torch.Generator,
+) -> DenoisingBatch:
+    """Pick images (and flips), prompts (templates filled with `subject`), latent samples, Gaussian noise and
+    timesteps for a full batch. All of a step's randomness is drawn here for the full batch, then split into
+    micro-batches, so gradient accumulation computes the same update as one big batch."""
+    batch, device = config.batch_size, base.device
+    originals = len(latents[0]) // 2  # latents hold [originals, flipped originals]
+    picks = [rng.randrange(originals) for _ in range(batch)]
+    flips = [rng.random() < config.flip_probability for _ in range(batch)]
+    prompts = [rng.choice(templates).format(subject) for _ in range(batch)]
+    rows = torch.tensor([p + (originals if f else 0) for p, f in zip(picks, flips, strict=True)])
+    mean, std = latents[0][rows], latents[1][rows]  # (batch, c, h, w)
+    clean = (mean + std * torch.randn(mean.shape, generator=generator, device=device)) * latent_scaling(base)
+    noise = torch.randn(clean.shape, generator=generator, device=device)  # Gaussian, never uniform
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+    return DenoisingBatch(
+        noisy=scheduler.add_noise(clean, noise, timesteps),
+        timesteps=timesteps,
+        target=denoising_target(scheduler, clean, noise, timesteps),
+        pixel_weights=pick_weights(weights, picks, flips) if weights is not None else None,
+        prompts=prompts,
+    )
+
+
+def noise_schedule(base: BaseModel) -> DDPMScheduler:
     """The forward (noising) process of the base model's training: DDPM with the pipeline scheduler's betas.
     Not the pipeline's own scheduler: a sampler such as Euler scales noise by sigma in add_noise, and
     set_timesteps() from an earlier render changes its state."""
     return DDPMScheduler.from_config(base.pipeline.scheduler.config)
 
 
-def _denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """What the UNet predicts: the noise (epsilon) or the velocity (v-prediction, SD2.x 768)."""
     if scheduler.config.prediction_type == "epsilon":
         return noise
@@ -243,7 +275,7 @@ def _denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, times
     raise TrainingError(f"prediction_type {scheduler.config.prediction_type!r} is not supported")
 
 
-def _tokenize(base: BaseModel, prompts: list[str]) -> torch.Tensor:
+def tokenize_prompts(base: BaseModel, prompts: list[str]) -> torch.Tensor:
     tokenizer = base.tokenizer
     return tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -256,7 +288,7 @@ def superclass_input(base: BaseModel, superclass: str, templates: Sequence[str])
     neutral templates filled with the superclass ("a photo of a backpack", ...)."""
     phrase = superclass_token_ids(base.tokenizer, superclass)
     prompts = [t.format(superclass) for t in templates]
-    ids = _tokenize(base, prompts)
+    ids = tokenize_prompts(base, prompts)
     encodings = base.text_encoder(ids.to(base.device))[0].float()  # (n, m, d)
     picked = []
     for row, prompt_ids in enumerate(ids.tolist()):
@@ -285,7 +317,7 @@ def _update_target_input(state: Concept, concept_encodings: torch.Tensor, decay:
 
 
 @torch.no_grad()
-def _encode_latents(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior (mean, std) of [images, horizontally flipped images]: (2n, c, h, w) each.
     Flipped copies are encoded, not flipped in latent space (the VAE is not flip-equivariant)."""
     both = torch.cat([pixels, pixels.flip(-1)]).to(base.pipeline.vae.dtype)
@@ -297,11 +329,11 @@ def _encode_latents(base: BaseModel, pixels: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
-def _scaling(base: BaseModel) -> float:
+def latent_scaling(base: BaseModel) -> float:
     return float(getattr(base.pipeline.vae.config, "scaling_factor", 0.18215))
 
 
-def _autocast(device: torch.device, mode: str):  # type: ignore[no-untyped-def]
+def autocast_for(device: torch.device, mode: str):  # type: ignore[no-untyped-def]
     if device.type != "cuda" or mode == "no":
         return contextlib.nullcontext()
     dtype = torch.float16 if mode == "fp16" else torch.bfloat16
@@ -362,7 +394,7 @@ def _trained_tensors(state: Concept) -> dict[tuple[str, str], torch.Tensor]:
     return tensors
 
 
-def _loss_summary(losses: list[float]) -> dict[str, float]:
+def loss_summary(losses: list[float]) -> dict[str, float]:
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "first": losses[0],
@@ -388,23 +420,23 @@ def denoising_loss(
     number before and after training (the per-step training loss is too noisy to compare)."""
     resolution = base.resolution
     pixels = torch.stack([load_image(img, resolution, concept.token, i) for i, img in enumerate(images)])
-    mean, std = _encode_latents(base, pixels.to(base.device))
+    mean, std = encode_latents(base, pixels.to(base.device))
     generator = torch.Generator(device=base.device).manual_seed(seed)
     rows = torch.arange(samples) % len(images)  # unflipped originals only
     clean = mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator, device=base.device)
-    clean = clean * _scaling(base)
+    clean = clean * latent_scaling(base)
     noise = torch.randn(clean.shape, generator=generator, device=base.device)
-    scheduler = _noise_schedule(base)
+    scheduler = noise_schedule(base)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (samples,), generator=generator, device=base.device
     )
     install_processors(base.unet)
     embedding = concept.embedding.to(base.device)
     with temporary_concept_token(base.tokenizer, base.text_encoder, concept.token, embedding):
-        ids = _tokenize(base, [template.format(concept.token)] * samples)
+        ids = tokenize_prompts(base, [template.format(concept.token)] * samples)
         encodings = base.text_encoder(ids.to(base.device))[0]
         call = PerfusionCall.build([[concept]] * samples, covariance, device=base.device)
         noisy = scheduler.add_noise(clean, noise, timesteps).to(base.unet.dtype)
         prediction = base.unet(noisy, timesteps, encodings, cross_attention_kwargs={"perfusion": call}).sample
-        target = _denoising_target(scheduler, clean, noise, timesteps)
+        target = denoising_target(scheduler, clean, noise, timesteps)
         return float(F.mse_loss(prediction.float(), target.float()))

@@ -12,6 +12,8 @@
         images: [images/dotted-star/*.png]  # URIs or globs, relative to the manifest's folder
         masks: [masks/dotted-star/*.png]  # optional; one mask per image after expansion, same order
         training: {steps: 300}            # optional per-concept overrides of the defaults
+        # training.method: perfusion (default) | residuals | textual_inversion, a catalog default or per concept;
+        # residuals take their paper's recipe (150 steps, batch 4) for the fields not given
         # training.select: {every: 25, seeds: 1, samples: 8, scorer: toy | "clip:<folder>" | none, gate: true}
         # chooses each concept's step, seed and gate with a scorer (perfusion/selection.py)
         tags: {sku: A-1001, category: toys}
@@ -25,7 +27,8 @@
         max_combinations: 50              # cap per prompt (the first ones in name order)
         images_per_prompt: 2              # seeds seed, seed+1, ...
         seed: 0
-        steps: 25                         # also: guidance_scale, resolution, scheduler, lock, negative_prompt
+        steps: 25                         # also: guidance_scale, resolution, scheduler, lock, localized,
+                                          # negative_prompt
         gates: {dotted-star: {beta: 0.6}} # per-concept inference-time overrides of the trained beta/tau
 
 `load_manifest` parses and checks the schema and the cross-field rules (duplicate names and tokens, token
@@ -47,7 +50,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from perfusion.config import SelectConfig, TrainConfig, field_types, scorer_problem, settings_problems, token_problem
+from perfusion.config import (
+    SelectConfig,
+    TrainConfig,
+    field_types,
+    scorer_problem,
+    settings_problems,
+    token_problem,
+    with_method_defaults,
+)
 from perfusion.registry import BUILTIN_BASES
 from pipeline.store import ROOT_ENV
 
@@ -156,6 +167,7 @@ class RenderJob(_Strict):
     resolution: int | None = Field(None, ge=8, le=4096)
     scheduler: Literal["default", "ddim", "dpm", "euler", "pndm"] = "default"  # pipeline/renderer.py SCHEDULERS
     lock: Literal["local", "global"] = "local"
+    localized: bool = True  # residual concepts: LAG sampling (off: the residual at every image position)
     negative_prompt: str = ""
     gates: dict[str, GateOverride] = {}
 
@@ -177,7 +189,7 @@ class Manifest(_Strict):
     def training_config(self, concept: ConceptSpec) -> dict[str, Any]:
         """TrainConfig fields: catalog defaults, then the concept's overrides (the fields given; the rest are
         the library's); `select.every` is TrainConfig.select_every."""
-        merged = self.training.values() | concept.training.values()
+        merged = with_method_defaults(self.training.values() | concept.training.values())
         merged.pop("select", None)
         every = self.selection_settings(concept).get("every")
         return merged | ({"select_every": every} if every is not None else {})
@@ -350,6 +362,14 @@ def _selection_problems(manifest: Manifest, spec: ConceptSpec, at: str) -> list[
                 where("scorer"),
                 f"'toy' scores the toy base only; base_model {manifest.base_model!r} has no built-in scorer: "
                 "use 'clip:<path to a local CLIP model folder>' or 'none'",
+            )
+        )
+    if scorer != "none" and manifest.training_config(spec).get("method") == "residuals":
+        problems.append(
+            Problem(
+                where("scorer"),
+                "step selection chooses a Perfusion concept's step and gate; a residual concept (method: residuals) "
+                "has no gate: set scorer: none for it, or remove training.select",
             )
         )
     steps = manifest.training_config(spec).get("steps", TrainConfig.steps)

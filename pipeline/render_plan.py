@@ -143,6 +143,8 @@ def plan_job(
                     if ref.name in job.gates
                 },
             }
+            if not job.localized:  # absent when on, so renders planned before the option keep their ids
+                settings["localized"] = False
             for seed in range(job.seed, job.seed + job.images_per_prompt):
                 identity = {
                     "version": RENDER_VERSION,

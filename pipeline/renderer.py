@@ -120,8 +120,9 @@ class Renderer:
             tokens = tuple(ref["token"] for ref in json.loads(record["concepts"]))
             gates = {}
             for token, (beta, tau) in settings["gates"].items():
-                concept = self.renderer.concepts[token]
-                gates[token] = (concept.beta if beta is None else beta, concept.tau if tau is None else tau)
+                concept = self.renderer.concepts[token]  # a residual concept has no gate: the renderer says so
+                trained = (getattr(concept, "beta", None), getattr(concept, "tau", None))
+                gates[token] = (trained[0] if beta is None else beta, trained[1] if tau is None else tau)
             requests.append(
                 perfusion.RenderRequest(
                     record["prompt"],
@@ -139,6 +140,7 @@ class Renderer:
                 height=settings["resolution"],
                 width=settings["resolution"],
                 lock=settings["lock"],
+                localized=settings.get("localized", True),
                 batch_size=len(requests),
             ),
         )

@@ -98,6 +98,7 @@ def score_concept(
     seed: int = 0,
     clip: ClipScorer | None = None,
     references: list[np.ndarray] | None = None,
+    settings: RenderSettings = RENDER,
 ) -> ConceptScore:
     """Render `samples` fidelity prompts (seeds seed..) and `samples` context prompts (seeds seed+1000..).
     With a CLIP `clip` and the concept's training images (`references`), CLIP-I and CLIP-T beside the oracle."""
@@ -105,7 +106,7 @@ def score_concept(
     fidelity_requests = [RenderRequest(f"a photo of {token}", seed=seed + s, gates=gates) for s in range(samples)]
     contexts = context_prompts(concept, token, samples)
     context_requests = [RenderRequest(c.prompt, seed=seed + 1000 + s, gates=gates) for s, c in enumerate(contexts)]
-    images = list(renderer.render_arrays(fidelity_requests + context_requests, RENDER))
+    images = list(renderer.render_arrays(fidelity_requests + context_requests, settings))
     readings = read_batch(images)
     fidelity = float(np.mean([has_concept(r, concept) for r in readings[:samples]]))
     alignment = float(np.mean([aligned(r, c) for r, c in zip(readings[samples:], contexts, strict=True)]))

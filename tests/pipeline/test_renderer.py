@@ -9,8 +9,11 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import perfusion
+from perfusion.residual_training import initial_residual_concept
 from pipeline.render_plan import ConceptRef, PlannedImage
 from pipeline.renderer import Renderer
 from pipeline.store import Store
@@ -35,7 +38,10 @@ def stocked(tmp_path_factory, trained_pair):  # type: ignore[no-untyped-def]
     info = prepare_base("tiny", str(root))
     store = Store(str(root))
     refs = {}
-    for concept in trained_pair:
+    residual = initial_residual_concept(perfusion.load_base("tiny"), "<shoe-r>", "shoe")  # a residual concept,
+    generator = torch.Generator().manual_seed(0)  # its A random instead of trained (the mixing is what's tested)
+    residual.up = {n: torch.randn(a.shape, generator=generator) * 0.1 for n, a in residual.up.items()}
+    for concept in (*trained_pair, residual):
         name = concept.token.strip("<>")
         artifact = store.write_once(f"concepts/{name}.safetensors", concept.to_bytes())
         refs[name] = ConceptRef(name, concept.token, f"key-{name}", artifact.uri, artifact.sha256)
@@ -61,26 +67,29 @@ def pixels(store: Store, uri: str) -> np.ndarray:
 
 def test_a_mixed_batch_stores_the_pixels_of_each_row_alone(stocked, tmp_path):
     root, info, refs = stocked
-    mug, bag = refs["mug-1"], refs["bag-1"]
+    mug, bag, shoe = refs["mug-1"], refs["bag-1"], refs["shoe-r"]
     records = [
         record("r1", "a photo of <mug-1>", (mug,), 1),
         record("r2", "a photo of a dog on the beach", (), 2),
         record("r3", "<mug-1> next to <bag-1> on a wooden table", (mug, bag), 3, gates={"<bag-1>": [0.6, None]}),
         record("r4", "a photo of <bag-1> in a kitchen", (bag,), 4),
+        record("r5", "a photo of <shoe-r> on the beach", (shoe,), 5),  # Personalized Residuals
+        record("r6", "<shoe-r> next to <bag-1>", (shoe, bag), 6),  # both methods in one row
     ]
     alone_root = tmp_path / "alone"
     shutil.copytree(root, alone_root)
     mixed = renderer_for(root, info).render_records(records)
     single = renderer_for(alone_root, info)  # its own store: the same render_ids are not stored there yet
     alone = [single.render_records([moved(r, root, alone_root)])[0] for r in records]
-    assert [r["status"] for r in mixed] == ["succeeded"] * 4
-    assert [r["status"] for r in alone] == ["succeeded"] * 4, alone
+    assert [r["status"] for r in mixed] == ["succeeded"] * 6
+    assert [r["status"] for r in alone] == ["succeeded"] * 6, alone
     for together, by_itself in zip(mixed, alone, strict=True):
         difference = pixels(Store(str(root)), together["image_uri"]) - pixels(
             Store(str(alone_root)), by_itself["image_uri"]
         )
         assert np.abs(difference).max() <= MIXED_TOLERANCE
     assert mixed[0]["sha256"] != mixed[1]["sha256"]  # the concept changed the picture
+    assert mixed[4]["sha256"] != mixed[5]["sha256"]
 
 
 def test_a_failing_row_is_retried_then_recorded_and_the_others_are_stored(stocked, tmp_path, monkeypatch):

@@ -14,21 +14,20 @@ from pipeline.worker import TransientError, is_transient, prepare_base
 from tests.pipeline.conftest import write_catalog
 
 
-def planned(tmp_path, textual_inversion_for: str | None = None, root: str | None = None):
+def planned(tmp_path, methods: dict[str, str] | None = None, root: str | None = None):
+    """A two-concept catalog (mug, bag) planned; methods: concept name -> its training.method."""
     manifest_path = write_catalog(tmp_path / "shop", root or str(tmp_path / "store"), names=("mug", "bag"))
-    if textual_inversion_for:
-        text = manifest_path.read_text().replace(
-            f"  - name: {textual_inversion_for}\n",
-            f"  - name: {textual_inversion_for}\n    training: {{method: textual_inversion}}\n",
-        )
-        manifest_path.write_text(text)
+    text = manifest_path.read_text()
+    for name, method in (methods or {}).items():
+        text = text.replace(f"  - name: {name}\n", f"  - name: {name}\n    training: {{method: {method}}}\n")
+    manifest_path.write_text(text)
     run = TrainRun(load_manifest(manifest_path))
     base = prepare_base(run.base_model, run.store.root)
     return run, base, {item.name: run._task(item, base) for item, _ in run.plan(base)}
 
 
 def test_the_concept_file_and_its_row_say_which_method_made_it(tmp_path):
-    run, _, tasks = planned(tmp_path, textual_inversion_for="bag")
+    run, _, tasks = planned(tmp_path, {"bag": "textual_inversion"})
     rows = {name: train_one(task) for name, task in tasks.items()}
     assert {name: row.status for name, row in rows.items()} == {"mug": Status.SUCCEEDED, "bag": Status.SUCCEEDED}
     assert rows["mug"].method == "perfusion" and rows["bag"].method == "textual_inversion"
@@ -44,9 +43,41 @@ def test_the_concept_file_and_its_row_say_which_method_made_it(tmp_path):
 def test_the_method_is_part_of_the_concept_key(tmp_path):
     root = str(tmp_path / "store")  # one store: C^-1 is estimated once
     _, _, perfusion_tasks = planned(tmp_path / "a", root=root)
-    _, _, mixed_tasks = planned(tmp_path / "b", textual_inversion_for="bag", root=root)
+    _, _, mixed_tasks = planned(tmp_path / "b", {"bag": "textual_inversion"}, root=root)
     assert perfusion_tasks["mug"].concept_key == mixed_tasks["mug"].concept_key
     assert perfusion_tasks["bag"].concept_key != mixed_tasks["bag"].concept_key
+
+
+def test_one_catalog_trains_both_methods_and_each_file_and_row_says_its_own(tmp_path):
+    run, _, tasks = planned(tmp_path, {"bag": "residuals"})
+    assert tasks["bag"].training["method"] == "residuals"
+    assert tasks["bag"].training["batch_size"] == tasks["mug"].training["batch_size"]  # the catalog's value wins
+    rows = {name: train_one(task) for name, task in tasks.items()}
+    assert {name: (row.status, row.method) for name, row in rows.items()} == {
+        "mug": (Status.SUCCEEDED, "perfusion"),
+        "bag": (Status.SUCCEEDED, "residuals"),
+    }
+    assert rows["bag"].method_version == "residuals-1" and rows["bag"].beta is None
+    data = run.store.read(run.store.relative(rows["bag"].file_uri), rows["bag"].sha256)
+    concept = perfusion.load_concept_file(data, perfusion.load_base("tiny"), name=rows["bag"].file_uri)
+    assert concept.method == "residuals" and concept.superclass == "bag"
+    run.index.append(list(rows.values()))
+    assert [r["name"] for r in ConceptIndex(run.store).latest(method="residuals")] == ["bag"]
+    _, _, perfusion_tasks = planned(tmp_path / "b", root=str(tmp_path / "store"))
+    assert perfusion_tasks["bag"].concept_key != tasks["bag"].concept_key  # the method is part of the key
+
+
+def test_a_misspelled_method_and_selection_of_a_residual_concept_stop_the_manifest(tmp_path):
+    expected = r"concepts\[1\]\.training\.method: input should be 'perfusion', 'textual_inversion' or 'residuals'"
+    with pytest.raises(ManifestError, match=expected):
+        planned(tmp_path / "misspelled", {"bag": "residual"})
+    manifest_path = write_catalog(tmp_path / "select", str(tmp_path / "store"), names=("mug", "bag"))
+    text = manifest_path.read_text().replace(
+        "  - name: bag\n", "  - name: bag\n    training: {method: residuals, select: {scorer: toy}}\n"
+    )
+    manifest_path.write_text(text.replace("base_model: tiny", "base_model: toy"))
+    with pytest.raises(ManifestError, match=r"concepts\[1\]\.training\.select\.scorer: step selection .* no gate"):
+        load_manifest(manifest_path)
 
 
 def test_an_unknown_method_in_a_concept_file_is_named():
