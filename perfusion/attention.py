@@ -223,11 +223,11 @@ class PerfusionAttnProcessor:
                 residuals.observe(self.layer_name, attention_probabilities(query, edited(None)[0], attention_mask))
         else:
             k, v = edited(None)
-            recording = perfusion is not None and perfusion.record_attention is not None
-            if recording or (residuals is not None and residuals.localized):
+            recorder = perfusion.record_attention if perfusion is not None else None
+            if recorder is not None or (residuals is not None and residuals.localized):
                 probabilities = attention_probabilities(query, k, attention_mask)
-                if recording:
-                    perfusion.record_attention(self.layer_name, probabilities)
+                if recorder is not None:
+                    recorder(self.layer_name, probabilities)
                 if residuals is not None:  # LAG's maps (perfusion/residual_layers.py)
                     residuals.observe(self.layer_name, probabilities)
             hidden_states = F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask)

@@ -22,6 +22,7 @@ because diffusers passes cross_attention_kwargs to the block, not to proj_out.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,11 +200,14 @@ class _BlockHooks:
 def install_residual_hooks(unet: torch.nn.Module) -> list[str]:
     """Hook every transformer block's proj_out (idempotent); returns the block names."""
     blocks = transformer_blocks(unet)
-    if not getattr(unet, "_perfusion_residual_hooks", False):
+    if unet not in _HOOKED:
         for name, block in blocks.items():
             hooks = _BlockHooks(name)
             block.register_forward_pre_hook(hooks.enter, with_kwargs=True)
             block.register_forward_hook(hooks.leave)
             block.proj_out.register_forward_hook(hooks.project)
-        unet._perfusion_residual_hooks = True
+        _HOOKED.add(unet)
     return list(blocks)
+
+
+_HOOKED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # UNets whose blocks carry the hooks

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +102,7 @@ class ResidualConcept:
         return len(data)
 
 
-def transformer_blocks(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def transformer_blocks(unet: torch.nn.Module) -> dict[str, Any]:
     """Every transformer block that has a `proj_out` (diffusers' Transformer2DModel), by module path, in UNet
     order: SD1.x has 16 (5 x 320, 5 x 640, 6 x 1280 channels)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -109,7 +110,7 @@ def transformer_blocks(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {name: module for name, module in unet.named_modules() if isinstance(module, Transformer2DModel)}
 
 
-def projection_shape(block: torch.nn.Module) -> tuple[int, int]:
+def projection_shape(block: Any) -> tuple[int, int]:
     """(out, in) channels of a block's proj_out: a 1x1 Conv2d (SD1.x) or a Linear (SD2.x)."""
     layer = block.proj_out
     if isinstance(layer, torch.nn.Conv2d):
@@ -126,9 +127,9 @@ def rank_for(channels: int, fraction: float) -> int:
 
 def blocks_fingerprint(unet: torch.nn.Module) -> str:
     """sha256 (first 32 hex digits) of every proj_out weight (fp16 bytes): what a residual is a delta of."""
-    cached = getattr(unet, "_perfusion_blocks_fingerprint", None)
+    cached = _BLOCK_FINGERPRINTS.get(unet)
     if cached is not None:
-        return str(cached)
+        return cached
     digest = hashlib.sha256()
     for name, block in transformer_blocks(unet).items():
         weight = block.proj_out.weight.detach().to("cpu", torch.float16).contiguous()
@@ -136,8 +137,11 @@ def blocks_fingerprint(unet: torch.nn.Module) -> str:
         digest.update(str(tuple(weight.shape)).encode())
         digest.update(weight.view(torch.uint8).numpy().tobytes())
     value = digest.hexdigest()[:32]
-    unet._perfusion_blocks_fingerprint = value  # frozen base weights: hash once per loaded UNet
+    _BLOCK_FINGERPRINTS[unet] = value  # frozen base weights: hashed once per loaded UNet
     return value
+
+
+_BLOCK_FINGERPRINTS: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 def load_residual_concept(

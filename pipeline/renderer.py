@@ -120,9 +120,13 @@ class Renderer:
             tokens = tuple(ref["token"] for ref in json.loads(record["concepts"]))
             gates = {}
             for token, (beta, tau) in settings["gates"].items():
-                concept = self.renderer.concepts[token]  # a residual concept has no gate: the renderer says so
-                trained = (getattr(concept, "beta", None), getattr(concept, "tau", None))
-                gates[token] = (trained[0] if beta is None else beta, trained[1] if tau is None else tau)
+                concept = self.renderer.concepts[token]
+                if not isinstance(concept, perfusion.Concept):
+                    raise perfusion.RenderError(
+                        f"the job's gates name {token}, a {concept.method} concept: it has no gate (beta, tau); "
+                        "remove its entry from the job's gates"
+                    )
+                gates[token] = (concept.beta if beta is None else beta, concept.tau if tau is None else tau)
             requests.append(
                 perfusion.RenderRequest(
                     record["prompt"],
