@@ -2,7 +2,8 @@
 
     python -m benchmarks.concept_size
 
-Target: <= 64 KB for SD1.5 in fp16; the paper quotes ~100 KB.
+Target: <= 64 KB for SD1.5 in fp16; the paper quotes ~100 KB. Personalized Residuals' files beside them
+(SD1.5: ~1.24M parameters, ~2.5 MB in fp16 expected).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import torch
 
 from benchmarks.shapes import FAMILIES, build_unet
 from perfusion.concept import Concept
+from perfusion.config import TrainConfig
 from perfusion.models import cross_attention_layers
+from perfusion.residuals import ResidualConcept, projection_shape, rank_for, transformer_blocks
 
 TARGET_SD15_FP16 = 64 * 1024
+RESIDUAL_RANK = TrainConfig().residual_rank
 
 
 def concept_for(family: str) -> tuple[Concept, int, int]:
@@ -37,6 +41,28 @@ def concept_for(family: str) -> tuple[Concept, int, int]:
     return concept, len(layers), inner
 
 
+def residual_concept_for(family: str) -> tuple[ResidualConcept, int]:
+    """A residual concept of the family's shapes (zeros: the bytes depend on shapes only) and its block count."""
+    unet = build_unet(family, device="meta")
+    blocks = transformer_blocks(unet)
+    up, down = {}, {}
+    for name, block in blocks.items():
+        out, inner = projection_shape(block)
+        rank = rank_for(min(out, inner), RESIDUAL_RANK)
+        up[name], down[name] = torch.zeros(out, rank), torch.zeros(rank, inner)
+    residual = ResidualConcept(
+        token="<sku-0000001>",
+        superclass="backpack",
+        embedding=torch.zeros(FAMILIES[family]["embedding_dim"]),
+        up=up,
+        down=down,
+        fingerprint="0" * 32,
+        blocks_fingerprint="0" * 32,
+        metadata={"train_config": {"steps": 150, "batch_size": 4, "lr_residual": 0.001}},
+    )
+    return residual, len(blocks)
+
+
 def main() -> None:
     print(
         f"{'family':7} {'attn2':>5} {'K+V inner':>9} {'fp16 bytes':>11} {'fp32 bytes':>11} "
@@ -51,6 +77,17 @@ def main() -> None:
             sd15 = fp16
     print(f"\nSD1.5 fp16 file / 64 KB target = {sd15 / TARGET_SD15_FP16:.2f}  (<= 1.00 meets the target)")
     print(f"SD1.5 fp16 file / the paper's 100 KB = {sd15 / 100_000:.2f}")
+    print(f"\nPersonalized Residuals (rank ceil({RESIDUAL_RANK} x channels) on every transformer block's proj_out)")
+    print(
+        f"{'family':7} {'blocks':>6} {'parameters':>11} {'fp16 bytes':>11} {'fp32 bytes':>11} {'/ Perfusion fp16':>17}"
+    )
+    for family in FAMILIES:
+        residual, blocks = residual_concept_for(family)
+        fp16, fp32 = len(residual.to_bytes(torch.float16)), len(residual.to_bytes(torch.float32))
+        perfusion_fp16 = len(concept_for(family)[0].to_bytes(torch.float16))
+        print(
+            f"{family:7} {blocks:>6} {residual.parameters:>11,} {fp16:>11,} {fp32:>11,} {fp16 / perfusion_fp16:>17.1f}"
+        )
 
 
 if __name__ == "__main__":

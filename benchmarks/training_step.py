@@ -1,4 +1,4 @@
-"""Perfusion training step time / a plain fine-tuning step with the same trainable size.
+"""Perfusion training step time / a plain fine-tuning step with the same trainable size; residuals / Perfusion.
 
     python -m benchmarks.training_step [--steps 30] [--batch 8]
     python -m benchmarks.training_step --model SD1.5 --device cuda   # SD1.5-shaped, fp16 weights, bf16 autocast
@@ -7,7 +7,8 @@ The baseline trains the same number of parameters the plain way: the concept tok
 one additive vector per cross-attention layer on the value projection (same shape as o*_V), with no C^-1,
 no gate, no i* EMA. Same base model, batch, images, noise schedule, optimizer and autocast. Per-step medians,
 first steps dropped (warm-up). On CUDA the base is loaded in fp16 as the pipeline's workers load it, and the
-peak GPU memory of a Perfusion training is reported (what a worker needs per concept).
+peak GPU memory of a Perfusion training is reported (what a worker needs per concept). A Personalized
+Residuals training of the same steps and batch runs in the same rounds (target: <= 1.2x Perfusion's step).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def perfusion_steps(base, images, covariance, steps: int, batch: int) -> list[fl
         config,
         covariance=covariance,
         on_step=lambda info: stamps.append(info.seconds),
+    )
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def residual_steps(base, images, steps: int, batch: int) -> list[float]:  # type: ignore[no-untyped-def]
+    """Per-step times of a Personalized Residuals training of the same steps and batch (RESIDUALS.md)."""
+    stamps: list[float] = []
+    config = perfusion.TrainConfig.for_method(method="residuals", steps=steps, batch_size=batch)
+    perfusion.methods.method_named("residuals").train(
+        base, images, "<bench-3>", "mug", config, on_step=lambda info: stamps.append(info.seconds)
     )
     return [b - a for a, b in itertools.pairwise(stamps)]
 
@@ -110,6 +121,7 @@ def main() -> None:
     covariance = perfusion.estimate_covariance(base)
     ours: list[float] = []
     plain: list[float] = []
+    residual: list[float] = []
     peak_gib = 0.0
     for _ in range(args.rounds):  # interleaved, so machine noise hits both alike
         if device.type == "cuda":
@@ -117,6 +129,7 @@ def main() -> None:
         ours += perfusion_steps(base, images, covariance, args.steps, args.batch)[3:]
         if device.type == "cuda":
             peak_gib = max(peak_gib, torch.cuda.max_memory_allocated() / 2**30)
+        residual += residual_steps(base, images, args.steps, args.batch)[3:]
         plain += plain_steps(load(), images, args.steps, args.batch)[3:]
     ours_ms, plain_ms = statistics.median(ours) * 1000, statistics.median(plain) * 1000
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -126,6 +139,11 @@ def main() -> None:
     )
     print(f"Perfusion step: {ours_ms:.1f} ms (median)   plain fine-tuning step, same trainable size: {plain_ms:.1f} ms")
     print(f"ratio Perfusion / plain = {ours_ms / plain_ms:.2f}")
+    residual_ms = statistics.median(residual) * 1000
+    print(
+        f"Personalized Residuals step: {residual_ms:.1f} ms; ratio residuals / Perfusion = "
+        f"{residual_ms / ours_ms:.2f} (target <= 1.20)"
+    )
     if device.type == "cuda":
         print(f"peak GPU memory of a Perfusion training: {peak_gib:.2f} GiB (model included)")
 

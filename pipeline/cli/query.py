@@ -76,6 +76,7 @@ LIST_COLUMNS = [
     "name",
     "token",
     "superclass",
+    "method",
     "status",
     "steps",
     "final_loss",
@@ -93,6 +94,9 @@ def concepts_list(
     manifest: ManifestOption = None,
     catalog: Annotated[str | None, typer.Option("--catalog", help="Only this catalog.")] = None,
     superclass: Annotated[str | None, typer.Option("--superclass", help="Only this superclass.")] = None,
+    method: Annotated[
+        str | None, typer.Option("--method", help="Only this method (perfusion, residuals, textual_inversion).")
+    ] = None,
     tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE tag filter (repeatable).")] = None,
     failed: Annotated[bool, typer.Option("--failed", help="Latest attempt per name, failed ones included.")] = False,
     fmt: FormatOption = "table",
@@ -110,8 +114,16 @@ def concepts_list(
     from pipeline.index import Status
 
     index = _index(root, manifest)
+    from perfusion.methods import METHODS
+
+    if method is not None and method not in METHODS:
+        raise fail(f"--method {method!r}: use one of {', '.join(sorted(METHODS))}")
     rows = index.latest(
-        catalog=catalog, superclass=superclass, tags=tags or None, status=None if failed else Status.SUCCEEDED
+        catalog=catalog,
+        superclass=superclass,
+        method=method,
+        tags=tags or None,
+        status=None if failed else Status.SUCCEEDED,
     )
     _emit(rows, [*LIST_COLUMNS, "error"] if failed else LIST_COLUMNS, fmt)
 

@@ -67,7 +67,11 @@ def test_one_corrupt_image_fails_one_concept_and_reruns_train_only_what_changed(
     shown = runner.invoke(app, ["concepts", "show", "cup", "--root", str(root)])
     assert shown.exit_code == 0 and json.loads(shown.output)[0]["status"] == "succeeded"
     by_tag = runner.invoke(app, ["concepts", "list", "--root", str(root), "--tag", "category=bags", "-f", "csv"])
-    assert by_tag.output.splitlines()[1].startswith("bag,<bag>,bag,succeeded")
+    assert by_tag.output.splitlines()[1].startswith("bag,<bag>,bag,perfusion,succeeded")
+    by_method = runner.invoke(app, ["concepts", "list", "--root", str(root), "--method", "residuals", "-f", "json"])
+    assert by_method.exit_code == 0 and json.loads(by_method.output) == []
+    misspelled = runner.invoke(app, ["concepts", "list", "--root", str(root), "--method", "residual"])
+    assert misspelled.exit_code != 0 and "--method 'residual': use one of" in misspelled.output
     query = runner.invoke(
         app, ["concepts", "query", "SELECT count(*) AS n FROM concepts", "--root", str(root), "-f", "json"]
     )
