@@ -53,8 +53,8 @@ VARIANTS: dict[str, dict[str, Any]] = {  # name -> RenderSettings fields
     "words": {},
     # Personalized Residuals concepts of the same products: with LAG (each residual where its token and macro
     # class draw the cross-attention, the default) and applied at every image position
-    "residuals, LAG": {"method": "residuals", "localized": True},
-    "residuals, everywhere": {"method": "residuals", "localized": False},
+    "residuals LAG": {"method": "residuals", "localized": True},
+    "residuals everywhere": {"method": "residuals", "localized": False},
 }
 MAP_GRID = 16
 

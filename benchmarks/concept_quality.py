@@ -55,7 +55,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "textual inversion": {"method": "textual_inversion"},
     # Personalized Residuals (RESIDUALS.md), their own recipe (--residual-*); one training serves both rows
     "residuals": {"method": "residuals"},
-    "residuals, LAG off": {"method": "residuals", "localized": False},
+    "residuals LAG off": {"method": "residuals", "localized": False},
 }
 DEFAULT_VARIANTS = "untrained,described in words,perfusion,trained keys,textual inversion"
 

@@ -67,3 +67,21 @@ def test_the_benchmark_plans_every_pair_in_every_form_and_counts_what_it_renders
 def test_the_benchmark_refuses_unknown_variants_before_loading_anything():
     with pytest.raises(SystemExit):
         composition.parse_flags(composition.CompositionConfig, "x", ["--variants", "local,boxes", "--clip", "none"])
+
+
+def test_the_benchmark_measures_residual_concepts_with_lag(toy_covariance, tmp_path):
+    config = composition.parse_flags(
+        composition.CompositionConfig,
+        "x",
+        ["--untrained", "--variants", "residuals LAG,residuals everywhere", "--clip", "none", "--out", str(tmp_path)],
+    )
+    base = perfusion.load_base("toy")
+    products = composition.products(config, base, toy_covariance, "residuals")
+    assert [p.method for p in products] == ["residuals"] * len(PERSONAL_CONCEPTS)
+    renderer = perfusion.ConceptRenderer(base, toy_covariance)
+    for product in products:
+        renderer.attach(product)
+    pair = next(r for r in composition.plan(seeds=1) if len(r.names) == 2)
+    settings = perfusion.RenderSettings(steps=2, guidance_scale=4.0, localized=True)
+    tally, _ = composition.measure(renderer, [pair], settings, clip=None)
+    assert tally.pairs == 1 and "| residuals LAG | 1 |" in tally.row("residuals LAG")
