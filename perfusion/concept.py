@@ -102,24 +102,32 @@ def load_concept(
     source: str | os.PathLike[str] | bytes, base: BaseModel | None = None, *, name: str | None = None
 ) -> Concept:
     """Read and validate a concept file (a path or its bytes). With `base`, also check it fits that model."""
-    label = name or (str(source) if not isinstance(source, bytes) else "<concept bytes>")
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            with open(source, "rb") as handle:
-                data = handle.read()
-        except OSError as error:
-            raise ConceptFileError(f"{label}: cannot read the concept file ({error.strerror})") from error
+    label, data = read_concept_source(source, name)
     metadata = _read_metadata(data, label)
-    try:
-        tensors = {k: v.float() for k, v in load_tensors(data).items()}
-    except (SafetensorError, ValueError) as error:  # truncated or corrupt payloads
-        raise ConceptFileError(f"{label}: the tensor data is corrupt ({error}); re-export the concept") from error
-    concept = _concept_from(tensors, metadata, label)
+    concept = _concept_from(float_tensors(data, label), metadata, label)
     if base is not None:
         check_compatible(concept, base, label)
     return concept
+
+
+def read_concept_source(source: str | os.PathLike[str] | bytes, name: str | None) -> tuple[str, bytes]:
+    """(the label errors name, the file's bytes) of a concept file given as a path or as its bytes (any method)."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<concept bytes>")
+    if isinstance(source, bytes):
+        return label, source
+    try:
+        with open(source, "rb") as handle:
+            return label, handle.read()
+    except OSError as error:
+        raise ConceptFileError(f"{label}: cannot read the concept file ({error.strerror})") from error
+
+
+def float_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
+    """A concept file's tensors as float32; ConceptFileError for a truncated or corrupt payload (any method)."""
+    try:
+        return {k: v.float() for k, v in load_tensors(data).items()}
+    except (SafetensorError, ValueError) as error:
+        raise ConceptFileError(f"{label}: the tensor data is corrupt ({error}); re-export the concept") from error
 
 
 def check_compatible(concept: Concept, base: BaseModel, label: str | None = None) -> None:

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from perfusion.concept import float_tensors, read_concept_source
 from perfusion.config import TOKEN_PATTERN
 from perfusion.errors import ConceptFileError, ConceptTokenError
 from perfusion.methods import METHODS, header_metadata
@@ -148,20 +147,9 @@ def load_residual_concept(
     source: str | os.PathLike[str] | bytes, base: BaseModel | None = None, *, name: str | None = None
 ) -> ResidualConcept:
     """Read and validate a residual concept file (a path or its bytes). With `base`, check it fits that model."""
-    label = name or (str(source) if not isinstance(source, bytes) else "<concept bytes>")
-    if isinstance(source, bytes):
-        data = source
-    else:
-        try:
-            with open(source, "rb") as handle:
-                data = handle.read()
-        except OSError as error:
-            raise ConceptFileError(f"{label}: cannot read the concept file ({error.strerror})") from error
+    label, data = read_concept_source(source, name)
     metadata = _read_metadata(data, label)
-    try:
-        tensors = {k: v.float() for k, v in load_tensors(data).items()}
-    except (SafetensorError, ValueError) as error:
-        raise ConceptFileError(f"{label}: the tensor data is corrupt ({error}); re-export the concept") from error
+    tensors = float_tensors(data, label)
     concept = _concept_from(tensors, metadata, label)
     if base is not None:
         check_residual_compatible(concept, base, label)
