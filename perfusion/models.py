@@ -36,6 +36,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    ModelMixin,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -54,7 +55,7 @@ TINY_SEED = 0
 class BaseModel:
     """A loaded diffusers pipeline plus the identity of its weights and its own language."""
 
-    pipeline: StableDiffusionPipeline
+    pipeline: StableDiffusionPipeline  # or an mmdit.MMDiTPipeline (see `architecture`)
     source: str  # what the user asked for: "tiny", a path, or a Hub id
     fingerprint: str
     templates: tuple[str, ...] = NEUTRAL_TEMPLATES  # contexts a concept is trained in; "{}" is the token
@@ -69,25 +70,40 @@ class BaseModel:
         return self.pipeline.tokenizer
 
     @property
+    def architecture(self) -> str:
+        """ "unet" (Stable Diffusion 1.x/2.x shaped) or "mmdit" (SD3 shaped, mmdit.MMDiTPipeline)."""
+        return "mmdit" if hasattr(self.pipeline, "transformer") else "unet"
+
+    @property
     def text_encoder(self) -> CLIPTextModel:
         return self.pipeline.text_encoder
 
     @property
     def unet(self) -> UNet2DConditionModel:
+        if self.architecture != "unet":
+            raise BaseModelError(
+                f"base {self.source!r} is an MM-DiT (no UNet): Perfusion and Personalized Residuals concepts need "
+                "a Stable Diffusion 1.x/2.x base; render this base's products with method zero-shot"
+            )
         return self.pipeline.unet
 
     @property
+    def denoiser(self) -> ModelMixin:
+        """The UNet or the MM-DiT transformer."""
+        return self.pipeline.transformer if self.architecture == "mmdit" else self.pipeline.unet
+
+    @property
     def device(self) -> torch.device:
-        return self.pipeline.unet.device
+        return self.denoiser.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.pipeline.unet.dtype
+        return self.denoiser.dtype
 
     @property
     def resolution(self) -> int:
         """Native image size in pixels (latent size x VAE factor)."""
-        return int(self.pipeline.unet.config.sample_size * self.pipeline.vae_scale_factor)
+        return int(self.denoiser.config.sample_size * self.pipeline.vae_scale_factor)
 
     def cross_attention_layers(self) -> dict[str, Attention]:
         return cross_attention_layers(self.pipeline.unet)
@@ -144,7 +160,8 @@ def load_base(
     level = modeling_logger.level
     modeling_logger.setLevel(logging.ERROR)
     try:
-        for module in (pipeline.unet, pipeline.text_encoder, pipeline.vae):
+        denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+        for module in (denoiser, pipeline.text_encoder, pipeline.vae):
             module.requires_grad_(False)
             module.eval()
             module.to(device=device, dtype=dtype)
@@ -242,6 +259,10 @@ def fingerprint(pipeline: StableDiffusionPipeline) -> str:
     digest.update(json.dumps(vocab).encode())
     for name, tensor in sorted(pipeline.text_encoder.state_dict().items()):
         _hash_tensor(digest, name, tensor)
+    if hasattr(pipeline, "transformer"):  # an MM-DiT: an image-prompt adapter depends on every weight of it
+        for name, tensor in sorted(pipeline.transformer.state_dict().items()):
+            _hash_tensor(digest, f"transformer.{name}", tensor)
+        return digest.hexdigest()[:32]
     for name, layer in cross_attention_layers(pipeline.unet).items():
         _hash_tensor(digest, f"{name}.to_k", layer.to_k.weight)
         _hash_tensor(digest, f"{name}.to_v", layer.to_v.weight)

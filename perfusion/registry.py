@@ -11,6 +11,8 @@ from typing import Any
 BUILTIN_BASES: dict[str, str] = {
     "tiny": "perfusion.models:build_tiny_base",
     "toy": "perfusion.toyworld.model:build_toy_base",
+    "tiny-mmdit": "perfusion.mmdit:build_tiny_mmdit_base",
+    "toy-mmdit": "perfusion.toyworld.mmdit_model:build_toy_mmdit_base",
 }
 
 

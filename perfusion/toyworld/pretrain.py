@@ -137,7 +137,7 @@ def pretrain(
     step, spent = 0, 0.0
     checkpoint = out_dir / "checkpoint.safetensors"
     if resume and checkpoint.is_file():
-        step, spent, rng = _resume(checkpoint, models, ema, optimizer)
+        step, spent, rng = resume_state(checkpoint, models, ema, optimizer)
     alphas_cumprod = alphas_cumprod.to(device)
     shape_ids = torch.tensor([tokenizer.convert_tokens_to_ids(f"{s}</w>") for s in SHAPES])
     if (shape_ids == tokenizer.unk_token_id).any():  # a shape word split into pieces: the swap would hit EOS
@@ -179,19 +179,15 @@ def pretrain(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, model in models.items():
-                for key, value in model.state_dict().items():
-                    ema[f"{name}.{key}"].mul_(decay).add_(value.detach(), alpha=1 - decay)
+        update_ema(ema, models, step)
         losses.append(loss.item())
         progress.n = step if steps else int(time.perf_counter() - started)
         progress.set_postfix(step=step, loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if time.perf_counter() - last_save > CHECKPOINT_MINUTES * 60:
-            _save(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
+            save_state(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
             last_save = time.perf_counter()
     progress.close()
-    _save(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
+    save_state(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped = {k: v.half().cpu().contiguous() for k, v in ema.items() if not k.endswith("position_ids")}
     metadata = {"steps": str(init_steps + step), "seed": str(seed)}  # steps: over every stage
@@ -213,13 +209,22 @@ def pretrain(
     return summary
 
 
-def _save(path: Path, models, ema, optimizer, step: int, elapsed: float, rng: random.Random) -> None:  # type: ignore[no-untyped-def]
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], models: dict[str, torch.nn.Module], step: int) -> None:
+    """ema <- d ema + (1 - d) weights, d = min(0.999, (1 + step) / (10 + step)) (a short warm-up)."""
+    decay = min(0.999, (1 + step) / (10 + step))
+    for name, model in models.items():
+        for key, value in model.state_dict().items():
+            ema[f"{name}.{key}"].mul_(decay).add_(value.detach(), alpha=1 - decay)
+
+
+def save_state(path: Path, models, ema, optimizer, step: int, elapsed: float, rng: random.Random) -> None:  # type: ignore[no-untyped-def]
     tensors = {f"model.{n}.{k}": v for n, m in models.items() for k, v in m.state_dict().items()}
     tensors |= {f"ema.{k}": v for k, v in ema.items()}
     save_checkpoint(path, tensors, optimizer, step, elapsed, rng)
 
 
-def _resume(path: Path, models, ema, optimizer) -> tuple[int, float, random.Random]:  # type: ignore[no-untyped-def]
+def resume_state(path: Path, models, ema, optimizer) -> tuple[int, float, random.Random]:  # type: ignore[no-untyped-def]
     saved = load_checkpoint(path, optimizer)
     for name, model in models.items():
         prefix = f"model.{name}."

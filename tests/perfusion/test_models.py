@@ -89,7 +89,8 @@ def test_broken_single_file_checkpoint_names_the_config_fix(tmp_path):
 
 
 def test_unknown_spec_lists_what_is_accepted():
-    with pytest.raises(BaseModelError, match=r"a built-in base \('tiny', 'toy'\), a local diffusers folder"):
+    listed = r"a built-in base \('tiny', 'toy', 'tiny-mmdit', 'toy-mmdit'\), a local diffusers folder"
+    with pytest.raises(BaseModelError, match=listed):
         perfusion.load_base("no/such/thing/here")
 
 
