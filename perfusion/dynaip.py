@@ -1,0 +1,175 @@
+"""DynaIP's image-prompt adapter for an MM-DiT base (DYNAIP.md): reference features in, image-prompt tokens
+out, injected by added cross-attention into the joint blocks.
+
+Hierarchical Mixture-of-Experts fusion (HMoE): a vision tower's states at a low, a mid and the last layer,
+f_l (B, N, Dv), each pass their own expert E_l (K learned queries attending over the N patch states, then a
+projection to the adapter width W) to tokens T_l = E_l(f_l) (B, K, W); a router gives per-level weights
+w = softmax(R [mean f_1; ...; mean f_L]) (B, L), and the image prompt is sum_l w_l T_l. At inference the
+weights may be given instead (the "granularity" knob: more weight on low levels, finer detail).
+
+Decoupled injection, per joint block and per stream s in {image, text} (IP-Adapter style):
+    h_s <- h_s + scale * softmax(q_s k_ip^T / sqrt(d)) v_ip,   k_ip = K_s T, v_ip = V_s T
+with q_s the block's own query of that stream. Dynamic decoupling (the paper's strategy): both streams
+during training, the image stream only at inference (`ImagePromptCall.text_stream`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+
+class LevelExpert(nn.Module):
+    """One level's projector: K learned queries attend over the level's states (B, N, Dv) -> (B, K, W)."""
+
+    def __init__(self, vision_width: int, width: int, tokens: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(vision_width)
+        self.queries = nn.Parameter(torch.randn(tokens, vision_width) / vision_width**0.5)
+        self.pool = nn.MultiheadAttention(vision_width, num_heads=4, batch_first=True)
+        self.out = nn.Sequential(nn.Linear(vision_width, width), nn.LayerNorm(width))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        states = self.norm(states)
+        queries = self.queries.expand(states.shape[0], -1, -1)
+        pooled, _ = self.pool(queries, states, states, need_weights=False)
+        return self.out(pooled)
+
+
+class HierarchicalFusion(nn.Module):
+    """HMoE feature fusion (module docstring): per-level experts mixed by a router."""
+
+    def __init__(self, vision_width: int, width: int, tokens: int, levels: int) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(LevelExpert(vision_width, width, tokens) for _ in range(levels))
+        self.router = nn.Linear(levels * vision_width, levels)
+
+    def forward(
+        self, features: Sequence[torch.Tensor], weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """features: one (B, N, Dv) per level -> image-prompt tokens (B, K, W) and the level weights (B, L).
+        `weights` (L,) or (B, L) overrides the router (the granularity knob); they must sum to 1."""
+        if len(features) != len(self.experts):
+            raise ValueError(f"expected {len(self.experts)} feature levels, got {len(features)}")
+        if weights is None:
+            weights = torch.softmax(self.router(torch.cat([f.mean(dim=1) for f in features], dim=-1)), dim=-1)
+        else:
+            weights = torch.as_tensor(weights, dtype=features[0].dtype, device=features[0].device)
+            weights = weights.expand(features[0].shape[0], len(self.experts))
+            if not torch.allclose(weights.sum(dim=-1), torch.ones(())):
+                raise ValueError(f"granularity weights must sum to 1, got {weights[0].tolist()}")
+        tokens = torch.stack([expert(f) for expert, f in zip(self.experts, features, strict=True)], dim=1)
+        return (weights[:, :, None, None] * tokens).sum(dim=1), weights
+
+
+@dataclass
+class ImagePromptCall:
+    """What one MM-DiT forward pass injects: per-row image-prompt tokens (B, T, W) (rows of the batch in the
+    transformer's order; a row with no product has `present` False), and which streams receive them."""
+
+    tokens: torch.Tensor
+    present: torch.Tensor  # (B,) bool
+    text_stream: bool = False  # True while training (both streams); False at inference: dynamic decoupling
+    scale: float = 1.0
+
+
+class DynaIPJointAttnProcessor(nn.Module):
+    """diffusers' joint attention (JointAttnProcessor2_0, same math) plus the decoupled image-prompt
+    cross-attention of the module docstring. With no `image_prompt` it is the stock processor exactly."""
+
+    def __init__(self, inner_dim: int, prompt_width: int, has_text_stream_output: bool) -> None:
+        super().__init__()
+        self.to_k_ip = nn.Linear(prompt_width, inner_dim, bias=False)
+        self.to_v_ip = nn.Linear(prompt_width, inner_dim, bias=False)
+        # The last joint block drops its text output (context_pre_only): nothing to inject there.
+        self.text_k_ip = nn.Linear(prompt_width, inner_dim, bias=False) if has_text_stream_output else None
+        self.text_v_ip = nn.Linear(prompt_width, inner_dim, bias=False) if has_text_stream_output else None
+        for layer in (self.to_v_ip, self.text_v_ip):  # zero values: an untrained adapter changes nothing
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_prompt: ImagePromptCall | None = None,
+        **_: object,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        batch, image_length = hidden_states.shape[:2]
+        heads = attn.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, H*d) -> (B, H, N, d)
+            return x.view(batch, -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+        def merge(x: torch.Tensor) -> torch.Tensor:
+            return x.transpose(1, 2).reshape(batch, -1, x.shape[1] * x.shape[-1])
+
+        query, key, value = (
+            split(attn.to_q(hidden_states)),
+            split(attn.to_k(hidden_states)),
+            split(attn.to_v(hidden_states)),
+        )
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        text_query = None
+        if encoder_hidden_states is not None:
+            text_query = split(attn.add_q_proj(encoder_hidden_states))
+            text_key = split(attn.add_k_proj(encoder_hidden_states))
+            text_value = split(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            joint = F.scaled_dot_product_attention(
+                torch.cat([query, text_query], dim=2),
+                torch.cat([key, text_key], dim=2),
+                torch.cat([value, text_value], dim=2),
+            )
+        else:
+            joint = F.scaled_dot_product_attention(query, key, value)
+        joint = merge(joint).to(query.dtype)
+        image_out, text_out = joint[:, :image_length], joint[:, image_length:]
+
+        if image_prompt is not None and image_prompt.scale != 0:
+            tokens = image_prompt.tokens.to(hidden_states.dtype)
+            gate = (image_prompt.scale * image_prompt.present.to(hidden_states.dtype)).view(batch, 1, 1)
+            image_out = image_out + gate * merge(
+                F.scaled_dot_product_attention(query, split(self.to_k_ip(tokens)), split(self.to_v_ip(tokens)))
+            )
+            if image_prompt.text_stream and text_query is not None and self.text_k_ip is not None:
+                assert self.text_v_ip is not None
+                text_out = text_out + gate * merge(
+                    F.scaled_dot_product_attention(
+                        text_query, split(self.text_k_ip(tokens)), split(self.text_v_ip(tokens))
+                    )
+                )
+
+        image_out = attn.to_out[1](attn.to_out[0](image_out))
+        if encoder_hidden_states is None:
+            return image_out
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        return image_out, text_out
+
+
+def install_adapter(transformer: nn.Module, prompt_width: int) -> nn.ModuleDict:
+    """Put a DynaIP processor on every joint block's attention; returns them by block name (the adapter's
+    trainable injection weights; the base's own weights are untouched)."""
+    processors = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, Attention) and name.endswith(".attn") and module.added_kv_proj_dim is not None:
+            inner = module.to_q.out_features
+            processors[name] = DynaIPJointAttnProcessor(inner, prompt_width, not module.context_pre_only)
+            module.set_processor(processors[name])
+    if not processors:
+        raise ValueError("no joint-attention blocks found: DynaIP needs an MM-DiT (SD3Transformer2DModel)")
+    return nn.ModuleDict({name.replace(".", "_"): p for name, p in processors.items()})
