@@ -173,3 +173,76 @@ def install_adapter(transformer: nn.Module, prompt_width: int) -> nn.ModuleDict:
     if not processors:
         raise ValueError("no joint-attention blocks found: DynaIP needs an MM-DiT (SD3Transformer2DModel)")
     return nn.ModuleDict({name.replace(".", "_"): p for name, p in processors.items()})
+
+
+ADAPTER_FORMAT = "dynaip-adapter"
+ADAPTER_VERSION = "1"
+
+
+def feature_levels(vision_layers: int) -> tuple[int, int, int]:
+    """Low, mid and last layer of a vision tower (DYNAIP.md: a small tower's low / mid / last; for ViT-L's 24
+    layers the paper's reviews name 10 and 17). 4 layers -> (1, 2, 4)."""
+    return max(1, vision_layers // 4), max(1, vision_layers // 2), vision_layers
+
+
+@torch.no_grad()
+def reference_features(vision: nn.Module, pixels: torch.Tensor, levels: Sequence[int]) -> list[torch.Tensor]:
+    """(B, 3, H, W) preprocessed reference images -> one (B, N, Dv) state per level (hidden_states[l]: the
+    output of layer l, CLS and patch positions) of a transformers CLIPVisionModel."""
+    hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+    return [hidden[level] for level in levels]
+
+
+class DynaIPAdapter(nn.Module):
+    """The trainable part of DynaIP on one MM-DiT: the fusion and every joint block's injection weights."""
+
+    def __init__(self, transformer: nn.Module, vision_width: int, levels: Sequence[int], tokens: int = 4) -> None:
+        super().__init__()
+        self.levels = tuple(int(level) for level in levels)
+        self.tokens = tokens
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.fusion = HierarchicalFusion(vision_width, width, tokens, len(self.levels))
+        self.injections = install_adapter(transformer, prompt_width=width)
+
+    def save(self, path: str, base_fingerprint: str) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().half().cpu().contiguous() for k, v in self.state_dict().items()}
+        metadata = {
+            "format": ADAPTER_FORMAT,
+            "version": ADAPTER_VERSION,
+            "base_fingerprint": base_fingerprint,
+            "levels": ",".join(map(str, self.levels)),
+            "tokens": str(self.tokens),
+        }
+        save_file(tensors, path, metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str, transformer: nn.Module, vision_width: int, base_fingerprint: str) -> DynaIPAdapter:
+        """Read an adapter file onto `transformer`; BaseModelError naming the file when it is not an adapter
+        of this version or was trained on another base."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        from perfusion.errors import BaseModelError
+
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (OSError, SafetensorError) as error:
+            raise BaseModelError(f"{path}: not a readable safetensors adapter file ({error})") from error
+        if metadata.get("format") != ADAPTER_FORMAT or metadata.get("version") != ADAPTER_VERSION:
+            raise BaseModelError(
+                f"{path}: not a DynaIP adapter of version {ADAPTER_VERSION} (format={metadata.get('format')!r}, "
+                f"version={metadata.get('version')!r})"
+            )
+        if metadata.get("base_fingerprint") != base_fingerprint:
+            raise BaseModelError(
+                f"{path}: this adapter was trained on another base (fingerprint {metadata.get('base_fingerprint')}, "
+                f"this base {base_fingerprint}); train one for this base"
+            )
+        levels = [int(level) for level in metadata["levels"].split(",")]
+        adapter = cls(transformer, vision_width, levels, int(metadata["tokens"]))
+        state = {k: v.float() for k, v in load_file(path).items()}
+        adapter.load_state_dict(state)
+        return adapter

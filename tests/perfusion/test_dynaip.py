@@ -86,3 +86,49 @@ def test_a_unet_is_refused() -> None:
 
     with pytest.raises(ValueError, match="MM-DiT"):
         install_adapter(build_tiny_pipeline().unet, prompt_width=8)
+
+
+def test_reference_features_come_from_the_low_mid_and_last_layers() -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from perfusion.dynaip import feature_levels, reference_features
+
+    assert feature_levels(4) == (1, 2, 4)
+    assert feature_levels(24) == (6, 12, 24)
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    features = reference_features(vision, pixels, feature_levels(4))
+    assert [f.shape for f in features] == [torch.Size([2, 17, 16])] * 3  # 16 patches + CLS
+    hidden = vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(features[1], hidden[2])
+
+
+def test_an_adapter_file_round_trips_and_another_base_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from perfusion.dynaip import DynaIPAdapter
+    from perfusion.errors import BaseModelError
+
+    pipeline = build_tiny_mmdit_pipeline()
+    torch.manual_seed(0)
+    adapter = DynaIPAdapter(pipeline.transformer, vision_width=16, levels=(1, 2, 4))
+    path = str(tmp_path / "adapter.safetensors")
+    adapter.save(path, base_fingerprint="abc")
+    loaded = DynaIPAdapter.load(path, build_tiny_mmdit_pipeline().transformer, 16, base_fingerprint="abc")
+    features = [torch.randn(1, 5, 16) for _ in range(3)]
+    expected, _ = adapter.fusion(features)
+    got, _ = loaded.fusion(features)
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)  # stored in fp16
+    with pytest.raises(BaseModelError, match="trained on another base"):
+        DynaIPAdapter.load(path, build_tiny_mmdit_pipeline().transformer, 16, base_fingerprint="xyz")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(BaseModelError, match=r"junk\.safetensors"):
+        DynaIPAdapter.load(str(tmp_path / "junk.safetensors"), pipeline.transformer, 16, base_fingerprint="abc")
