@@ -200,7 +200,8 @@ class DynaIPAdapter(nn.Module):
         super().__init__()
         self.levels = tuple(int(level) for level in levels)
         self.tokens = tokens
-        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        config = transformer.config  # an SD3Transformer2DModel's
+        width = int(config.num_attention_heads * config.attention_head_dim)  # type: ignore[union-attr, operator]
         self.fusion = HierarchicalFusion(vision_width, width, tokens, len(self.levels))
         self.injections = install_adapter(transformer, prompt_width=width)
 
