@@ -261,7 +261,8 @@ def fingerprint(pipeline: StableDiffusionPipeline) -> str:
         _hash_tensor(digest, name, tensor)
     if hasattr(pipeline, "transformer"):  # an MM-DiT: an image-prompt adapter depends on every weight of it
         for name, tensor in sorted(pipeline.transformer.state_dict().items()):
-            _hash_tensor(digest, f"transformer.{name}", tensor)
+            if ".processor." not in name:  # an installed adapter's weights (dynaip.py) are not the base's
+                _hash_tensor(digest, f"transformer.{name}", tensor)
         return digest.hexdigest()[:32]
     for name, layer in cross_attention_layers(pipeline.unet).items():
         _hash_tensor(digest, f"{name}.to_k", layer.to_k.weight)

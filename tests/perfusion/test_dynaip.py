@@ -132,3 +132,12 @@ def test_an_adapter_file_round_trips_and_another_base_is_refused(tmp_path) -> No
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(BaseModelError, match=r"junk\.safetensors"):
         DynaIPAdapter.load(str(tmp_path / "junk.safetensors"), pipeline.transformer, 16, base_fingerprint="abc")
+
+
+def test_installing_an_adapter_leaves_the_base_fingerprint_alone() -> None:
+    from perfusion.models import fingerprint
+
+    pipeline = build_tiny_mmdit_pipeline()
+    before = fingerprint(pipeline)
+    install_adapter(pipeline.transformer, prompt_width=8)
+    assert fingerprint(pipeline) == before
