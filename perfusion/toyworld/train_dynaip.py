@@ -63,7 +63,7 @@ def train_dynaip(
     levels = feature_levels(vision.config.num_hidden_layers)
     torch.manual_seed(seed)
     adapter = DynaIPAdapter(transformer, vision.config.hidden_size, levels).to(device)
-    models = {"adapter": adapter}
+    models: dict[str, torch.nn.Module] = {"adapter": adapter}
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=lr, weight_decay=1e-2)
     ema = {f"adapter.{k}": v.detach().clone() for k, v in adapter.state_dict().items()}
     rng = random.Random(seed)
