@@ -1,0 +1,63 @@
+"""Zero-shot concepts: onboarding without training, the image prompt they give, and their file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from perfusion.dynaip import DynaIPAdapter
+from perfusion.errors import ConceptFileError
+from perfusion.mmdit import build_tiny_mmdit_pipeline
+from perfusion.zero_shot import load_zero_shot_concept, onboard
+
+
+@pytest.fixture(scope="module")
+def parts():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        )
+    ).eval()
+    adapter = DynaIPAdapter(build_tiny_mmdit_pipeline().transformer, vision_width=16, levels=(1, 2, 4), tokens=4)
+    return vision, adapter
+
+
+def test_onboarding_gives_the_adapters_own_image_prompt(parts) -> None:  # type: ignore[no-untyped-def]
+    vision, adapter = parts
+    pixels = torch.randn(3, 3, 32, 32)
+    concept = onboard("mug", "cup", pixels, adapter, vision, base_fingerprint="base")
+    assert concept.level_tokens.shape == (3, 3, 4, 32) and concept.router_weights.shape == (3, 3)
+    from perfusion.dynaip import reference_features
+
+    expected, _ = adapter.fusion(reference_features(vision, pixels, adapter.levels))
+    prompt = concept.image_prompt()
+    assert prompt.shape == (12, 32)  # the 3 references' 4 tokens side by side
+    torch.testing.assert_close(prompt.view(3, 4, 32), expected, atol=1e-5, rtol=0)
+    fine = concept.image_prompt(torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(fine.view(3, 4, 32), concept.level_tokens[:, 0])
+    with pytest.raises(ValueError, match="mug: granularity weights must sum to 1"):
+        concept.image_prompt(torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_the_file_is_small_round_trips_and_names_what_is_wrong(parts) -> None:  # type: ignore[no-untyped-def]
+    vision, adapter = parts
+    concept = onboard("mug", "cup", torch.randn(3, 3, 32, 32), adapter, vision, base_fingerprint="base")
+    data = concept.to_bytes()
+    assert len(data) < 64 * 1024
+    loaded = load_zero_shot_concept(data, "base", adapter, name="mug.safetensors")
+    assert (loaded.name, loaded.superclass) == ("mug", "cup")
+    torch.testing.assert_close(loaded.image_prompt(), concept.image_prompt(), atol=5e-3, rtol=0)
+    with pytest.raises(ConceptFileError, match=r"mug\.safetensors: onboarded for another base"):
+        load_zero_shot_concept(data, "other", name="mug.safetensors")
+    other = DynaIPAdapter(build_tiny_mmdit_pipeline().transformer, vision_width=16, levels=(1, 2, 4))
+    with pytest.raises(ConceptFileError, match="another DynaIP adapter"):
+        load_zero_shot_concept(data, "base", other, name="mug.safetensors")
+    with pytest.raises(ConceptFileError, match="not a zero-shot concept file"):
+        load_zero_shot_concept(b"junk", name="mug.safetensors")
