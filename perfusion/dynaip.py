@@ -74,6 +74,7 @@ class ImagePromptCall:
 
     tokens: torch.Tensor
     present: torch.Tensor  # (B,) bool
+    token_mask: torch.Tensor | None = None  # (B, T) bool: the real tokens of rows padded to the longest prompt
     text_stream: bool = False  # True while training (both streams); False at inference: dynamic decoupling
     scale: float = 1.0
 
@@ -142,14 +143,17 @@ class DynaIPJointAttnProcessor(nn.Module):
         if image_prompt is not None and image_prompt.scale != 0:
             tokens = image_prompt.tokens.to(hidden_states.dtype)
             gate = (image_prompt.scale * image_prompt.present.to(hidden_states.dtype)).view(batch, 1, 1)
+            mask = None if image_prompt.token_mask is None else image_prompt.token_mask[:, None, None, :]
             image_out = image_out + gate * merge(
-                F.scaled_dot_product_attention(query, split(self.to_k_ip(tokens)), split(self.to_v_ip(tokens)))
+                F.scaled_dot_product_attention(
+                    query, split(self.to_k_ip(tokens)), split(self.to_v_ip(tokens)), attn_mask=mask
+                )
             )
             if image_prompt.text_stream and text_query is not None and self.text_k_ip is not None:
                 assert self.text_v_ip is not None
                 text_out = text_out + gate * merge(
                     F.scaled_dot_product_attention(
-                        text_query, split(self.text_k_ip(tokens)), split(self.text_v_ip(tokens))
+                        text_query, split(self.text_k_ip(tokens)), split(self.text_v_ip(tokens)), attn_mask=mask
                     )
                 )
 

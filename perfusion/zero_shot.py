@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save
 
 from perfusion.concept import float_tensors
-from perfusion.dynaip import DynaIPAdapter, reference_features
+from perfusion.dynaip import DynaIPAdapter, ImagePromptCall, reference_features
 from perfusion.errors import ConceptFileError
 from perfusion.methods import header_metadata
 
@@ -120,3 +120,26 @@ def load_zero_shot_concept(
         metadata.get("base_fingerprint", ""),
         metadata.get("adapter_fingerprint", ""),
     )
+
+
+def image_prompt_call(
+    rows: list[ZeroShotConcept | None], guided: bool, weights: torch.Tensor | None = None
+) -> ImagePromptCall:
+    """The injection for one batch of prompts, one product (or None) a row, at inference (image stream only).
+    Rows' prompts of different lengths (references) are padded and masked; with guidance the batch is
+    [unconditional; conditional] (mmdit.MMDiTPipeline.sample) and the unconditional half gets none."""
+    prompts = [None if concept is None else concept.image_prompt(weights) for concept in rows]
+    width = next((p.shape[-1] for p in prompts if p is not None), 1)
+    longest = max((p.shape[0] for p in prompts if p is not None), default=1)
+    tokens = torch.zeros(len(rows), longest, width)
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    mask[:, 0] = True  # a row with no product attends to one zero token, gated off by `present`
+    for index, prompt in enumerate(prompts):
+        if prompt is not None:
+            tokens[index, : len(prompt)] = prompt
+            mask[index, : len(prompt)] = True
+    present = torch.tensor([p is not None for p in prompts])
+    if guided:
+        tokens, mask = torch.cat([tokens, tokens]), torch.cat([mask, mask])
+        present = torch.cat([torch.zeros_like(present), present])
+    return ImagePromptCall(tokens, present, text_stream=False, token_mask=mask)

@@ -61,3 +61,30 @@ def test_the_file_is_small_round_trips_and_names_what_is_wrong(parts) -> None:  
         load_zero_shot_concept(data, "base", other, name="mug.safetensors")
     with pytest.raises(ConceptFileError, match="not a zero-shot concept file"):
         load_zero_shot_concept(b"junk", name="mug.safetensors")
+
+
+def test_a_batch_renders_each_row_as_alone_whatever_its_neighbours(parts) -> None:  # type: ignore[no-untyped-def]
+    from perfusion.zero_shot import image_prompt_call
+
+    vision, _ = parts
+    pipeline = build_tiny_mmdit_pipeline()
+    torch.manual_seed(2)
+    adapter = DynaIPAdapter(pipeline.transformer, vision_width=16, levels=(1, 2, 4), tokens=4)
+    for injection in adapter.injections.values():
+        torch.nn.init.normal_(injection.to_v_ip.weight, std=0.5)
+    one = onboard("mug", "cup", torch.randn(1, 3, 32, 32), adapter, vision, base_fingerprint="base")
+    three = onboard("lamp", "cup", torch.randn(3, 3, 32, 32), adapter, vision, base_fingerprint="base")
+    prompts, seeds = ["a photo of a cup"] * 3, [0, 1, 2]
+
+    def render(rows):  # type: ignore[no-untyped-def]
+        call = image_prompt_call(rows, guided=True)
+        return pipeline.sample(
+            prompts[: len(rows)], seeds=seeds[: len(rows)], steps=2, joint_attention_kwargs={"image_prompt": call}
+        )
+
+    batch = render([one, three, None])
+    alone = render([one])
+    torch.testing.assert_close(batch[:1], alone, atol=1e-4, rtol=0)
+    plain = pipeline.sample(prompts[2:], seeds=[2], steps=2)
+    torch.testing.assert_close(batch[2:], plain, atol=1e-4, rtol=0)  # no product: the base's own render
+    assert (batch[1] - pipeline.sample(prompts[1:2], seeds=[1], steps=2)[0]).abs().max() > 1e-3
