@@ -30,8 +30,9 @@ def load_mask(mask: ImageInput, resolution: int, token: str, index: int) -> torc
     return torch.from_numpy(array)[None] / 255.0
 
 
-def decode(image: ImageInput, token: str, index: int, mode: str, kind: str = "image") -> Image.Image:
-    """The one place a training image or mask is decoded (TrainingError naming it if it cannot be)."""
+def decode(image: ImageInput, token: str, index: int, mode: str | None, kind: str = "image") -> Image.Image:
+    """The one place a training image or mask is decoded (TrainingError naming it if it cannot be);
+    `mode` None keeps the file's own mode (a caller that must check it)."""
     try:
         if isinstance(image, Image.Image):
             picture = image
@@ -41,7 +42,7 @@ def decode(image: ImageInput, token: str, index: int, mode: str, kind: str = "im
             with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
                 opened.load()
                 picture = opened.copy()
-        return picture.convert(mode)
+        return picture if mode is None else picture.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
         label = image if isinstance(image, str | os.PathLike) else f"#{index}"
         raise TrainingError(

@@ -16,12 +16,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save
 
 from perfusion.concept import float_tensors
 from perfusion.dynaip import DynaIPAdapter, ImagePromptCall, reference_features
-from perfusion.errors import ConceptFileError
+from perfusion.errors import ConceptFileError, TrainingError
+from perfusion.images import ImageInput, decode, resize_crop
 from perfusion.methods import header_metadata
 
 FORMAT = "zero-shot-concept"
@@ -59,6 +62,36 @@ class ZeroShotConcept:
             "adapter_fingerprint": self.adapter_fingerprint,
         }
         return save(tensors, metadata=metadata)
+
+
+def reference_pixels(
+    images: list[ImageInput],
+    product: str,
+    size: int,
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+) -> torch.Tensor:
+    """(R, 3, size, size) vision-tower input from a product's photos (resized, center-cropped, normalised as
+    the tower's processor says; the toy CLIP's mean = std = 0.5). TrainingError naming the product and photo
+    for one that does not decode, is not RGB, or is smaller than the tower reads."""
+    if not images:
+        raise TrainingError(f"product {product!r}: no reference photos; a zero-shot product needs 1 or more")
+    pixels = []
+    for index, image in enumerate(images):
+        picture = decode(image, product, index, mode=None, kind="reference photo")
+        label = image if isinstance(image, str) else f"#{index}"
+        if picture.mode != "RGB":
+            raise TrainingError(
+                f"product {product!r}: reference photo {label} is {picture.mode!r}, not RGB; supply a color photo"
+            )
+        if min(picture.size) < size:
+            raise TrainingError(
+                f"product {product!r}: reference photo {label} is {picture.width}x{picture.height} pixels; "
+                f"this vision tower reads {size}x{size}: supply one at least that large"
+            )
+        array = np.asarray(resize_crop(picture, size, Image.Resampling.BICUBIC), dtype=np.float32) / 255.0
+        pixels.append((torch.from_numpy(array) - torch.tensor(mean)) / torch.tensor(std))
+    return torch.stack(pixels).permute(0, 3, 1, 2)
 
 
 def adapter_fingerprint(adapter: DynaIPAdapter) -> str:

@@ -88,3 +88,29 @@ def test_a_batch_renders_each_row_as_alone_whatever_its_neighbours(parts) -> Non
     plain = pipeline.sample(prompts[2:], seeds=[2], steps=2)
     torch.testing.assert_close(batch[2:], plain, atol=1e-4, rtol=0)  # no product: the base's own render
     assert (batch[1] - pipeline.sample(prompts[1:2], seeds=[1], steps=2)[0]).abs().max() > 1e-3
+
+
+def test_reference_photos_that_cannot_serve_are_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    from PIL import Image
+
+    from perfusion.errors import TrainingError
+    from perfusion.zero_shot import reference_pixels
+
+    photo = np.full((40, 48, 3), 255, dtype=np.uint8)
+    photo[:, :24] = 0
+    pixels = reference_pixels([Image.fromarray(photo)], "mug", size=32)
+    assert pixels.shape == (1, 3, 32, 32)
+    assert pixels.min() == -1 and pixels.max() == 1  # the toy tower's normalisation: [0, 1] -> [-1, 1]
+    gray = tmp_path / "gray.png"
+    Image.fromarray(photo[:, :, 0]).save(gray)
+    with pytest.raises(TrainingError, match=r"'mug': reference photo .*gray\.png is 'L', not RGB"):
+        reference_pixels([str(gray)], "mug", size=32)
+    with pytest.raises(TrainingError, match=r"'mug': reference photo #0 is 8x8 pixels"):
+        reference_pixels([Image.fromarray(photo[:8, :8])], "mug", size=32)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(TrainingError, match=r"'mug'.*broken\.png cannot be decoded"):
+        reference_pixels([str(broken)], "mug", size=32)
+    with pytest.raises(TrainingError, match="no reference photos"):
+        reference_pixels([], "mug", size=32)
