@@ -1,6 +1,7 @@
 """Quality of the shipped toy model, scored by the oracle on prompts not used in pretraining.
 
     python -m benchmarks.toy_quality [--prompts 240] [--steps 25] [--guidance 4]
+    python -m benchmarks.toy_quality --base toy-mmdit [--weights DIR/toy-mmdit.safetensors]   # the MM-DiT base
 
 Prompts come from scenes of a seed the pretraining never drew, plus every held-out color-shape pair
 (never shown in pretraining: a test of composition). For single-object prompts the oracle checks shape,
@@ -25,6 +26,7 @@ from PIL import Image, ImageDraw
 
 import perfusion
 from perfusion.toyworld.language import caption
+from perfusion.toyworld.mmdit_model import build_toy_mmdit_pipeline
 from perfusion.toyworld.model import build_toy_pipeline
 from perfusion.toyworld.oracle import read_batch
 from perfusion.toyworld.world import HELD_OUT, ObjectSpec, Scene, sample_scene
@@ -84,14 +86,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--base", choices=("toy", "toy-mmdit"), default="toy", help="which toy base to score")
     parser.add_argument("--weights", type=Path, default=None, help="toy weights to score (default: the shipped ones)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sheet", type=Path, default=RESULTS / "toy_samples.png", help="where the sample grid goes")
     args = parser.parse_args()
     if args.weights is None:
-        base = perfusion.load_base("toy", device=args.device)
+        base = perfusion.load_base(args.base, device=args.device)
     else:
-        pipeline = build_toy_pipeline(args.weights)
+        pipeline = (
+            build_toy_mmdit_pipeline(args.weights) if args.base == "toy-mmdit" else build_toy_pipeline(args.weights)
+        )
         pipeline.set_progress_bar_config(disable=True)
         base = perfusion.BaseModel(pipeline, str(args.weights), perfusion.models.fingerprint(pipeline))
         pipeline.to(args.device)
@@ -101,19 +106,25 @@ def main() -> None:
     images = []
     for start in range(0, len(prompts), args.batch):
         chunk = prompts[start : start + args.batch]
-        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        seeds = [start + i for i in range(len(chunk))]
+        if base.architecture == "mmdit":  # rectified flow, Euler steps
+            out = base.pipeline.sample(chunk, seeds=seeds, steps=args.steps, guidance=args.guidance)
+            images.append(out.permute(0, 2, 3, 1).cpu().numpy())
+            continue
         out = base.pipeline(
             prompt=chunk,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
-            generator=generators,
+            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
             output_type="np",
         )
         images.append(np.asarray(out.images))
     pixels = np.concatenate(images)
     results = score(scenes, prompts, pixels)
     print(f"{args.weights or 'shipped toy weights'}, {args.device}")
-    print(f"toy model on {len(scenes)} unseen prompts (DDIM {args.steps}, guidance {args.guidance}), oracle-scored:")
+    sampler = "Euler" if base.architecture == "mmdit" else "DDIM"
+    settings = f"{sampler} {args.steps}, guidance {args.guidance}"
+    print(f"{args.base} on {len(scenes)} unseen prompts ({settings}), oracle-scored:")
     print(f"{'prompts':16} {'n':>4} {'shape':>7} {'color':>7} {'backgr.':>8} {'all right':>10} {'mark':>7}")
     for name, row in sorted(results.items()):
         mark = "-" if np.isnan(row["mark"]) else f"{row['mark']:.1%}"

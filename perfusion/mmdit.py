@@ -54,6 +54,11 @@ class MMDiTPipeline:
     def modules(self) -> tuple[torch.nn.Module, ...]:
         return (self.transformer, self.text_encoder, self.vae)
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> MMDiTPipeline:
+        for module in self.modules():
+            module.to(device=device, dtype=dtype)
+        return self
+
     def set_progress_bar_config(self, **_: Any) -> None:  # the sampler has no bar of its own (BaseModel API)
         return None
 
