@@ -155,9 +155,7 @@ def build_tiny_mmdit_base():  # type: ignore[no-untyped-def]
 
 def build_tiny_mmdit_pipeline(seed: int = TINY_SEED) -> MMDiTPipeline:
     """32x32 images, 16x16x4 latents, patch 2, 2 joint blocks of width 32, the tiny base's text encoder."""
-    from diffusers import AutoencoderKL
-
-    from perfusion.models import clip_text_config
+    from perfusion.models import clip_text_config, tiny_vae
     from perfusion.vocab import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer()
@@ -177,15 +175,6 @@ def build_tiny_mmdit_pipeline(seed: int = TINY_SEED) -> MMDiTPipeline:
             pooled_projection_dim=32,
             pos_embed_max_size=16,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        vae = tiny_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     return MMDiTPipeline(transformer, text_encoder, tokenizer, vae, scheduler, text_tokens=32)

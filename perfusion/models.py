@@ -197,16 +197,7 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
             attention_head_dim=8,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
+        vae = tiny_vae()
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -216,6 +207,20 @@ def build_tiny_pipeline(seed: int = TINY_SEED) -> StableDiffusionPipeline:
         steps_offset=1,
     )
     return assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+
+
+def tiny_vae() -> AutoencoderKL:
+    """The tiny bases' autoencoder: 32x32 images <-> 16x16x4 latents (random weights; seed it first)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
 
 
 def clip_text_config(tokenizer: Any, hidden: int, intermediate: int, layers: int, heads: int) -> CLIPTextConfig:

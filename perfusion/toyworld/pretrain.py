@@ -158,8 +158,8 @@ def pretrain(
         else tqdm(total=int(budget), unit="s", desc="pretraining toy", initial=int(spent))
     )
     while done() < 1:
-        for group in optimizer.param_groups:  # warm-up, then cosine decay to 10% over the run
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done())))
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(lr, step, done())
         pixels, captions = batch_of(rng, batch, dropout=0.1, two_objects=two_objects)
         latents = haar_encode(pixels).to(device)  # the exact autoencoder (scaling factor 1)
         noise = torch.randn_like(latents)
@@ -207,6 +207,11 @@ def pretrain(
     }
     (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def warmup_cosine(lr: float, step: int, done: float) -> float:
+    """The toy runs' learning rate: a 100-step linear warm-up, then cosine decay to 10% as `done` goes 0 -> 1."""
+    return lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 @torch.no_grad()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -26,7 +25,14 @@ from tqdm import tqdm
 from perfusion.mmdit import flow_training_pair
 from perfusion.toyworld.autoencoder import haar_encode
 from perfusion.toyworld.mmdit_model import MMDIT_DIR, build_toy_mmdit_pipeline
-from perfusion.toyworld.pretrain import CHECKPOINT_MINUTES, batch_of, resume_state, save_state, update_ema
+from perfusion.toyworld.pretrain import (
+    CHECKPOINT_MINUTES,
+    batch_of,
+    resume_state,
+    save_state,
+    update_ema,
+    warmup_cosine,
+)
 
 TWO_OBJECTS = 0.5
 
@@ -59,8 +65,8 @@ def pretrain_mmdit(
     losses: list[float] = []
     progress = tqdm(total=steps, unit="step", desc="pretraining toy-mmdit", initial=step)
     while step < steps:
-        for group in optimizer.param_groups:  # warm-up, then cosine decay to 10%
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_cosine(lr, step, step / steps)
         pixels, captions = batch_of(rng, batch, dropout=0.1, two_objects=two_objects)
         latents = haar_encode(pixels).to(device)
         noisy, sigmas, target = flow_training_pair(latents)

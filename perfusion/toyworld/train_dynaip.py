@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from perfusion.toyworld.autoencoder import haar_encode
 from perfusion.toyworld.clip import TOY_CLIP_DIR, pixels_of
 from perfusion.toyworld.mmdit_model import MMDIT_DIR, MMDIT_WEIGHTS, build_toy_mmdit_pipeline
 from perfusion.toyworld.pairs import sample_pair
-from perfusion.toyworld.pretrain import CHECKPOINT_MINUTES, resume_state, save_state, update_ema
+from perfusion.toyworld.pretrain import CHECKPOINT_MINUTES, resume_state, save_state, update_ema, warmup_cosine
 from perfusion.toyworld.world import render
 
 ADAPTER_FILE = "dynaip-adapter.safetensors"
@@ -77,7 +76,7 @@ def train_dynaip(
     progress = tqdm(total=steps, unit="step", desc="training the DynaIP adapter", initial=step)
     while step < steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = warmup_cosine(lr, step, step / steps)
         pairs = [sample_pair(rng) for _ in range(batch)]
         references = pixels_of(np.stack([render(p.reference) for p in pairs])).to(device)
         targets = pixels_of(np.stack([render(p.target) for p in pairs]))
