@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from perfusion.sampling import ConceptRenderer, RenderRequest, RenderSettings
     from perfusion.tokens import prompt_tokens
     from perfusion.training import StepInfo, denoising_loss, train_concept
+    from perfusion.zero_shot import ZeroShotConcept, onboard_concept
+    from perfusion.zero_shot_render import ZeroShotRenderer
 
 _LAZY = {
     "perfusion.attention": ("PerfusionAttnProcessor", "PerfusionCall", "install_processors"),
@@ -67,6 +69,8 @@ _LAZY = {
     "perfusion.sampling": ("ConceptRenderer", "RenderRequest", "RenderSettings"),
     "perfusion.tokens": ("prompt_tokens",),
     "perfusion.training": ("StepInfo", "denoising_loss", "train_concept"),
+    "perfusion.zero_shot": ("ZeroShotConcept", "onboard_concept"),
+    "perfusion.zero_shot_render": ("ZeroShotRenderer",),
 }
 _MODULE_OF = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -110,6 +114,8 @@ __all__ = [
     "StepInfo",
     "TrainConfig",
     "TrainingError",
+    "ZeroShotConcept",
+    "ZeroShotRenderer",
     "__version__",
     "cached_covariance",
     "check_compatible",
@@ -123,6 +129,7 @@ __all__ = [
     "load_concept_file",
     "load_covariance",
     "method_for",
+    "onboard_concept",
     "prompt_tokens",
     "save_covariance",
     "train_concept",

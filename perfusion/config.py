@@ -65,8 +65,9 @@ class TrainConfig:
     select_every: int = _bounded(25, ge=1)  # step-selection cadence (paper: every 25 steps)
     lock_keys: bool = True  # False: the "trained keys" ablation, o*_K trained like o*_V
     # "textual_inversion": the embedding row only, no rank-1 edit (a baseline); "residuals": Personalized
-    # Residuals (RESIDUALS.md), whose own defaults are METHOD_DEFAULTS["residuals"]
-    method: Literal["perfusion", "textual_inversion", "residuals"] = "perfusion"
+    # Residuals (RESIDUALS.md), whose own defaults are METHOD_DEFAULTS["residuals"]; "zero-shot": no training,
+    # the photos onboarded for a DynaIP adapter on an MM-DiT base (DYNAIP.md; the other fields are unused)
+    method: Literal["perfusion", "textual_inversion", "residuals", "zero-shot"] = "perfusion"
     # Residuals only: rank r_i = ceil(residual_rank x channels) of each proj_out's dW = A B (paper: 0.05),
     # their rate, and whether the concept token's embedding learns too (default: kept at its initialisation)
     residual_rank: float = _bounded(0.05, gt=0, le=1)

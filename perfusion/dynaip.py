@@ -11,11 +11,21 @@ Decoupled injection, per joint block and per stream s in {image, text} (IP-Adapt
     h_s <- h_s + scale * softmax(q_s k_ip^T / sqrt(d)) v_ip,   k_ip = K_s T, v_ip = V_s T
 with q_s the block's own query of that stream. Dynamic decoupling (the paper's strategy): both streams
 during training, the image stream only at inference (`ImagePromptCall.text_stream`).
+
+Several products in one prompt (the paper's multi-subject claim; the routing is our choice, it is silent):
+each product j has its own tokens T_j and a placeholder word at text position p_j. Every image token n
+takes each product's injection in proportion to how it splits its attention among the placeholder words,
+in the same block:
+    a_nj = mean_h softmax_j(q_hn . k_h,p_j / sqrt(d)),   h_img,n <- h_img,n + scale * sum_j a_nj IP(q_n, T_j)
+(the joint softmax's denominator cancels in the split), so the star's reference lands where the image
+attends to "star" and the square's where it attends to "square". With one product a_n1 = 1: the
+single-product injection exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +87,25 @@ class ImagePromptCall:
     token_mask: torch.Tensor | None = None  # (B, T) bool: the real tokens of rows padded to the longest prompt
     text_stream: bool = False  # True while training (both streams); False at inference: dynamic decoupling
     scale: float = 1.0
+    # Several products a row (module docstring): the product j of each token (B, T) and the text position of
+    # each product's placeholder word (B, J), -1 where a row has fewer products. None: one product a row.
+    token_product: torch.Tensor | None = None
+    product_positions: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ImagePromptCall:
+        """The same call with its tensors where the transformer is (tokens in its dtype)."""
+
+        def moved(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else value.to(device)
+
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens.to(device, dtype),
+            present=self.present.to(device),
+            token_mask=moved(self.token_mask),
+            token_product=moved(self.token_product),
+            product_positions=moved(self.product_positions),
+        )
 
 
 class DynaIPJointAttnProcessor(nn.Module):
@@ -144,11 +173,12 @@ class DynaIPJointAttnProcessor(nn.Module):
             tokens = image_prompt.tokens.to(hidden_states.dtype)
             gate = (image_prompt.scale * image_prompt.present.to(hidden_states.dtype)).view(batch, 1, 1)
             mask = None if image_prompt.token_mask is None else image_prompt.token_mask[:, None, None, :]
-            image_out = image_out + gate * merge(
-                F.scaled_dot_product_attention(
-                    query, split(self.to_k_ip(tokens)), split(self.to_v_ip(tokens)), attn_mask=mask
-                )
-            )
+            ip_key, ip_value = split(self.to_k_ip(tokens)), split(self.to_v_ip(tokens))
+            if image_prompt.product_positions is None or text_query is None:
+                injected = merge(F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=mask))
+            else:
+                injected = _routed_injection(query, text_key, ip_key, ip_value, image_prompt, merge)
+            image_out = image_out + gate * injected
             if image_prompt.text_stream and text_query is not None and self.text_k_ip is not None:
                 assert self.text_v_ip is not None
                 text_out = text_out + gate * merge(
@@ -163,6 +193,38 @@ class DynaIPJointAttnProcessor(nn.Module):
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
         return image_out, text_out
+
+
+def _routed_injection(
+    query: torch.Tensor,
+    text_key: torch.Tensor,
+    ip_key: torch.Tensor,
+    ip_value: torch.Tensor,
+    call: ImagePromptCall,
+    merge: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_j a_nj IP(q_n, T_j) of the module docstring. query (B, H, N, d), text_key (B, H, L, d), ip_key and
+    ip_value (B, H, T, d) -> (B, N, H d)."""
+    assert call.product_positions is not None and call.token_product is not None
+    positions = call.product_positions.to(query.device)  # (B, J)
+    present = positions >= 0
+    index = positions.clamp(min=0)[:, None, :, None].expand(-1, text_key.shape[1], -1, text_key.shape[-1])
+    words = text_key.gather(2, index)  # (B, H, J, d): each product's placeholder key
+    logits = (query @ words.transpose(-1, -2)) / query.shape[-1] ** 0.5  # (B, H, N, J)
+    logits = logits.masked_fill(~present[:, None, None, :], float("-inf"))
+    share = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).mean(dim=1).to(query.dtype)  # (B, N, J)
+    token_mask = (
+        call.token_mask if call.token_mask is not None else torch.ones_like(call.token_product, dtype=torch.bool)
+    )
+    out = torch.zeros(
+        query.shape[0], query.shape[2], query.shape[1] * query.shape[3], dtype=query.dtype, device=query.device
+    )
+    for product in range(positions.shape[1]):
+        mine = (token_mask & (call.token_product == product)).to(query.device)
+        mine[:, 0] |= ~mine.any(dim=1)  # a row without product j attends somewhere; its share a_nj is 0
+        part = merge(F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=mine[:, None, None, :]))
+        out = out + share[..., product : product + 1] * part
+    return out
 
 
 def install_adapter(transformer: nn.Module, prompt_width: int) -> nn.ModuleDict:

@@ -16,6 +16,27 @@ from perfusion.errors import TrainingError
 ImageInput = Image.Image | str | os.PathLike[str] | np.ndarray | bytes  # bytes: an encoded file (PNG, JPEG...)
 
 
+class NamedBytes(bytes):
+    """An encoded image file's bytes with where they came from (a URI), so errors can name the file."""
+
+    name: str
+
+    def __new__(cls, data: bytes, name: str) -> NamedBytes:
+        made = super().__new__(cls, data)
+        made.name = name
+        return made
+
+    def __reduce__(self) -> tuple[type, tuple[bytes, str]]:
+        return (type(self), (bytes(self), self.name))
+
+
+def image_label(image: ImageInput, index: int) -> str:
+    """How an error names an image: its path or URI when known, else its position ("#2")."""
+    if isinstance(image, str | os.PathLike):
+        return os.fspath(image)
+    return image.name if isinstance(image, NamedBytes) else f"#{index}"
+
+
 def load_image(image: ImageInput, resolution: int, token: str, index: int) -> torch.Tensor:
     """(3, r, r) in [-1, 1]: shorter side resized to r (bicubic), then center-cropped."""
     picture = decode(image, token, index, "RGB")
@@ -44,9 +65,8 @@ def decode(image: ImageInput, token: str, index: int, mode: str | None, kind: st
                 picture = opened.copy()
         return picture if mode is None else picture.convert(mode)
     except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
-        label = image if isinstance(image, str | os.PathLike) else f"#{index}"
         raise TrainingError(
-            f"concept {token!r}: {kind} {label} cannot be decoded ({error}); replace or remove it"
+            f"concept {token!r}: {kind} {image_label(image, index)} cannot be decoded ({error}); replace or remove it"
         ) from error
 
 

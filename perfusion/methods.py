@@ -56,7 +56,17 @@ METHODS: dict[str, Method] = {
         loader="perfusion.residuals:load_residual_concept",
         file_format="residual-concept",
     ),
+    # No training: the product's photos through a DynaIP image-prompt adapter of an MM-DiT base, stored as
+    # per-level tokens (Dynamic Decoupling + HMoE fusion; DYNAIP.md). Its "trainer" is the onboarding pass.
+    "zero-shot": Method(
+        "zero-shot",
+        "zero-shot-1",
+        trainer="perfusion.zero_shot:onboard_concept",
+        loader="perfusion.zero_shot:load_concept_for",
+        file_format="zero-shot-concept",
+    ),
 }
+ZERO_SHOT = "zero-shot"
 DEFAULT_METHOD = "perfusion"
 
 

@@ -150,7 +150,35 @@ def build_tiny_mmdit_base():  # type: ignore[no-untyped-def]
     """ "tiny-mmdit": a random SD3-shaped base built from config with a fixed seed, for unit tests."""
     from perfusion.models import BuiltinBase  # models imports nothing of this module; import here keeps it so
 
-    return BuiltinBase(build_tiny_mmdit_pipeline())
+    pipeline = build_tiny_mmdit_pipeline()
+    return BuiltinBase(pipeline, image_prompt=build_tiny_image_prompt_kit(pipeline.transformer))
+
+
+def build_tiny_image_prompt_kit(transformer: torch.nn.Module, seed: int = TINY_SEED):  # type: ignore[no-untyped-def]
+    """A random DynaIP adapter and vision tower (32x32 photos, 4 layers of width 32) on `transformer`, seeded.
+    Its value projections are random rather than zero (an untrained adapter's), so a reference changes what
+    renders, as a trained one's does."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from perfusion.dynaip import DynaIPAdapter, feature_levels
+    from perfusion.zero_shot import ImagePromptKit
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        config = CLIPVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+        )
+        vision = CLIPVisionModel(config).eval()
+        adapter = DynaIPAdapter(transformer, config.hidden_size, feature_levels(config.num_hidden_layers))
+        for name, parameter in adapter.named_parameters():
+            if name.endswith("v_ip.weight"):
+                parameter.data.normal_(0, 0.2)
+    return ImagePromptKit(adapter, vision, image_size=32)
 
 
 def build_tiny_mmdit_pipeline(seed: int = TINY_SEED) -> MMDiTPipeline:

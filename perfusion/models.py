@@ -60,6 +60,8 @@ class BaseModel:
     fingerprint: str
     templates: tuple[str, ...] = NEUTRAL_TEMPLATES  # contexts a concept is trained in; "{}" is the token
     captions_file: Path | None = None  # the covariance corpus, one caption a line; None: corpus.builtin_prompts()
+    image_prompt: Any = None  # an MM-DiT's zero_shot.ImagePromptKit (its DynaIP adapter), if it has one
+    image_prompt_hint: str = ""  # why it has none, and the fix
 
     def captions(self) -> list[str]:
         """Captions typical of what this base's text encoder reads: the covariance C's corpus."""
@@ -116,6 +118,8 @@ class BuiltinBase:
     pipeline: StableDiffusionPipeline
     templates: tuple[str, ...] = NEUTRAL_TEMPLATES
     captions_file: Path | None = None
+    image_prompt: Any = None  # zero_shot.ImagePromptKit, built on this pipeline's transformer
+    image_prompt_hint: str = "Zero-shot products need an MM-DiT base with a DynaIP adapter (toy-mmdit)."
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> dict[str, Attention]:
@@ -155,19 +159,26 @@ def load_base(
     pipeline = built.pipeline
     pipeline.set_progress_bar_config(disable=True)
     identity = fingerprint(pipeline)
+    kit = built.image_prompt
+    if kit is not None:  # a zero-shot concept depends on the adapter and vision tower too
+        from perfusion.zero_shot import with_kit_fingerprint
+
+        identity = with_kit_fingerprint(identity, kit)
     # diffusers warns on every dtype cast of a model whose keep-in-fp32 list is empty ("[]"): nothing to see.
     modeling_logger = logging.getLogger("diffusers.models.modeling_utils")
     level = modeling_logger.level
     modeling_logger.setLevel(logging.ERROR)
     try:
         denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
-        for module in (denoiser, pipeline.text_encoder, pipeline.vae):
+        for module in (denoiser, pipeline.text_encoder, pipeline.vae, *(kit.modules() if kit else ())):
             module.requires_grad_(False)
             module.eval()
             module.to(device=device, dtype=dtype)
     finally:
         modeling_logger.setLevel(level)
-    return BaseModel(pipeline, spec, identity, built.templates, built.captions_file)
+    return BaseModel(
+        pipeline, spec, identity, built.templates, built.captions_file, kit, "" if kit else built.image_prompt_hint
+    )
 
 
 def build_tiny_base() -> BuiltinBase:

@@ -4,6 +4,7 @@
     catalog: demo-catalog                 # names the catalog in the index
     root: ./store                         # storage root URI (local folder, file://, s3://, gs://)
     base_model: toy                       # toy | tiny | a local diffusers folder | a .safetensors checkpoint
+    zero_shot: {base_model: toy-mmdit}    # the MM-DiT base (with its DynaIP adapter) of zero-shot products
     training: {steps: 150}                # defaults for every concept (perfusion.TrainConfig fields)
     concepts:
       - name: dotted-star                 # names files in the store: lower-case letters, digits, . _ -
@@ -12,8 +13,9 @@
         images: [images/dotted-star/*.png]  # URIs or globs, relative to the manifest's folder
         masks: [masks/dotted-star/*.png]  # optional; one mask per image after expansion, same order
         training: {steps: 300}            # optional per-concept overrides of the defaults
-        # training.method: perfusion (default) | residuals | textual_inversion, a catalog default or per concept;
-        # residuals take their paper's recipe (150 steps, batch 4) for the fields not given
+        # training.method: perfusion (default) | residuals | textual_inversion | zero-shot, a catalog default or
+        # per concept; residuals take their paper's recipe (150 steps, batch 4) for the fields not given;
+        # zero-shot products are onboarded (no training) on zero_shot.base_model and take no other field
         # training.select: {every: 25, seeds: 1, samples: 8, scorer: toy | "clip:<folder>" | none, gate: true}
         # chooses each concept's step, seed and gate with a scorer (perfusion/selection.py)
         tags: {sku: A-1001, category: toys}
@@ -59,6 +61,7 @@ from perfusion.config import (
     token_problem,
     with_method_defaults,
 )
+from perfusion.methods import ZERO_SHOT
 from perfusion.registry import BUILTIN_BASES
 from pipeline.store import ROOT_ENV
 
@@ -175,11 +178,18 @@ class RenderJob(_Strict):
         return ConceptSelection() if self.concepts == "all" else self.concepts
 
 
+class ZeroShotSettings(_Strict):
+    """Where zero-shot products (training.method: zero-shot) are onboarded and rendered."""
+
+    base_model: str = "toy-mmdit"  # an MM-DiT base with a DynaIP adapter
+
+
 class Manifest(_Strict):
     version: Literal[1]
     catalog: str
     root: str = "./store"
     base_model: str = "toy"
+    zero_shot: ZeroShotSettings = ZeroShotSettings()
     training: TrainingSettings = TrainingSettings()
     concepts: list[ConceptSpec] = Field(min_length=1)
     renders: list[RenderJob] = []
@@ -188,11 +198,21 @@ class Manifest(_Strict):
 
     def training_config(self, concept: ConceptSpec) -> dict[str, Any]:
         """TrainConfig fields: catalog defaults, then the concept's overrides (the fields given; the rest are
-        the library's); `select.every` is TrainConfig.select_every."""
+        the library's); `select.every` is TrainConfig.select_every. A zero-shot product's is its method alone
+        (nothing is trained: the catalog's training defaults are not its, and do not enter its concept key)."""
+        if self.is_zero_shot(concept):
+            return {"method": ZERO_SHOT}
         merged = with_method_defaults(self.training.values() | concept.training.values())
         merged.pop("select", None)
         every = self.selection_settings(concept).get("every")
         return merged | ({"select_every": every} if every is not None else {})
+
+    def is_zero_shot(self, concept: ConceptSpec) -> bool:
+        method = concept.training.values().get("method", self.training.values().get("method"))
+        return bool(method == ZERO_SHOT)
+
+    def zero_shot_names(self) -> set[str]:
+        return {c.name for c in self.concepts if self.is_zero_shot(c)}
 
     def selection_settings(self, concept: ConceptSpec) -> dict[str, Any]:
         """The concept's `training.select` fields: the catalog's block, then the concept's, per field."""
@@ -203,7 +223,7 @@ class Manifest(_Strict):
         """How the concept's operating point is chosen; None: no selection (no block, or scorer 'none').
         A clip:<folder> scorer's relative folder starts at the manifest's folder."""
         fields = {k: v for k, v in self.selection_settings(concept).items() if k != "every"}
-        if not self.selection_settings(concept) or fields.get("scorer") == "none":
+        if not self.selection_settings(concept) or fields.get("scorer") == "none" or self.is_zero_shot(concept):
             return None
         scorer = fields.get("scorer", SelectConfig.scorer)
         if scorer.startswith("clip:"):
@@ -224,9 +244,10 @@ class Manifest(_Strict):
         """--root, else PERFUSION_BATCH_ROOT, else the manifest's root (relative to the manifest's folder)."""
         return override or os.environ.get(ROOT_ENV) or self.resolve(self.root)
 
-    def base_model_path(self) -> str:
-        """A built-in base or a hub id stays as it is; a relative local path starts at the manifest's folder."""
-        spec = self.base_model
+    def base_model_path(self, zero_shot: bool = False) -> str:
+        """A built-in base or a hub id stays as it is; a relative local path starts at the manifest's folder.
+        zero_shot=True: the zero-shot products' base (zero_shot.base_model)."""
+        spec = self.zero_shot.base_model if zero_shot else self.base_model
         if spec in BUILTIN_BASES or spec.startswith(("/", "~")):
             return spec
         candidate = self.resolve(spec)
@@ -317,6 +338,8 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
             if not image.strip():
                 problems.append(Problem(f"{at}.images[{position}]", "empty path"))
         own = spec.training.values()
+        if manifest.is_zero_shot(spec):
+            problems += _zero_shot_problems(spec, at)
         problems += [p for p in _selection_problems(manifest, spec, at) if p not in problems]
         for name, message in settings_problems(manifest.training_config(spec)):
             problem = Problem(f"{at}.training.{name}" if name in own else f"training.{name}", message)
@@ -339,6 +362,19 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
     return problems
 
 
+def _zero_shot_problems(spec: ConceptSpec, at: str) -> list[Problem]:
+    """A zero-shot product is onboarded, not trained: its own training fields (but method) and masks mean
+    nothing, and are refused rather than ignored."""
+    problems = [
+        Problem(f"{at}.training.{name}", "a zero-shot product is not trained: remove it (only method applies)")
+        for name in spec.training.values()
+        if name != "method"
+    ]
+    if spec.masks is not None:
+        problems.append(Problem(f"{at}.masks", "a zero-shot product's adapter reads whole photos: remove its masks"))
+    return problems
+
+
 def selection_path(spec: ConceptSpec, at: str, field: str) -> str:
     """Where a `training.select` field of a concept was set: its own block (`at` = "concepts[3]") or the
     catalog's."""
@@ -349,7 +385,7 @@ def selection_path(spec: ConceptSpec, at: str, field: str) -> str:
 def _selection_problems(manifest: Manifest, spec: ConceptSpec, at: str) -> list[Problem]:
     """A scorer that is well-formed and fits the base, and a cadence that scores at least once."""
     settings = manifest.selection_settings(spec)
-    if not settings:
+    if not settings or manifest.is_zero_shot(spec):  # a zero-shot product's own select is refused above
         return []
     where = functools.partial(selection_path, spec, at)
     problems = []
@@ -436,6 +472,7 @@ def _render_job_problems(manifest: Manifest, job: RenderJob, at: str, known: set
             )
     if not selected and job.combinations is None:
         problems.append(Problem(f"{at}.concepts", "selects no concept (check the names and tags)"))
+    problems += _zero_shot_job_problems(manifest, job, at, rendered & known)
     for position, template in enumerate(job.prompts):
         where = f"{at}.prompts[{position}]"
         try:
@@ -451,6 +488,64 @@ def _render_job_problems(manifest: Manifest, job: RenderJob, at: str, known: set
             missing = ", ".join(f"{{{chr(ord('a') + i)}}}" for i in range(len(selected), count))
             problems.append(
                 Problem(where, f"placeholder(s) {missing} have no concept: the job selects only {len(selected)}")
+            )
+        elif count > 1 and job.combinations is None and selected and max(map(len, kinds(manifest, selected))) < count:
+            trained, zero_shot = kinds(manifest, selected)
+            problems.append(
+                Problem(
+                    where,
+                    f"has {count} placeholders, but no {count} of the selected products share a base: zero-shot "
+                    f"products ({len(zero_shot)}) and trained ones ({len(trained)}) render on different bases, "
+                    "never in one image",
+                )
+            )
+    return problems
+
+
+def kinds(manifest: Manifest, concepts: list[ConceptSpec]) -> tuple[list[str], list[str]]:
+    """(trained, zero-shot) names of `concepts`: each kind renders on its own base."""
+    zero_shot = manifest.zero_shot_names()
+    return [c.name for c in concepts if c.name not in zero_shot], [c.name for c in concepts if c.name in zero_shot]
+
+
+def _zero_shot_job_problems(manifest: Manifest, job: RenderJob, at: str, rendered: set[str]) -> list[Problem]:
+    """What a job asks of zero-shot products that their base cannot do: share an image with a trained
+    product, a gate, another resolution or sampler."""
+    zero_shot = manifest.zero_shot_names()
+    problems = []
+    for position, combination in enumerate(job.combinations or []):
+        mine = [n for n in combination if n in zero_shot]
+        if mine and len(mine) < len(combination):
+            others = [n for n in combination if n not in zero_shot]
+            problems.append(
+                Problem(
+                    f"{at}.combinations[{position}]",
+                    f"mixes zero-shot products {mine} with trained ones {others}: they render on different bases "
+                    f"({manifest.zero_shot.base_model!r} and {manifest.base_model!r}), never in one image; "
+                    "combine products of one kind",
+                )
+            )
+    for name in job.gates:
+        if name in zero_shot:
+            problems.append(
+                Problem(f"{at}.gates.{name}", f"{name!r} is a zero-shot product: it has no gate to override")
+            )
+    if rendered & zero_shot:
+        if job.resolution is not None:
+            problems.append(
+                Problem(
+                    f"{at}.resolution",
+                    "zero-shot products render at their MM-DiT base's own size: remove resolution, or render them "
+                    "in a job of their own without it",
+                )
+            )
+        if job.scheduler != "default":
+            problems.append(
+                Problem(
+                    f"{at}.scheduler",
+                    "zero-shot products render with their MM-DiT base's rectified-flow sampler: use 'default', or "
+                    "render them in a job of their own",
+                )
             )
     return problems
 

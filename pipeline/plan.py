@@ -153,8 +153,12 @@ def concept_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def build_plan(manifest: Manifest, fingerprint: str, vocabulary: set[str] | None = None) -> list[PlannedConcept]:
-    """Every concept of the manifest, planned (file problems per concept); ManifestError for catalog problems."""
+def build_plan(
+    manifest: Manifest, fingerprint: str, vocabulary: set[str] | None = None, zero_shot_fingerprint: str = ""
+) -> list[PlannedConcept]:
+    """Every concept of the manifest, planned (file problems per concept); ManifestError for catalog problems.
+    A zero-shot product's key takes the zero-shot base's fingerprint, and its token is never added to a
+    tokenizer (its prompts say its superclass), so no vocabulary check applies to it."""
     from perfusion.methods import method_for
 
     catalog_problems: list[Problem] = []
@@ -162,7 +166,8 @@ def build_plan(manifest: Manifest, fingerprint: str, vocabulary: set[str] | None
     checked: dict[str, str | None] = {}  # CLIP folder -> its problem (each folder checked once)
     for index, spec in enumerate(manifest.concepts):
         token = spec.concept_token
-        if vocabulary is not None and (token in vocabulary or token + "</w>" in vocabulary):
+        zero_shot = manifest.is_zero_shot(spec)
+        if not zero_shot and vocabulary is not None and (token in vocabulary or token + "</w>" in vocabulary):
             catalog_problems.append(
                 Problem(
                     f"concepts[{index}].token",
@@ -189,7 +194,8 @@ def build_plan(manifest: Manifest, fingerprint: str, vocabulary: set[str] | None
         if selection is not None and selection.clip_folder is not None:
             found = _clip_folder_problems(selection.clip_folder, spec, index, checked)
             catalog_problems += [p for p in found if p not in catalog_problems]  # a catalog block's: once
-        key = concept_key(spec, images, masks, training, fingerprint, method_for(training).version, selection)
+        base = zero_shot_fingerprint if zero_shot else fingerprint
+        key = concept_key(spec, images, masks, training, base, method_for(training).version, selection)
         planned.append(
             PlannedConcept(
                 spec, index, tuple(images), tuple(masks) if masks else None, training, key, tuple(problems), selection

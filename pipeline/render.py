@@ -14,6 +14,11 @@
 4. Ray Data: from_items(rows).map_batches(Renderer, ActorPoolStrategy) with one actor per GPU (one per CPU
    without GPUs); the driver streams the results and commits rows in batches, each after its PNG exists.
 5. A contact sheet and an HTML page per job, from every successful row of the job (this run's and earlier).
+
+A catalog with zero-shot products (method zero-shot) has two bases: rows of trained products render on
+base_model, rows of zero-shot products on zero_shot.base_model (an MM-DiT with its DynaIP adapter), each
+kind in its own Ray Data pass with its own actors (one base model a GPU), one after the other; a job may
+hold rows of both. Each base is prepared (steps 1-2) only when some row needs it.
 """
 
 from __future__ import annotations
@@ -28,8 +33,16 @@ from typing import Any
 
 from pipeline.index import ConceptIndex, RenderIndex, RenderRow, Status
 from pipeline.jobs import flag
-from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
-from pipeline.render_plan import ConceptRef, PlannedImage, RenderPlanError, needed_names, plan_job, resolve_concepts
+from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob, placeholders
+from pipeline.render_plan import (
+    ConceptRef,
+    PlannedImage,
+    RenderPlanError,
+    combinations_for,
+    needed_names,
+    plan_job,
+    resolve_concepts,
+)
 from pipeline.store import Store, sheet_files
 
 COMMIT_EVERY = 64
@@ -109,26 +122,52 @@ class RenderRun:
 
     # -- planning --------------------------------------------------------------------------------------
 
-    def check_prompts(self, counts: list[int], limit: int) -> None:
-        """ManifestError for every template longer than the text encoder's limit (it would be truncated)."""
+    def check_prompts(self, counts: list[int], limit: int, zero_shot: bool = False) -> None:
+        """ManifestError for every template longer than the text encoder's limit (it would be truncated);
+        zero_shot: the counts are of the zero-shot base, for the jobs that render zero-shot products."""
         problems = []
         positions = [(i, j) for i, job in enumerate(self.manifest.renders) for j in range(len(job.prompts))]
         for (i, j), count in zip(positions, counts, strict=True):
-            if count > limit and self.manifest.renders[i] in self.jobs:
+            job = self.manifest.renders[i]
+            if job not in self.jobs or (zero_shot and not self._renders_zero_shot(job)):
+                continue
+            if count > limit:
+                encoder = "zero-shot base's text encoder" if zero_shot else "text encoder"
                 problems.append(
                     Problem(
                         f"renders[{i}].prompts[{j}]",
-                        f"{count} tokens, more than the text encoder's {limit}: shorten it (it would be cut)",
+                        f"{count} tokens, more than the {encoder}'s {limit}: shorten it (it would be cut)",
                     )
                 )
         if problems:
             raise ManifestError(self.manifest.source, problems)
 
-    def resolve(self, fingerprint: str) -> dict[str, ConceptRef]:
+    def _renders_zero_shot(self, job: RenderJob) -> bool:
+        zero_shot = self.manifest.zero_shot_names()
+        return any(n in zero_shot for t in job.prompts for c in combinations_for(self.manifest, job, t) for n in c)
+
+    def needs(self) -> tuple[bool, bool]:
+        """(whether any row renders on base_model, whether any renders on the zero-shot base)."""
+        zero_shot = self.manifest.zero_shot_names()
+        combos = [c for job in self.jobs for t in job.prompts for c in combinations_for(self.manifest, job, t)]
+        return any(not c or c[0] not in zero_shot for c in combos), any(c and c[0] in zero_shot for c in combos)
+
+    def zero_shot_templates(self) -> list[str]:
+        """Every template filled as the zero-shot base reads it, with the longest superclass (an upper bound
+        of its length in tokens): "{a} on white" -> "a teapot on white"."""
+        longest = max((c.superclass.strip() for c in self.manifest.concepts), key=len)
+        return [
+            t.format(**{name: f"a {longest}" for name in placeholders(t)})
+            for job in self.manifest.renders
+            for t in job.prompts
+        ]
+
+    def resolve(self, fingerprint: str, zero_shot_fingerprint: str = "") -> dict[str, ConceptRef]:
         """The trained concepts the jobs need, with each file's checksum verified now, before rendering."""
         from pipeline.store import StoreError
 
-        refs = resolve_concepts(self.manifest, needed_names(self.manifest, self.jobs), self.concept_index, fingerprint)
+        names = needed_names(self.manifest, self.jobs)
+        refs = resolve_concepts(self.manifest, names, self.concept_index, fingerprint, zero_shot_fingerprint)
         problems = []
         for name, ref in refs.items():
             try:
@@ -139,8 +178,12 @@ class RenderRun:
             raise RenderPlanError(problems)
         return refs
 
-    def plan(self, fingerprint: str, refs: dict[str, ConceptRef]) -> tuple[list[PlannedImage], set[str]]:
-        rows = [row for job in self.jobs for row in plan_job(self.manifest, job, refs, fingerprint)]
+    def plan(
+        self, fingerprint: str, refs: dict[str, ConceptRef], zero_shot_fingerprint: str = ""
+    ) -> tuple[list[PlannedImage], set[str]]:
+        rows = [
+            row for job in self.jobs for row in plan_job(self.manifest, job, refs, fingerprint, zero_shot_fingerprint)
+        ]
         return rows, self.index.succeeded_render_ids()
 
     # -- running ---------------------------------------------------------------------------------------
@@ -154,21 +197,39 @@ class RenderRun:
         summary = RenderSummary(self.manifest.catalog, self.store.root, dry_run=self.options.dry_run)
         jobs.ensure_ray()
         resources = self._actor_resources()
-        message(f"preparing base model {self.base_model!r} (fingerprint, C^-1, prompt lengths) ...")
-        templates = [t for job in self.manifest.renders for t in job.prompts]
-        base, counts, limit = ray.get(
-            jobs.remote(prepare_render_task, **resources).remote(self.base_model, self.store.root, templates)
-        )
-        self.check_prompts(counts, limit)
-        refs = self.resolve(base.fingerprint)
-        plan, done = self.plan(base.fingerprint, refs)
+        needs_base, needs_zero_shot = self.needs()
+        bases: dict[bool, Any] = {}  # zero_shot -> BaseInfo of the base that renders those rows
+        if needs_base:
+            message(f"preparing base model {self.base_model!r} (fingerprint, C^-1, prompt lengths) ...")
+            templates = [t for job in self.manifest.renders for t in job.prompts]
+            bases[False], counts, limit = ray.get(
+                jobs.remote(prepare_render_task, **resources).remote(self.base_model, self.store.root, templates)
+            )
+            self.check_prompts(counts, limit)
+        if needs_zero_shot:
+            spec = self.manifest.base_model_path(zero_shot=True)
+            message(f"preparing zero-shot base {spec!r} (fingerprint, prompt lengths) ...")
+            bases[True], counts, limit = ray.get(
+                jobs.remote(prepare_zero_shot_render_task, **resources).remote(spec, self.zero_shot_templates())
+            )
+            self.check_prompts(counts, limit, zero_shot=True)
+        fingerprint = bases[False].fingerprint if False in bases else ""
+        zero_shot_fingerprint = bases[True].fingerprint if True in bases else ""
+        refs = self.resolve(fingerprint, zero_shot_fingerprint)
+        plan, done = self.plan(fingerprint, refs, zero_shot_fingerprint)
         todo = [row for row in plan if row.render_id not in done]
         summary.planned, summary.skipped = len(plan), len(plan) - len(todo)
         if self.options.limit is not None:
             todo = todo[: self.options.limit]
         message(f"{len(plan)} image(s) planned in {len(self.jobs)} job(s); {summary.skipped} already rendered")
         if not self.options.dry_run and todo:
-            self._render(todo, base, resources, summary, progress)
+            done_rows = 0
+            for zero_shot in (False, True):
+                rows = [row for row in todo if row.zero_shot == zero_shot]
+                if rows:
+                    spec = self.manifest.base_model_path(zero_shot=zero_shot)
+                    self._render(rows, spec, bases[zero_shot], resources, summary, progress, done_rows, len(todo))
+                    done_rows += len(rows)
         if not self.options.dry_run:
             self._write_sheets(summary)
         summary.seconds = time.perf_counter() - started
@@ -182,11 +243,16 @@ class RenderRun:
     def _render(
         self,
         todo: list[PlannedImage],
+        spec: str,
         base: Any,
         resources: dict[str, Any],
         summary: RenderSummary,
         progress: Progress | None,
+        before: int = 0,
+        total: int | None = None,
     ) -> None:
+        """One Ray Data pass over rows that render on one base (`spec`); progress counts from `before` of
+        `total`."""
         import ray
         import ray.data
 
@@ -207,7 +273,7 @@ class RenderRun:
             dataset = ray.data.from_items([row.to_record() for row in todo], override_num_blocks=blocks).map_batches(
                 Renderer,
                 fn_constructor_kwargs={
-                    "base_model": self.base_model,
+                    "base_model": spec,
                     "root": self.store.root,
                     "fingerprint": base.fingerprint,
                     "covariance": base.covariance,
@@ -223,20 +289,21 @@ class RenderRun:
         pending: list[RenderRow] = []
         seen: set[str] = set()
         last_commit = time.perf_counter()
-        if progress:
-            progress(0, len(todo), 0)
+        total = len(todo) if total is None else total
+        if progress and not before:
+            progress(0, total, 0)
         try:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 for result in batch.to_pylist():  # type: ignore[union-attr]  # pyarrow, as batch_format asks
                     seen.add(result["render_id"])
-                    pending.append(self._row(by_id[result["render_id"]], result, base.fingerprint))
+                    pending.append(self._row(by_id[result["render_id"]], result))
                     if result["status"] == Status.SUCCEEDED:
                         summary.rendered += 1
                     else:
                         summary.failed += 1
                         summary.errors.append(f"{result['render_id']}: {result['error']}")
                 if progress:
-                    progress(len(seen), len(todo), summary.failed)
+                    progress(before + len(seen), total, summary.failed)
                 if len(pending) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS:
                     self.index.append(pending)
                     pending.clear()
@@ -247,13 +314,13 @@ class RenderRun:
             for row in todo:
                 if row.render_id not in seen:
                     failed = {"status": Status.FAILED, "error": f"gave up: {text}"}
-                    pending.append(self._row(row, failed, base.fingerprint))
+                    pending.append(self._row(row, failed))
                     summary.failed += 1
             summary.errors.append(f"the render dataset failed: {text}")
         finally:
             self.index.append(pending)
 
-    def _row(self, planned: PlannedImage, result: dict[str, Any], fingerprint: str) -> RenderRow:
+    def _row(self, planned: PlannedImage, result: dict[str, Any]) -> RenderRow:
         """The index row of one image attempt: the plan's fields and the actor's (renderer.outcome)."""
         return RenderRow(
             render_id=planned.render_id,
@@ -266,8 +333,8 @@ class RenderRun:
             concept_keys=[ref.concept_key for ref in planned.concepts],
             seed=planned.seed,
             settings=planned.settings,
-            base_model=self.manifest.base_model,
-            fingerprint=fingerprint,
+            base_model=self.manifest.zero_shot.base_model if planned.zero_shot else self.manifest.base_model,
+            fingerprint=planned.fingerprint,
             image_uri=result.get("image_uri"),
             sha256=result.get("sha256"),
             bytes=result.get("bytes"),
@@ -310,6 +377,17 @@ def quiet_ray_data_console() -> None:
             handler.setLevel(logging.WARNING)
             # ... and not the notice that its bars are off (we turned them off: ours are on).
             handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars disabled"))
+
+
+def prepare_zero_shot_render_task(spec: str, prompts: list[str]) -> tuple[Any, list[int], int]:
+    """On a worker: the zero-shot base's identity (pipeline.worker.prepare_zero_shot) and each prompt's length
+    in tokens with its text stream's length."""
+    from pipeline.worker import prepare_zero_shot, worker_base
+
+    info = prepare_zero_shot(spec)
+    pipeline = worker_base(spec).pipeline
+    counts = [len(ids) for ids in pipeline.tokenizer(prompts).input_ids]
+    return info, counts, int(pipeline.text_tokens)
 
 
 def prepare_render_task(spec: str, root: str, templates: list[str]) -> tuple[Any, list[int], int]:

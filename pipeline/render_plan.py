@@ -4,9 +4,12 @@
 
 A template with k placeholders ({a}, {b}, ...) is filled with every k-combination of the job's selected
 concepts in name order (or the job's explicit combinations), capped at max_combinations; each filled prompt
-renders images_per_prompt seeds. render_id hashes everything that decides the pixels (base fingerprint,
-prompt, concept keys, seed, settings) plus the job, so a rerun skips rows already rendered and a retrained
-concept (new concept_key) renders anew. Nothing here touches Ray or a model.
+renders images_per_prompt seeds. Zero-shot products render on their own MM-DiT base (the manifest's
+zero_shot.base_model), so an image holds products of one kind: every-k combinations skip the ones that mix
+kinds (explicit ones that mix are a manifest error), and each row says which base renders it. render_id
+hashes everything that decides the pixels (base fingerprint, prompt, concept keys, seed, settings) plus the
+job, so a rerun skips rows already rendered and a retrained concept (new concept_key) renders anew. Nothing
+here touches Ray or a model.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ConceptRef:
     concept_key: str
     file_uri: str
     sha256: str
+    zero_shot: bool = False  # onboarded for the zero-shot base (method zero-shot), not trained on the base
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class PlannedImage:
     seed: int
     concepts: tuple[ConceptRef, ...]  # in placeholder order
     settings: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""  # of the base that renders it
+
+    @property
+    def zero_shot(self) -> bool:
+        """Rendered on the zero-shot base (its products are zero-shot ones)."""
+        return bool(self.concepts) and self.concepts[0].zero_shot
 
     def to_record(self) -> dict[str, Any]:
         """The row as Ray Data carries it (strings and ints only, so every block has one Arrow schema)."""
@@ -81,7 +91,8 @@ def combinations_for(manifest: Manifest, job: RenderJob, template: str) -> list[
         found = [tuple(c) for c in job.combinations if len(c) == count]
     else:
         names = [c.name for c in manifest.selected_concepts(job)]
-        found = list(itertools.combinations(names, count))
+        zero_shot = manifest.zero_shot_names()
+        found = [c for c in itertools.combinations(names, count) if len({n in zero_shot for n in c}) == 1]
     return found[: job.max_combinations]
 
 
@@ -91,44 +102,60 @@ def needed_names(manifest: Manifest, jobs: Sequence[RenderJob]) -> list[str]:
 
 
 def resolve_concepts(
-    manifest: Manifest, names: Sequence[str], index: ConceptIndex, fingerprint: str
+    manifest: Manifest, names: Sequence[str], index: ConceptIndex, fingerprint: str, zero_shot_fingerprint: str = ""
 ) -> dict[str, ConceptRef]:
-    """The latest successful training of each name for this catalog and base model; RenderPlanError naming
-    every concept that has none (never trained, or its latest attempt failed) with the fix."""
-    found = {row["name"]: row for row in index.latest(names, catalog=manifest.catalog, fingerprint=fingerprint)}
+    """The latest successful training (or onboarding) of each name for this catalog and its base model (a
+    zero-shot product's: `zero_shot_fingerprint`); RenderPlanError naming every concept that has none (never
+    trained, or its latest attempt failed) with the fix."""
+    zero_shot = manifest.zero_shot_names()
+    groups = [([n for n in names if n not in zero_shot], fingerprint, manifest.base_model)]
+    groups.append(([n for n in names if n in zero_shot], zero_shot_fingerprint, manifest.zero_shot.base_model))
+    found: dict[str, dict[str, Any]] = {}
+    for group, group_fingerprint, _ in groups:
+        if group:
+            rows = index.latest(group, catalog=manifest.catalog, fingerprint=group_fingerprint)
+            found |= {row["name"]: row for row in rows}
     problems = []
-    for name in names:
-        if name in found:
-            continue
-        attempts = index.latest([name], catalog=manifest.catalog, status=None)
-        if attempts and attempts[0]["status"] != Status.SUCCEEDED:
-            problems.append(
-                f"concept {name!r} failed its last training ({attempts[0]['error']}); fix it and run "
-                "perfusion-batch train first"
-            )
-        elif attempts:
-            problems.append(
-                f"concept {name!r} was trained on another base model ({attempts[0]['base_model']}); train it on "
-                f"{manifest.base_model!r} with perfusion-batch train first"
-            )
-        else:
-            problems.append(f"concept {name!r} is not trained yet: run perfusion-batch train on this manifest first")
+    for group, _, base_model in groups:
+        for name in group:
+            if name in found:
+                continue
+            verb = "onboarded" if name in zero_shot else "trained"
+            attempts = index.latest([name], catalog=manifest.catalog, status=None)
+            if attempts and attempts[0]["status"] != Status.SUCCEEDED:
+                problems.append(
+                    f"concept {name!r} failed its last training ({attempts[0]['error']}); fix it and run "
+                    "perfusion-batch train first"
+                )
+            elif attempts:
+                problems.append(
+                    f"concept {name!r} was {verb} on another base model ({attempts[0]['base_model']}); "
+                    f"{verb.removesuffix('ed')} it on {base_model!r} with perfusion-batch train first"
+                )
+            else:
+                problems.append(f"concept {name!r} is not {verb} yet: run perfusion-batch train on this manifest first")
     if problems:
         raise RenderPlanError(problems)
     return {
-        name: ConceptRef(name, row["token"], row["concept_key"], row["file_uri"], row["sha256"])
+        name: ConceptRef(name, row["token"], row["concept_key"], row["file_uri"], row["sha256"], name in zero_shot)
         for name, row in found.items()
     }
 
 
 def plan_job(
-    manifest: Manifest, job: RenderJob, concepts: dict[str, ConceptRef], fingerprint: str
+    manifest: Manifest,
+    job: RenderJob,
+    concepts: dict[str, ConceptRef],
+    fingerprint: str,
+    zero_shot_fingerprint: str = "",
 ) -> list[PlannedImage]:
-    """Every image of one job: templates in order, then combinations, then seeds."""
+    """Every image of one job: templates in order, then combinations, then seeds. A row of zero-shot
+    products carries (and its render_id hashes) the zero-shot base's fingerprint."""
     rows = []
     for template in job.prompts:
         for names in combinations_for(manifest, job, template):
             refs = tuple(concepts[n] for n in names)
+            base_fingerprint = zero_shot_fingerprint if refs and refs[0].zero_shot else fingerprint
             prompt = template.format(**{chr(ord("a") + i): ref.token for i, ref in enumerate(refs)})
             settings = {
                 "steps": job.steps,
@@ -150,12 +177,12 @@ def plan_job(
                     "version": RENDER_VERSION,
                     "catalog": manifest.catalog,
                     "job": job.name,
-                    "fingerprint": fingerprint,
+                    "fingerprint": base_fingerprint,
                     "prompt": prompt,
                     "concept_keys": [ref.concept_key for ref in refs],
                     "seed": seed,
                     "settings": settings,
                 }
                 digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
-                rows.append(PlannedImage(digest, job.name, template, prompt, seed, refs, settings))
+                rows.append(PlannedImage(digest, job.name, template, prompt, seed, refs, settings, base_fingerprint))
     return rows

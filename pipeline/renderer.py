@@ -3,7 +3,9 @@
     ds.map_batches(Renderer, fn_constructor_kwargs=..., batch_format="pyarrow", compute=ActorPoolStrategy(...))
 
 The base pipeline is loaded once per actor (pipeline.worker) and concept files once per actor (verified
-against their sha256 from the index; any method's file, perfusion.methods.load_concept_file). Rows in one
+against their sha256 from the index; any method's file, perfusion.methods.load_concept_file). An actor on
+the zero-shot base (an MM-DiT) renders with perfusion.ZeroShotRenderer, any other with
+perfusion.ConceptRenderer: both take the same requests and settings. Rows in one
 batch that share sampler settings render in ONE forward pass even when their concept combinations differ:
 each row carries its own concept set (perfusion.ConceptRenderer, per-sample edits), weights are never
 merged per combination.
@@ -61,8 +63,13 @@ class Renderer:
 
         self.base = planned_base(base_model, fingerprint)
         self.store = Store(root)
-        self.renderer = perfusion.ConceptRenderer(
-            self.base, stored_covariance(self.store, self.base, covariance, covariance_sha256)
+        # The zero-shot base (an MM-DiT) renders zero-shot products, with no C^-1; any other base, trained ones.
+        self.renderer: Any = (
+            perfusion.ZeroShotRenderer(self.base)
+            if self.base.architecture == "mmdit"
+            else perfusion.ConceptRenderer(
+                self.base, stored_covariance(self.store, self.base, covariance, covariance_sha256)
+            )
         )
         self.default_scheduler = self.base.pipeline.scheduler
         self.attached: dict[str, str] = {}  # concept_key -> token
@@ -196,7 +203,7 @@ class Renderer:
 
     def _use_scheduler(self, name: str) -> None:
         pipeline = self.base.pipeline
-        if name == "default":
+        if name == "default" or self.base.architecture == "mmdit":  # its own sampler (manifest-checked)
             pipeline.scheduler = self.default_scheduler
             return
         import diffusers

@@ -126,7 +126,8 @@ def _train(task: TrainTask, progress: ProgressFn | None, started: float) -> Conc
     adopted = _adopt_existing(store, task, base, started)
     if adopted is not None:  # a previous attempt wrote the file, then died before its row was committed
         return adopted
-    covariance = stored_covariance(store, base, task.covariance, task.covariance_sha256)
+    # A zero-shot product's onboarding needs no C^-1 (its base has none: task.covariance is "").
+    covariance = stored_covariance(store, base, task.covariance, task.covariance_sha256) if task.covariance else None
     images = [_read_checked(uri, sha, task.name) for uri, sha in task.images]  # decoded by the method
     masks = [_read_checked(uri, sha, task.name) for uri, sha in task.masks] if task.masks else None
 
@@ -142,6 +143,7 @@ def _train(task: TrainTask, progress: ProgressFn | None, started: float) -> Conc
     else:
         from perfusion.selection import train_selected
 
+        assert covariance is not None, "the manifest refuses step selection for zero-shot products"
         concept = train_selected(
             method.train, base, images, task.token, task.superclass, config, task.selection,
             masks=masks, covariance=covariance, on_step=on_step,
@@ -155,13 +157,13 @@ def _train(task: TrainTask, progress: ProgressFn | None, started: float) -> Conc
         if adopted is None:
             raise TransientError(f"{store.uri(task.file)} appeared during training and is not usable") from None
         return adopted
-    loss = concept.metadata["loss"]
+    loss = concept.metadata.get("loss") or {}  # none for an onboarded (zero-shot) product
     return concept_row(
         task,
         Status.SUCCEEDED,
         artifact=artifact,
-        steps=int(loss["steps"]),
-        final_loss=loss["mean_last_10pct"],
+        steps=int(loss["steps"]) if "steps" in loss else None,
+        final_loss=loss.get("mean_last_10pct"),
         seconds=time.perf_counter() - started,
         device=worker_label(),
         concept=concept,
@@ -196,10 +198,11 @@ def _adopt_existing(store: Store, task: TrainTask, base: Any, started: float) ->
 
 
 def _read_checked(uri: str, sha256: str, name: str) -> bytes:
-    """The file's bytes, refused unless they are the ones the run planned with."""
+    """The file's bytes (named by its URI, for errors), refused unless they are the ones the run planned with."""
     import fsspec
 
     import perfusion
+    from perfusion.images import NamedBytes
 
     with fsspec.open(uri, "rb") as handle:
         data: bytes = handle.read()
@@ -207,4 +210,4 @@ def _read_checked(uri: str, sha256: str, name: str) -> bytes:
         raise perfusion.TrainingError(
             f"concept {name!r}: {uri} changed since the run was planned; rerun to plan with the new file"
         )
-    return data
+    return NamedBytes(data, uri)

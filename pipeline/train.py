@@ -13,6 +13,12 @@
    with its error, and the others go on.
 4. Rows are committed by the driver in batches (every COMMIT_EVERY rows or COMMIT_SECONDS), always after
    the task wrote its file: an index row never points at nothing.
+
+Zero-shot products (method zero-shot) are not trained: they are onboarded on the zero-shot base (the
+manifest's zero_shot.base_model, prepared by a `prepare_zero_shot_task` only when the run has some), a
+fraction of a second each, ONBOARD_CHUNK of them per Ray task so the MM-DiT loads once per chunk, never
+beside a training on the same worker. Their files and rows are like any concept's: same store layout,
+same index, same skip-if-done keys. A catalog of zero-shot products only never loads base_model.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pipeline.worker import BaseInfo, TransientError
 
 COMMIT_EVERY = 16
 COMMIT_SECONDS = 10.0
+ONBOARD_CHUNK = 64  # zero-shot products per onboarding task
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,8 @@ class TrainRun:
         self.store = Store(manifest.storage_root(options.root))
         self.index = ConceptIndex(self.store)
         self.base_model = manifest.base_model_path()
+        self.zero_shot_model = manifest.base_model_path(zero_shot=True)
+        self.bases: tuple[BaseInfo | None, BaseInfo | None] = (None, None)  # (base_model, zero-shot base)
         unknown = sorted(set(options.only) - {c.name for c in manifest.concepts})
         if unknown:
             from pipeline.manifest import ManifestError, Problem
@@ -107,11 +116,14 @@ class TrainRun:
                 manifest.source, [Problem("--only", f"no concept named {n!r} in the manifest") for n in unknown]
             )
 
-    def plan(self, base: BaseInfo) -> list[tuple[PlannedConcept, Status]]:
+    def plan(self, base: BaseInfo | None, zero_shot: BaseInfo | None = None) -> list[tuple[PlannedConcept, Status]]:
         """The selected concepts, each with what this run does with it: PLANNED (would train), SKIPPED
         (already trained under its key) or FAILED (its files have problems). `validate` and `--dry-run` stop
-        here; both write nothing."""
-        plan = build_plan(self.manifest, base.fingerprint, set(base.vocabulary))
+        here; both write nothing. `base` is None when no selected concept trains (zero-shot products only),
+        `zero_shot` when none is zero-shot."""
+        fingerprint, words = (base.fingerprint, set(base.vocabulary)) if base is not None else ("", None)
+        zero_shot_fingerprint = zero_shot.fingerprint if zero_shot is not None else ""
+        plan = build_plan(self.manifest, fingerprint, words, zero_shot_fingerprint)
         if self.options.only:
             plan = [p for p in plan if p.name in self.options.only]
         done = set() if self.options.force else self.index.succeeded_keys()
@@ -119,6 +131,20 @@ class TrainRun:
             (item, Status.SKIPPED if item.concept_key in done else Status.PLANNED if item.ready else Status.FAILED)
             for item in plan
         ]
+
+    def needs(self) -> tuple[bool, bool]:
+        """(whether a selected concept trains on base_model, whether one is onboarded on the zero-shot base)."""
+        selected = [c for c in self.manifest.concepts if not self.options.only or c.name in self.options.only]
+        zero_shot = [self.manifest.is_zero_shot(c) for c in selected]
+        return not all(zero_shot), any(zero_shot)
+
+    def local_plan(self) -> list[tuple[PlannedConcept, Status]]:
+        """The plan without Ray, loading each needed base here (`validate`): nothing is written."""
+        from pipeline.worker import prepare_base, prepare_zero_shot
+
+        trains, onboards = self.needs()
+        base = prepare_base(self.base_model, self.store.root, write=False) if trains else None
+        return self.plan(base, prepare_zero_shot(self.zero_shot_model) if onboards else None)
 
     def execute(self, display: Display | None = None) -> RunSummary:
         import ray
@@ -129,16 +155,25 @@ class TrainRun:
         started = time.perf_counter()
         summary = RunSummary(self.manifest.catalog, self.store.root, dry_run=self.options.dry_run)
         jobs.ensure_ray()
-        display.message(f"preparing base model {self.base_model!r} (fingerprint, C^-1) ...")
+        trains, onboards = self.needs()
         resources = self._resources()
-        preparing = jobs.remote(prepare_base_task, **resources).remote(
-            self.base_model, self.store.root, not self.options.dry_run
-        )
-        # Meanwhile, start the other workers and load the model into each (a Ray worker keeps it for the
-        # training tasks it runs next): worker start-up then overlaps prepare_base instead of delaying them.
-        warming = [] if self.options.dry_run else self._warm_workers(resources)
-        base: BaseInfo = ray.get(preparing)
-        plan = self.plan(base)
+        preparing = zero_shot_preparing = None
+        warming: list[Any] = []
+        if trains:
+            display.message(f"preparing base model {self.base_model!r} (fingerprint, C^-1) ...")
+            preparing = jobs.remote(prepare_base_task, **resources).remote(
+                self.base_model, self.store.root, not self.options.dry_run
+            )
+            # Meanwhile, start the other workers and load the model into each (a Ray worker keeps it for the
+            # training tasks it runs next): worker start-up then overlaps prepare_base instead of delaying them.
+            warming = [] if self.options.dry_run else self._warm_workers(resources)
+        if onboards:
+            display.message(f"preparing zero-shot base {self.zero_shot_model!r} (fingerprint, adapter) ...")
+            zero_shot_preparing = jobs.remote(prepare_zero_shot_task, **resources).remote(self.zero_shot_model)
+        base: BaseInfo | None = ray.get(preparing) if preparing is not None else None
+        zero_shot: BaseInfo | None = ray.get(zero_shot_preparing) if zero_shot_preparing is not None else None
+        self.bases = (base, zero_shot)
+        plan = self.plan(base, zero_shot)
         for item, status in plan:
             error = "; ".join(str(p) for p in item.problems) or None
             summary.concepts[item.name] = ConceptState(item.name, item.concept_key, status, error=error)
@@ -149,7 +184,7 @@ class TrainRun:
             return summary
         pending_rows = [
             concept_row(
-                self._task(item, base),
+                self._task(item),
                 Status.FAILED,
                 error=summary.concepts[item.name].error,
                 device="driver (planning)",
@@ -158,7 +193,7 @@ class TrainRun:
             if status == Status.FAILED
         ]
         todo = [item for item, status in plan if status == Status.PLANNED]
-        self._dispatch(todo, base, resources, summary, display, pending_rows)
+        self._dispatch(todo, resources, summary, display, pending_rows)
         ray.wait(warming, num_returns=len(warming))  # (done long ago; a warm-up's failure is prepare_base's too)
         summary.seconds = time.perf_counter() - started
         display.finish(summary)
@@ -183,7 +218,12 @@ class TrainRun:
         count = min(self._concurrency(resources), len(self.manifest.concepts)) - 1
         return [jobs.remote(warm_worker_task, **resources).remote(self.base_model) for _ in range(max(0, count))]
 
-    def _task(self, item: PlannedConcept, base: BaseInfo) -> TrainTask:
+    def _task(self, item: PlannedConcept, base: BaseInfo | None = None) -> TrainTask:
+        """The task of one concept, on its base (`base`: given, else the one this run prepared for its kind)."""
+        zero_shot = self.manifest.is_zero_shot(item.spec)
+        if base is None:
+            base = self.bases[1] if zero_shot else self.bases[0]
+        assert base is not None, "execute() prepares the base of every planned concept"
         attempt = uuid.uuid4().hex
         # --force writes a new file beside the old one: artifacts are never overwritten.
         file = concept_file(item.concept_key, attempt) if self.options.force else item.file
@@ -197,13 +237,13 @@ class TrainRun:
             selection=item.selection,
             concept_key=item.concept_key,
             file=file,
-            base_model=self.base_model,
+            base_model=self.zero_shot_model if zero_shot else self.base_model,
             fingerprint=base.fingerprint,
             root=self.store.root,
             covariance=base.covariance,
             covariance_sha256=base.covariance_sha256,
             catalog=self.manifest.catalog,
-            base_name=self.manifest.base_model,
+            base_name=self.manifest.zero_shot.base_model if zero_shot else self.manifest.base_model,
             tags=dict(item.spec.tags),
             manifest_uri=self.manifest.source,
             attempt_id=attempt,
@@ -212,32 +252,39 @@ class TrainRun:
     def _dispatch(
         self,
         todo: list[PlannedConcept],
-        base: BaseInfo,
         resources: dict[str, Any],
         summary: RunSummary,
         display: Display,
         rows: list[ConceptRow],
     ) -> None:
+        """Run every task, at most the concurrency limit in flight: one training task per trained concept,
+        one onboarding task per ONBOARD_CHUNK zero-shot products."""
         import ray
 
         from pipeline import jobs
 
         board = jobs.ProgressBoard.remote()
-        remote_train = jobs.remote(
-            train_task, max_retries=self.options.max_retries, retry_exceptions=[TransientError], **resources
-        )
+        retries = {"max_retries": self.options.max_retries, "retry_exceptions": [TransientError]}
+        remote_train = jobs.remote(train_task, **retries, **resources)
+        remote_onboard = jobs.remote(onboard_task, **retries, **resources)
         limit = self._concurrency(resources)
-        queue = list(todo)
-        running: dict[Any, tuple[PlannedConcept, TrainTask]] = {}
+        trained = [item for item in todo if not self.manifest.is_zero_shot(item.spec)]
+        onboarded = [item for item in todo if self.manifest.is_zero_shot(item.spec)]
+        queue = [[item] for item in trained]
+        queue += [onboarded[i : i + ONBOARD_CHUNK] for i in range(0, len(onboarded), ONBOARD_CHUNK)]
+        running: dict[Any, list[TrainTask]] = {}
         last_commit = time.perf_counter()
         while queue or running:
             while queue and len(running) < limit:
-                item = queue.pop(0)
-                task = self._task(item, base)
-                running[remote_train.remote(task, board)] = (item, task)
-                state = summary.concepts[item.name]
-                state.status, state.started = Status.RUNNING, time.time()
-                display.update(state)
+                items = queue.pop(0)
+                tasks = [self._task(item) for item in items]
+                zero_shot = self.manifest.is_zero_shot(items[0].spec)
+                ref = remote_onboard.remote(tasks) if zero_shot else remote_train.remote(tasks[0], board)
+                running[ref] = tasks
+                for item in items:
+                    state = summary.concepts[item.name]
+                    state.status, state.started = Status.RUNNING, time.time()
+                    display.update(state)
             ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
             for name, (step, steps, loss) in ray.get(board.snapshot.remote()).items():
                 state = summary.concepts[name]
@@ -245,14 +292,14 @@ class TrainRun:
                     state.step, state.steps, state.loss = step, steps, loss
                     display.update(state)
             for ref in ready:
-                item, task = running.pop(ref)
-                row = self._collect(ref, task)
-                rows.append(row)
-                state = summary.concepts[item.name]
-                state.status, state.error, state.seconds = row.status, row.error, row.seconds
-                if row.steps:
-                    state.step = state.steps = row.steps
-                display.update(state)
+                tasks = running.pop(ref)
+                for task, row in zip(tasks, self._collect(ref, tasks), strict=True):
+                    rows.append(row)
+                    state = summary.concepts[task.name]
+                    state.status, state.error, state.seconds = row.status, row.error, row.seconds
+                    if row.steps:
+                        state.step = state.steps = row.steps
+                    display.update(state)
             if rows and (len(rows) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS):
                 self.index.append(rows)
                 rows.clear()
@@ -261,24 +308,42 @@ class TrainRun:
         rows.clear()
         ray.kill(board)
 
-    def _collect(self, ref: Any, task: TrainTask) -> ConceptRow:
-        """The task's row; a task that failed every retry becomes a failed row with the last error."""
+    def _collect(self, ref: Any, tasks: list[TrainTask]) -> list[ConceptRow]:
+        """The rows of a task's concepts; a task that failed every retry fails each with the last error."""
         import ray
 
         try:
-            row: ConceptRow = ray.get(ref)
-            return row
+            result = ray.get(ref)
+            return list(result) if isinstance(result, list) else [result]
         except ray.exceptions.RayError as error:
             cause = getattr(error, "cause", None)
             message = str(cause) if cause is not None else str(error).strip().splitlines()[-1]
             tries = self.options.max_retries + 1
-            return concept_row(task, Status.FAILED, error=f"gave up after {tries} tries: {message}")
+            return [concept_row(task, Status.FAILED, error=f"gave up after {tries} tries: {message}") for task in tasks]
 
 
 def prepare_base_task(spec: str, root: str, write: bool = True) -> BaseInfo:
     from pipeline.worker import prepare_base
 
     return prepare_base(spec, root, write)
+
+
+def prepare_zero_shot_task(spec: str) -> BaseInfo:
+    from pipeline.worker import prepare_zero_shot
+
+    return prepare_zero_shot(spec)
+
+
+def onboard_task(tasks: list[TrainTask]) -> list[ConceptRow]:
+    """The Ray task body of a chunk of zero-shot products: each onboarded on its own (a product's bad photo
+    fails that product alone), metrics counted."""
+    from pipeline import metrics
+    from pipeline.tasks import train_one
+
+    rows = [train_one(task) for task in tasks]
+    for row in rows:
+        metrics.record_task(row)
+    return rows
 
 
 def warm_worker_task(spec: str) -> bool:

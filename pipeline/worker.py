@@ -5,6 +5,7 @@ the check that it is the base the run planned, and the retry decision.
   one UNet), so a GPU that trains 500 concepts or renders 10,000 images loads the UNet once.
 - `prepare_base(spec, root)`: the base's fingerprint, vocabulary and C^-1 file (estimated once per base and
   stored under covariance/{fingerprint}); planning passes write=False and stores nothing.
+  `prepare_zero_shot(spec)`: the same for the zero-shot base (no C^-1), refused unless it can serve.
 - `planned_base(spec, fingerprint)`: the worker's base, refused if its weights are not the ones planned.
 - `is_transient(error)`: the one retry decision. Bad input (a PerfusionError, a ValueError, a file that
   fails its checksum) fails the same way every time: terminal, recorded with its message. Anything else
@@ -118,6 +119,22 @@ def prepare_base(spec: str, root: str, write: bool = True) -> BaseInfo:
     data = store.read(relative)
     perfusion.covariance_from_bytes(data, base.fingerprint, label=store.uri(relative))  # validate it
     return BaseInfo(base.fingerprint, base_words, relative, sha256_hex(data), device_name())
+
+
+def prepare_zero_shot(spec: str) -> BaseInfo:
+    """The zero-shot base's identity (no C^-1: nothing is trained on it); BaseModelError, before any work,
+    when it cannot onboard or render zero-shot products (a UNet base, or an MM-DiT without an adapter)."""
+    import perfusion
+    from perfusion.zero_shot import kit_of
+
+    base = worker_base(spec)
+    try:
+        kit_of(base, "(every zero-shot product)")
+    except perfusion.BaseModelError as error:
+        raise perfusion.BaseModelError(f"zero_shot.base_model {spec!r}: {error}") from None
+    tokenizer = base.tokenizer
+    words = frozenset(w for w, i in tokenizer.get_vocab().items() if i < tokenizer.vocab_size)
+    return BaseInfo(base.fingerprint, words, "", "", device_name())
 
 
 def stored_covariance(store: Store, base: Any, relative: str, sha256: str) -> Any:

@@ -18,21 +18,48 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from safetensors.torch import load_file
+from transformers import CLIPVisionModel
 
+from perfusion.dynaip import DynaIPAdapter
 from perfusion.errors import BaseModelError
 from perfusion.mmdit import MMDiTPipeline
-from perfusion.models import BuiltinBase
+from perfusion.models import BuiltinBase, fingerprint
 from perfusion.toyworld.autoencoder import HaarAutoencoder
 from perfusion.toyworld.clip import TOY_CLIP_DIR
 from perfusion.toyworld.model import CAPTIONS_FILE, TEMPLATES_FILE, read_lines, toy_text_encoder
+from perfusion.zero_shot import ImagePromptKit
 
 MMDIT_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-mmdit"
 MMDIT_WEIGHTS = MMDIT_DIR / "toy-mmdit.safetensors"
+ADAPTER_WEIGHTS = MMDIT_DIR / "dynaip-adapter.safetensors"
 TEXT_TOKENS = 48
 
 
 def build_toy_mmdit_base() -> BuiltinBase:
-    return BuiltinBase(build_toy_mmdit_pipeline(), read_lines(TEMPLATES_FILE), CAPTIONS_FILE)
+    """The shipped toy MM-DiT with its shipped DynaIP adapter (zero-shot products), once trained."""
+    pipeline = build_toy_mmdit_pipeline()
+    if not ADAPTER_WEIGHTS.is_file():
+        hint = (
+            f"The toy MM-DiT's DynaIP adapter is missing ({ADAPTER_WEIGHTS}): train it with "
+            "`python -m perfusion.toyworld.train_dynaip`"
+        )
+        return BuiltinBase(pipeline, read_lines(TEMPLATES_FILE), CAPTIONS_FILE, image_prompt_hint=hint)
+    return BuiltinBase(pipeline, read_lines(TEMPLATES_FILE), CAPTIONS_FILE, image_prompt=toy_image_prompt_kit(pipeline))
+
+
+def toy_vision_tower(clip_dir: Path = TOY_CLIP_DIR) -> CLIPVisionModel:
+    """The toy CLIP's vision tower (32x32 photos, 4 layers of width 128), frozen: what the adapter reads."""
+    vision = CLIPVisionModel.from_pretrained(clip_dir, dtype=torch.float32, use_safetensors=True)
+    return vision.requires_grad_(False).eval()
+
+
+def toy_image_prompt_kit(pipeline: MMDiTPipeline, adapter_file: Path = ADAPTER_WEIGHTS) -> ImagePromptKit:
+    """The adapter in `adapter_file` installed on the toy MM-DiT, with the toy CLIP's vision tower."""
+    vision = toy_vision_tower()
+    adapter = DynaIPAdapter.load(
+        str(adapter_file), pipeline.transformer, vision.config.hidden_size, fingerprint(pipeline)
+    )
+    return ImagePromptKit(adapter, vision, image_size=vision.config.image_size)
 
 
 def toy_transformer(text_width: int, pooled_width: int) -> SD3Transformer2DModel:

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import CLIPVisionModel
 
 from perfusion.dynaip import DynaIPAdapter, ImagePromptCall, feature_levels, reference_features
 from perfusion.mmdit import flow_training_pair
 from perfusion.models import fingerprint
 from perfusion.toyworld.autoencoder import haar_encode
-from perfusion.toyworld.clip import TOY_CLIP_DIR, pixels_of
-from perfusion.toyworld.mmdit_model import MMDIT_DIR, MMDIT_WEIGHTS, build_toy_mmdit_pipeline
+from perfusion.toyworld.clip import pixels_of
+from perfusion.toyworld.mmdit_model import MMDIT_DIR, MMDIT_WEIGHTS, build_toy_mmdit_pipeline, toy_vision_tower
 from perfusion.toyworld.pairs import sample_pair
 from perfusion.toyworld.pretrain import CHECKPOINT_MINUTES, resume_state, save_state, update_ema, warmup_cosine
 from perfusion.toyworld.world import render
@@ -36,11 +35,6 @@ from perfusion.toyworld.world import render
 ADAPTER_FILE = "dynaip-adapter.safetensors"
 PROMPT_DROPOUT = 0.1
 CAPTION_DROPOUT = 0.1
-
-
-def toy_vision_tower(clip_dir: Path = TOY_CLIP_DIR) -> CLIPVisionModel:
-    vision = CLIPVisionModel.from_pretrained(clip_dir, dtype=torch.float32, use_safetensors=True)
-    return vision.requires_grad_(False).eval()
 
 
 def train_dynaip(

@@ -33,12 +33,11 @@ def validate(manifest: ManifestArg, root: RootOption = None) -> None:
     """
     from pipeline.index import Status
     from pipeline.train import TrainOptions, TrainRun
-    from pipeline.worker import prepare_base
 
     spec = load(manifest)
     with user_errors():
         run = TrainRun(spec, TrainOptions(root=root))
-        plan = run.plan(prepare_base(run.base_model, run.store.root, write=False))
+        plan = run.local_plan()
     typer.echo(f"{spec.catalog}: {len(plan)} concept(s), base {spec.base_model}, root {run.store.root}")
     problems = 0
     for item, status in plan:

@@ -82,8 +82,8 @@ def test_a_batch_renders_each_row_as_alone_whatever_its_neighbours(parts) -> Non
             prompts[: len(rows)], seeds=seeds[: len(rows)], steps=2, joint_attention_kwargs={"image_prompt": call}
         )
 
-    batch = render([one, three, None])
-    alone = render([one])
+    batch = render([[one], [three], []])
+    alone = render([[one]])
     torch.testing.assert_close(batch[:1], alone, atol=1e-4, rtol=0)
     plain = pipeline.sample(prompts[2:], seeds=[2], steps=2)
     torch.testing.assert_close(batch[2:], plain, atol=1e-4, rtol=0)  # no product: the base's own render

@@ -121,7 +121,8 @@ def test_bad_training_values_are_refused_by_field():
     )
     assert "training.steps: input should be greater than or equal to 1" in found
     assert any(
-        p.startswith("training.method: input should be 'perfusion', 'textual_inversion' or 'residuals'") for p in found
+        p.startswith("training.method: input should be 'perfusion', 'textual_inversion', 'residuals' or 'zero-shot'")
+        for p in found
     )
     assert any(p.startswith("training.lr_schedule: input should be 'constant' or 'cosine'") for p in found)
     assert "training.average_tail: input should be less than 1" in found

@@ -68,7 +68,9 @@ def test_one_catalog_trains_both_methods_and_each_file_and_row_says_its_own(tmp_
 
 
 def test_a_misspelled_method_and_selection_of_a_residual_concept_stop_the_manifest(tmp_path):
-    expected = r"concepts\[1\]\.training\.method: input should be 'perfusion', 'textual_inversion' or 'residuals'"
+    expected = (
+        r"concepts\[1\]\.training\.method: input should be 'perfusion', 'textual_inversion', 'residuals' or 'zero-shot'"
+    )
     with pytest.raises(ManifestError, match=expected):
         planned(tmp_path / "misspelled", {"bag": "residual"})
     manifest_path = write_catalog(tmp_path / "select", str(tmp_path / "store"), names=("mug", "bag"))

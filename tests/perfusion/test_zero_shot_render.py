@@ -1,0 +1,87 @@
+"""Zero-shot rendering on the tiny MM-DiT (random weights, random non-zero adapter): prompts naming products by
+token, several products routed to their own placeholder words, and requests that cannot be served refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import perfusion
+from perfusion.errors import ConceptFileError, RenderError
+from perfusion.sampling import RenderRequest, RenderSettings
+from perfusion.zero_shot import image_prompt_call
+from perfusion.zero_shot_render import ZeroShotRenderer
+from pipeline.demo import PRODUCTS, product_images
+
+
+@pytest.fixture(scope="module")
+def renderer():  # type: ignore[no-untyped-def]
+    base = perfusion.load_base("tiny-mmdit")
+    renderer = ZeroShotRenderer(base)
+    for index, (name, superclass) in enumerate((("mug", "cup"), ("bag", "box"))):
+        photos = product_images(PRODUCTS[index], count=3, seed=index)
+        renderer.attach(perfusion.onboard_concept(base, photos, f"<{name}>", superclass))
+    return renderer
+
+
+def test_a_prompt_names_products_by_token_and_each_is_tied_to_its_word(renderer) -> None:  # type: ignore[no-untyped-def]
+    text, products, positions = renderer.prepare(RenderRequest("<mug> next to <bag> on a white background"))
+    assert text == "a cup next to a box on a white background"
+    assert [p.name for p in products] == ["mug", "bag"]
+    ids = renderer.base.pipeline.tokenizer(text).input_ids
+    words = [renderer.base.pipeline.tokenizer.decode([ids[p]]).strip() for p in positions]
+    assert words == ["cup", "box"]
+    assert renderer.prepare(RenderRequest("a photo of the <mug>"))[0] == "a photo of the cup"  # its own article kept
+
+
+def test_requests_that_cannot_be_served_are_refused(renderer) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RenderError, match=r"references 2 products .* has 1 placeholder"):
+        renderer.prepare(
+            RenderRequest("<mug> on white", concepts=("<mug>", "<bag>"))
+        )  # more references than placeholders
+    with pytest.raises(RenderError, match="2 placeholder"):
+        renderer.prepare(RenderRequest("<mug> and <mug>"))
+    with pytest.raises(RenderError, match="not attached"):
+        renderer.prepare(RenderRequest("<lamp> on white"))
+    other = perfusion.onboard_concept(perfusion.load_base("tiny-mmdit"), product_images(PRODUCTS[0], 1), "<pan>", "pan")
+    other.base_fingerprint = "another-base"
+    with pytest.raises(ConceptFileError, match="another base"):
+        renderer.attach(other)
+    with pytest.raises(perfusion.BaseModelError, match="UNet base"):
+        ZeroShotRenderer(perfusion.load_base("tiny"))
+
+
+def test_routing_splits_each_image_token_among_the_products_without_changing_one_product(renderer) -> None:  # type: ignore[no-untyped-def]
+    """Two copies of one product split every position's injection into parts that are each the single
+    product's: the routed sum is the single-product injection exactly (the shares sum to 1)."""
+    pipeline, mug = renderer.base.pipeline, renderer.concepts["<mug>"]
+    text, _, positions = renderer.prepare(RenderRequest("<mug> next to <bag>"))
+    single = image_prompt_call([[mug]], guided=False)
+    routed = image_prompt_call([[mug, mug]], guided=False, positions=[positions])
+    ids = pipeline.token_ids([text])
+    states, pooled = pipeline.encode_prompts(ids)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.5])
+
+    def velocity(call):  # type: ignore[no-untyped-def]
+        return pipeline.velocity(latents, sigma, states, pooled, {"image_prompt": call})
+
+    torch.testing.assert_close(velocity(routed), velocity(single), atol=1e-5, rtol=0)
+    two = image_prompt_call([[mug, renderer.concepts["<bag>"]]], guided=False, positions=[positions])
+    assert (velocity(two) - velocity(single)).abs().max() > 1e-4  # the second product changes what renders
+
+
+def test_a_batch_renders_each_row_as_alone(renderer) -> None:  # type: ignore[no-untyped-def]
+    settings = RenderSettings(steps=2, guidance_scale=2.0, batch_size=8)
+    requests = [
+        RenderRequest("<mug> next to <bag> on a white background", seed=3),
+        RenderRequest("<bag> on a white background", seed=4),
+        RenderRequest("a white background", seed=5),
+    ]
+    batch = renderer.render(requests, settings)
+    alone = renderer.render(requests[:1], settings)
+    assert [image.size for image in batch] == [(32, 32)] * 3
+    difference = np.abs(np.asarray(batch[0], dtype=int) - np.asarray(alone[0], dtype=int)).max()
+    assert difference <= 1  # one 8-bit level of float noise at most
+    assert np.asarray(batch[1]).tobytes() != np.asarray(batch[2]).tobytes()
