@@ -31,10 +31,14 @@ ARTICLES = ("a", "an", "the", "one")
 class ZeroShotRenderer:
     """Zero-shot products attached to one MM-DiT base, rendered in batches (one forward pass a batch)."""
 
-    def __init__(self, base: object) -> None:
+    def __init__(self, base: object, *, granularity: Sequence[float] | None = None, text_stream: bool = False) -> None:
+        """`granularity`: per-level weights (sum 1) replacing every product's router weights (the knob);
+        `text_stream`: inject into the text stream too (decoupling off: the ablation, not the method)."""
         kit_of(base, "(renderer)")  # refuses a UNet base, or an MM-DiT without an adapter
         self.base = base
         self.concepts: dict[str, ZeroShotConcept] = {}
+        self.granularity = None if granularity is None else torch.tensor(list(granularity), dtype=torch.float32)
+        self.text_stream = text_stream
 
     def attach(self, concept: ZeroShotConcept) -> None:
         if concept.base_fingerprint != self.base.fingerprint:  # type: ignore[attr-defined]
@@ -89,18 +93,20 @@ class ZeroShotRenderer:
             products.append(concept)
         return text + rest, products, positions
 
-    @torch.no_grad()
     def render(
-        self,
-        requests: Sequence[RenderRequest],
-        settings: RenderSettings = RenderSettings(),
-        granularity: Sequence[float] | None = None,
+        self, requests: Sequence[RenderRequest], settings: RenderSettings = RenderSettings()
     ) -> list[Image.Image]:
-        """One image a request, in order; rows sharing a negative prompt render together, batch_size at a
-        time. `granularity`: per-level weights (sum 1) replacing the router's for every product."""
+        """One image a request, in order (render_arrays as pictures)."""
+        return [Image.fromarray(array) for array in self.render_arrays(requests, settings)]
+
+    @torch.no_grad()
+    def render_arrays(
+        self, requests: Sequence[RenderRequest], settings: RenderSettings = RenderSettings()
+    ) -> list[np.ndarray]:
+        """(H, W, 3) uint8 a request, in order; rows sharing a negative prompt render together, batch_size at
+        a time."""
         prepared = [self.prepare(request) for request in requests]
-        images: list[Image.Image | None] = [None] * len(requests)
-        weights = None if granularity is None else torch.tensor(list(granularity), dtype=torch.float32)
+        images: list[np.ndarray | None] = [None] * len(requests)
         by_negative: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             by_negative.setdefault(request.negative_prompt, []).append(index)
@@ -110,18 +116,18 @@ class ZeroShotRenderer:
                 chunk = indices[start : start + settings.batch_size]
                 guided = settings.guidance_scale > 1
                 call = image_prompt_call(
-                    [prepared[i][1] for i in chunk], guided, weights, positions=[prepared[i][2] for i in chunk]
+                    [prepared[i][1] for i in chunk], guided, self.granularity, positions=[prepared[i][2] for i in chunk]
                 )
-                call = call.to(pipeline.device, pipeline.dtype)
+                call.text_stream = self.text_stream
                 pixels = pipeline.sample(
                     [prepared[i][0] for i in chunk],
                     seeds=[requests[i].seed for i in chunk],
                     steps=settings.steps,
                     guidance=settings.guidance_scale,
-                    joint_attention_kwargs={"image_prompt": call},
+                    joint_attention_kwargs={"image_prompt": call.to(pipeline.device, pipeline.dtype)},
                     negative_prompt=negative,
                 )
                 arrays = pixels.permute(0, 2, 3, 1).float().cpu().numpy()
                 for i, array in zip(chunk, arrays, strict=True):
-                    images[i] = Image.fromarray((array * 255).round().astype(np.uint8))
+                    images[i] = (array * 255).round().astype(np.uint8)
         return [image for image in images if image is not None]

@@ -27,12 +27,18 @@ from perfusion.mmdit import flow_training_pair
 from perfusion.models import fingerprint
 from perfusion.toyworld.autoencoder import haar_encode
 from perfusion.toyworld.clip import pixels_of
-from perfusion.toyworld.mmdit_model import MMDIT_DIR, MMDIT_WEIGHTS, build_toy_mmdit_pipeline, toy_vision_tower
+from perfusion.toyworld.mmdit_model import (
+    ADAPTER_WEIGHTS,
+    MMDIT_DIR,
+    MMDIT_WEIGHTS,
+    build_toy_mmdit_pipeline,
+    toy_vision_tower,
+)
 from perfusion.toyworld.pairs import sample_pair
 from perfusion.toyworld.pretrain import CHECKPOINT_MINUTES, resume_state, save_state, update_ema, warmup_cosine
 from perfusion.toyworld.world import render
 
-ADAPTER_FILE = "dynaip-adapter.safetensors"
+ADAPTER_FILE = ADAPTER_WEIGHTS.name  # what the toy-mmdit base loads beside its weights
 PROMPT_DROPOUT = 0.1
 CAPTION_DROPOUT = 0.1
 

@@ -47,7 +47,8 @@ def validate(manifest: ManifestArg, root: RootOption = None) -> None:
             for problem in item.problems:
                 typer.echo(f"      {problem}")
         else:
-            state = "already trained (skipped)" if status == Status.SKIPPED else "would train"
+            verb = ("onboarded", "onboard") if spec.is_zero_shot(item.spec) else ("trained", "train")
+            state = f"already {verb[0]} (skipped)" if status == Status.SKIPPED else f"would {verb[1]}"
             typer.echo(f"  {item.name} {item.spec.concept_token}: {len(item.images)} image(s), {state}")
     if problems:
         raise typer.Exit(code=1)

@@ -49,6 +49,10 @@ def mixed_catalog(tmp_path, zero_shot=("cup", "pot"), extra=ZERO_SHOT + RENDERS)
 def test_a_mixed_catalog_onboards_zero_shot_products_and_renders_each_kind_on_its_base(tmp_path, ray_local):
     root = tmp_path / "store"
     manifest = mixed_catalog(tmp_path)
+    validated = runner.invoke(app, ["validate", str(manifest)])
+    assert validated.exit_code == 0, validated.output
+    assert "cup <cup>: 3 image(s), would onboard" in validated.output
+    assert "mug <mug>: 3 image(s), would train" in validated.output
     trained = runner.invoke(app, ["train", str(manifest)])
     assert trained.exit_code == 0, trained.output
     rows = {r["name"]: r for r in ConceptIndex(Store(str(root))).latest()}
