@@ -3,6 +3,8 @@
     python -m perfusion.toyworld.pretrain_mmdit --steps 3000 --out /tmp/mmdit      # then copy the weights in
     python -m perfusion.toyworld.pretrain_mmdit --steps 3000 --out /tmp/mmdit --resume   # continue a run
     python -m perfusion.toyworld.pretrain_mmdit --steps 3000 --device cuda
+    python -m perfusion.toyworld.pretrain_mmdit --init perfusion/assets/toy-mmdit/toy-mmdit.safetensors \
+        --steps 4000 --out /tmp/mmdit-2                    # a further stage from shipped weights (new optimizer)
 
 The same world, captions and caption dropout as the toy UNet (pretrain.py); the SD3 recipe otherwise: the
 velocity target v = eps - x_0 at logit-normal noise levels (mmdit.flow_training_pair), AdamW with warm-up and
@@ -47,8 +49,11 @@ def pretrain_mmdit(
     resume: bool = False,
     two_objects: float = TWO_OBJECTS,
     device: str = "cpu",
+    init: Path | None = None,
 ) -> dict[str, object]:
-    pipeline = build_toy_mmdit_pipeline(weights=None, seed=seed)
+    """`init`: start from these weights (a shipped toy-mmdit.safetensors: a further stage, its own warm-up
+    and cosine decay, optimizer and EMA fresh); None: from random weights."""
+    pipeline = build_toy_mmdit_pipeline(weights=init, seed=seed)
     transformer, text_encoder = pipeline.transformer.to(device), pipeline.text_encoder.to(device)
     text_encoder.requires_grad_(False).eval()
     models = {"transformer": transformer}
@@ -98,7 +103,7 @@ def pretrain_mmdit(
         "two_objects": two_objects,
         "final_loss": sum(losses[-200:]) / max(1, len(losses[-200:])),
         "command": f"python -m perfusion.toyworld.pretrain_mmdit --steps {steps} --batch {batch} --lr {lr} "
-        f"--seed {seed} --two-objects {two_objects}",
+        f"--seed {seed} --two-objects {two_objects}" + (f" --init {init}" if init is not None else ""),
     }
     (out_dir / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -114,6 +119,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, default=MMDIT_DIR)
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    parser.add_argument("--init", type=Path, default=None, help="start from these weights (a further stage)")
     args = parser.parse_args()
     summary = pretrain_mmdit(
         args.out,
@@ -124,6 +130,7 @@ def main() -> None:
         resume=args.resume,
         two_objects=args.two_objects,
         device=args.device,
+        init=args.init,
     )
     print(json.dumps(summary))
 
