@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "zero-shot, 3 refs": {"references": 3},
     "decoupling off": {"references": 3, "text_stream": True},
     "last layer only": {"references": 3, "granularity": (0.0, 0.0, 1.0)},
+    "last layer, decoupling off": {"references": 3, "granularity": (0.0, 0.0, 1.0), "text_stream": True},
     "1 ref": {"references": 1},
     "no reference": {"references": 0},
 }

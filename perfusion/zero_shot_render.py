@@ -119,12 +119,15 @@ class ZeroShotRenderer:
                     [prepared[i][1] for i in chunk], guided, self.granularity, positions=[prepared[i][2] for i in chunk]
                 )
                 call.text_stream = self.text_stream
+                products = any(prepared[i][1] for i in chunk)  # none: the base's own render, no injection
                 pixels = pipeline.sample(
                     [prepared[i][0] for i in chunk],
                     seeds=[requests[i].seed for i in chunk],
                     steps=settings.steps,
                     guidance=settings.guidance_scale,
-                    joint_attention_kwargs={"image_prompt": call.to(pipeline.device, pipeline.dtype)},
+                    joint_attention_kwargs={"image_prompt": call.to(pipeline.device, pipeline.dtype)}
+                    if products
+                    else None,
                     negative_prompt=negative,
                 )
                 arrays = pixels.permute(0, 2, 3, 1).float().cpu().numpy()
