@@ -4,6 +4,7 @@ the oracle, with the paper's claims as ablations.
     python -m benchmarks.zero_shot_quality                      # the README's table (~15 min on 2 cores)
     python -m benchmarks.zero_shot_quality --quick              # one product, two variants (smoke run)
     python -m benchmarks.zero_shot_quality --adapter DIR/dynaip-adapter.safetensors
+    python -m benchmarks.zero_shot_quality --variants "scale 2;last layer, scale 2" --products 2 --no-pairs
 
 Per product (benchmarks/concept_quality.py's four, its reference photos concept_images(seed=11)):
 - fidelity: "a photo of <product>" renders in which the oracle finds the exact product (shape, color,
@@ -53,7 +54,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     "last layer, decoupling off": {"references": 3, "granularity": (0.0, 0.0, 1.0), "text_stream": True},
     "1 ref": {"references": 1},
     "no reference": {"references": 0},
+    # inference-time knobs (the table's default rows leave them out: --variants)
+    "mid layer only": {"references": 3, "granularity": (0.0, 1.0, 0.0)},
+    "low layer only": {"references": 3, "granularity": (1.0, 0.0, 0.0)},
+    "scale 2": {"references": 3, "scale": 2.0},
+    "last layer, scale 2": {"references": 3, "granularity": (0.0, 0.0, 1.0), "scale": 2.0},
+    "last layer, scale 0.5": {"references": 3, "granularity": (0.0, 0.0, 1.0), "scale": 0.5},
 }
+DEFAULT_VARIANTS = "zero-shot, 3 refs,decoupling off,last layer only,last layer, decoupling off,1 ref,no reference"
 
 
 @dataclass(frozen=True)
@@ -61,12 +69,21 @@ class ZeroShotConfig:
     samples: int = option(16, "renders per measure (and per pair prompt: seeds per prompt / 4)")
     pair_seeds: int = option(4, "seeds per pair prompt (4 forms x 6 pairs x this)")
     quick: bool = option(False, "one product, two variants, no pairs (smoke run)")
+    variants: str = option(DEFAULT_VARIANTS, f"';'-separated, from: {'; '.join(VARIANTS)}")
+    products: int = option(4, "the first N of the benchmark's products")
+    no_pairs: bool = option(False, "skip the pairs")
     adapter: str = option(str(ADAPTER_WEIGHTS), "the DynaIP adapter file")
     device: str = option("cpu", "cpu or cuda")
     out: Path = field(default=RESULTS, metadata={"help": "folder for the table"})
 
+    @property
+    def chosen(self) -> list[str]:
+        return ["zero-shot, 3 refs", "no reference"] if self.quick else self.variants.split(";")
+
     def problems(self) -> list[str]:
         found = [] if os.path.isfile(self.adapter) else [f"--adapter: no file {self.adapter}; train one first"]
+        unknown = [v for v in self.chosen if v not in VARIANTS]
+        found += [f"--variants: unknown {unknown}; choose from {list(VARIANTS)}"] if unknown else []
         return found + ([] if self.samples >= 1 else ["--samples must be >= 1"])
 
 
@@ -83,7 +100,7 @@ class ZeroShotBenchmark:
             self.base.fingerprint = with_kit_fingerprint(fingerprint(self.base.pipeline), kit)
             for module in (*kit.modules(), self.base.pipeline.transformer):
                 module.to(config.device).eval()
-        self.products = PERSONAL_CONCEPTS[:1] if config.quick else PERSONAL_CONCEPTS
+        self.products = PERSONAL_CONCEPTS[: 1 if config.quick else config.products]
         self.photos = {spec.name: concept_images(spec, 3, seed=11) for spec in self.products}
 
     def onboard(self, spec: PersonalConcept, references: int) -> ZeroShotConcept:
@@ -97,13 +114,14 @@ class ZeroShotBenchmark:
             self.base,
             granularity=options.get("granularity"),  # type: ignore[arg-type]
             text_stream=bool(options.get("text_stream", False)),
+            scale=float(options.get("scale", 1.0)),  # type: ignore[arg-type]
         )
         for concept in concepts:
             renderer.attach(concept)
         return renderer
 
     def table(self) -> list[str]:
-        variants = ["zero-shot, 3 refs", "no reference"] if self.config.quick else list(VARIANTS)
+        variants = self.config.chosen
         lines = [*TABLE_HEADER]
         for spec in self.products:
             for variant in variants:
@@ -186,12 +204,13 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *bench.table(),
     ]
-    if not config.quick:
+    if not config.quick and not config.no_pairs:
         lines += ["", "## Two zero-shot products in one scene", "", *bench.pairs()]
     lines += ["", "## Costs", "", *bench.costs()]
     lines += ["", f"({time.perf_counter() - started:.0f} s)"]
     config.out.mkdir(parents=True, exist_ok=True)
-    name = "zero_shot_quality_quick.md" if config.quick else "zero_shot_quality.md"
+    default = config.variants == DEFAULT_VARIANTS and config.products == 4 and not config.no_pairs
+    name = "zero_shot_quality.md" if default and not config.quick else "zero_shot_quality_variants.md"
     (config.out / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -31,14 +31,23 @@ ARTICLES = ("a", "an", "the", "one")
 class ZeroShotRenderer:
     """Zero-shot products attached to one MM-DiT base, rendered in batches (one forward pass a batch)."""
 
-    def __init__(self, base: object, *, granularity: Sequence[float] | None = None, text_stream: bool = False) -> None:
+    def __init__(
+        self,
+        base: object,
+        *,
+        granularity: Sequence[float] | None = None,
+        text_stream: bool = False,
+        scale: float = 1.0,
+    ) -> None:
         """`granularity`: per-level weights (sum 1) replacing every product's router weights (the knob);
-        `text_stream`: inject into the text stream too (decoupling off: the ablation, not the method)."""
+        `text_stream`: inject into the text stream too (decoupling off: the ablation, not the method);
+        `scale`: the injection's weight (IP-Adapter's scale; 1 as trained)."""
         kit_of(base, "(renderer)")  # refuses a UNet base, or an MM-DiT without an adapter
         self.base = base
         self.concepts: dict[str, ZeroShotConcept] = {}
         self.granularity = None if granularity is None else torch.tensor(list(granularity), dtype=torch.float32)
         self.text_stream = text_stream
+        self.scale = scale
 
     def attach(self, concept: ZeroShotConcept) -> None:
         if concept.base_fingerprint != self.base.fingerprint:  # type: ignore[attr-defined]
@@ -118,7 +127,7 @@ class ZeroShotRenderer:
                 call = image_prompt_call(
                     [prepared[i][1] for i in chunk], guided, self.granularity, positions=[prepared[i][2] for i in chunk]
                 )
-                call.text_stream = self.text_stream
+                call.text_stream, call.scale = self.text_stream, self.scale
                 products = any(prepared[i][1] for i in chunk)  # none: the base's own render, no injection
                 pixels = pipeline.sample(
                     [prepared[i][0] for i in chunk],

@@ -85,3 +85,12 @@ def test_a_batch_renders_each_row_as_alone(renderer) -> None:  # type: ignore[no
     difference = np.abs(np.asarray(batch[0], dtype=int) - np.asarray(alone[0], dtype=int)).max()
     assert difference <= 1  # one 8-bit level of float noise at most
     assert np.asarray(batch[1]).tobytes() != np.asarray(batch[2]).tobytes()
+
+
+def test_a_zero_shot_concept_file_is_refused_on_a_unet_base(renderer) -> None:  # type: ignore[no-untyped-def]
+    data = renderer.concepts["<mug>"].to_bytes()
+    with pytest.raises(ConceptFileError, match="UNet base"):
+        perfusion.load_concept_file(data, perfusion.load_base("tiny"), name="mug.safetensors")
+    loaded = perfusion.load_concept_file(data, renderer.base, name="mug.safetensors")
+    assert (loaded.token, loaded.superclass, loaded.references) == ("<mug>", "cup", 3)
+    torch.testing.assert_close(loaded.image_prompt(), renderer.concepts["<mug>"].image_prompt(), atol=2e-2, rtol=0)
