@@ -61,7 +61,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "last layer, scale 2": {"references": 3, "granularity": (0.0, 0.0, 1.0), "scale": 2.0},
     "last layer, scale 0.5": {"references": 3, "granularity": (0.0, 0.0, 1.0), "scale": 0.5},
 }
-DEFAULT_VARIANTS = "zero-shot, 3 refs,decoupling off,last layer only,last layer, decoupling off,1 ref,no reference"
+DEFAULT_VARIANTS = ";".join(
+    ["zero-shot, 3 refs", "decoupling off", "last layer only", "last layer, decoupling off", "1 ref", "no reference"]
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class ZeroShotConfig:
         found = [] if os.path.isfile(self.adapter) else [f"--adapter: no file {self.adapter}; train one first"]
         unknown = [v for v in self.chosen if v not in VARIANTS]
         found += [f"--variants: unknown {unknown}; choose from {list(VARIANTS)}"] if unknown else []
-        return found + ([] if self.samples >= 1 else ["--samples must be >= 1"])
+        found += [] if self.samples >= 1 else ["--samples must be >= 1"]
+        return found + ([] if 1 <= self.products <= len(PERSONAL_CONCEPTS) else ["--products must be 1 to 4"])
 
 
 class ZeroShotBenchmark:
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         *bench.table(),
     ]
-    if not config.quick and not config.no_pairs:
+    if not config.quick and not config.no_pairs and len(bench.products) >= 2:
         lines += ["", "## Two zero-shot products in one scene", "", *bench.pairs()]
     lines += ["", "## Costs", "", *bench.costs()]
     lines += ["", f"({time.perf_counter() - started:.0f} s)"]

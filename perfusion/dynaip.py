@@ -210,9 +210,9 @@ def _routed_injection(
     present = positions >= 0
     index = positions.clamp(min=0)[:, None, :, None].expand(-1, text_key.shape[1], -1, text_key.shape[-1])
     words = text_key.gather(2, index)  # (B, H, J, d): each product's placeholder key
-    logits = (query @ words.transpose(-1, -2)) / query.shape[-1] ** 0.5  # (B, H, N, J)
+    logits = (query.float() @ words.float().transpose(-1, -2)) / query.shape[-1] ** 0.5  # (B, H, N, J), fp32
     logits = logits.masked_fill(~present[:, None, None, :], float("-inf"))
-    share = torch.softmax(logits.float(), dim=-1).nan_to_num(0.0).mean(dim=1).to(query.dtype)  # (B, N, J)
+    share = torch.softmax(logits, dim=-1).nan_to_num(0.0).mean(dim=1).to(query.dtype)  # (B, N, J)
     token_mask = (
         call.token_mask if call.token_mask is not None else torch.ones_like(call.token_product, dtype=torch.bool)
     )

@@ -209,7 +209,8 @@ def onboard_concept(
 ) -> ZeroShotConcept:
     """The zero-shot method's "training" (perfusion.methods' trainer signature): one vision pass over the
     product's photos on `base`'s kit. `config`, `covariance` and `on_step` are unused (nothing is optimised);
-    masks are refused: the adapter reads whole photos."""
+    masks are refused: the adapter reads whole photos. The product is named in errors and the file's header by
+    its token without brackets (the pipeline also records the manifest's name in metadata["name"])."""
     name = token.strip("<>")
     if masks:
         raise TrainingError(f"product {name!r}: method zero-shot reads whole reference photos; remove its masks")
@@ -235,8 +236,9 @@ def load_concept_for(data: bytes, base: Any = None, *, name: str | None = None) 
             f"{label}: a zero-shot concept renders on the MM-DiT base it was onboarded for; {base.source!r} is a "
             "UNet base (render it in a job on its zero-shot base, or train the product with perfusion)"
         )
-    kit = base.image_prompt
-    return load_zero_shot_concept(data, base.fingerprint, None if kit is None else kit.adapter, name=name)
+    # The base's fingerprint covers its kit (with_kit_fingerprint): checking it checks the adapter too, without
+    # hashing the adapter's weights again for every file.
+    return load_zero_shot_concept(data, base.fingerprint, name=name)
 
 
 def load_zero_shot_concept(
@@ -258,8 +260,9 @@ def load_zero_shot_concept(
         raise ConceptFileError(f"{label}: the file holds NaN or infinite values; onboard the product again")
     if base_fingerprint is not None and metadata.get("base_fingerprint") != base_fingerprint:
         raise ConceptFileError(
-            f"{label}: onboarded for another base (fingerprint {metadata.get('base_fingerprint')}, this base "
-            f"{base_fingerprint}); a zero-shot product renders only on the MM-DiT base it was onboarded for"
+            f"{label}: onboarded for another base or adapter (fingerprint {metadata.get('base_fingerprint')}, this "
+            f"base {base_fingerprint}); a zero-shot product renders only on the MM-DiT base and adapter it was "
+            "onboarded with: onboard it again"
         )
     if adapter is not None and metadata.get("adapter_fingerprint") != adapter_fingerprint(adapter):
         raise ConceptFileError(f"{label}: onboarded with another DynaIP adapter; onboard the product again")

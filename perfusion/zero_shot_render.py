@@ -60,7 +60,13 @@ class ZeroShotRenderer:
     def prepare(self, request: RenderRequest) -> tuple[str, list[ZeroShotConcept], list[int]]:
         """(the prompt the base reads, its products in prompt order, each product's word position in the
         text sequence). RenderError for a product the prompt does not name once, or one not attached."""
-        tokens = re.findall(r"<[^<>\s]+>", request.prompt)
+        if request.gates:
+            raise RenderError(f"prompt {request.prompt!r}: zero-shot products have no gate; remove the request's gates")
+        # Attached tokens literally (longest first: "<mug-2>" before "<mug>"; a token may have no brackets),
+        # then any other <...> as a product that is not attached.
+        known = sorted(self.concepts, key=len, reverse=True)
+        pattern = "|".join([*(re.escape(t) for t in known), r"<[^<>\s]+>"])
+        tokens = re.findall(pattern, request.prompt)
         unknown = [t for t in tokens if t not in self.concepts]
         if unknown:
             raise RenderError(f"prompt {request.prompt!r} names {unknown}, which are not attached zero-shot products")
@@ -88,12 +94,10 @@ class ZeroShotRenderer:
             before, _, rest = rest.partition(token)
             concept = self.concepts[token]
             words = before.split()
-            article = (
-                ""
-                if words and words[-1].lower() in ARTICLES
-                else ("an " if concept.superclass[:1] in "aeiou" else "a ")
-            )
-            text += before + article
+            vowel = concept.superclass[:1].lower() in "aeiou"
+            article = "" if words and words[-1].lower() in ARTICLES else ("an " if vowel else "a ")
+            space = " " if before and not before[-1].isspace() else ""  # "of<tok>" -> "of a star"
+            text += before + space + article
             # The word's first token follows BOS and every token of the text before it.
             positions.append(
                 1 + len(tokenizer(text.strip(), add_special_tokens=False).input_ids) if text.strip() else 1
@@ -113,7 +117,12 @@ class ZeroShotRenderer:
         self, requests: Sequence[RenderRequest], settings: RenderSettings = RenderSettings()
     ) -> list[np.ndarray]:
         """(H, W, 3) uint8 a request, in order; rows sharing a negative prompt render together, batch_size at
-        a time."""
+        a time. The base renders at its own size only: RenderError for another height or width."""
+        native = self.base.resolution  # type: ignore[attr-defined]
+        if {settings.height, settings.width} - {None, native}:
+            raise RenderError(
+                f"zero-shot products render at their base's {native}x{native}; leave height and width unset"
+            )
         prepared = [self.prepare(request) for request in requests]
         images: list[np.ndarray | None] = [None] * len(requests)
         by_negative: dict[str, list[int]] = {}

@@ -33,7 +33,7 @@ from typing import Any
 
 from pipeline.index import ConceptIndex, RenderIndex, RenderRow, Status
 from pipeline.jobs import flag
-from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob, placeholders
+from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
 from pipeline.render_plan import (
     ConceptRef,
     PlannedImage,
@@ -152,16 +152,6 @@ class RenderRun:
         combos = [c for job in self.jobs for t in job.prompts for c in combinations_for(self.manifest, job, t)]
         return any(not c or c[0] not in zero_shot for c in combos), any(c and c[0] in zero_shot for c in combos)
 
-    def zero_shot_templates(self) -> list[str]:
-        """Every template filled as the zero-shot base reads it, with the longest superclass (an upper bound
-        of its length in tokens): "{a} on white" -> "a teapot on white"."""
-        longest = max((c.superclass.strip() for c in self.manifest.concepts), key=len)
-        return [
-            t.format(**{name: f"a {longest}" for name in placeholders(t)})
-            for job in self.manifest.renders
-            for t in job.prompts
-        ]
-
     def resolve(self, fingerprint: str, zero_shot_fingerprint: str = "") -> dict[str, ConceptRef]:
         """The trained concepts the jobs need, with each file's checksum verified now, before rendering."""
         from pipeline.store import StoreError
@@ -209,8 +199,10 @@ class RenderRun:
         if needs_zero_shot:
             spec = self.manifest.base_model_path(zero_shot=True)
             message(f"preparing zero-shot base {spec!r} (fingerprint, prompt lengths) ...")
+            templates = [t for job in self.manifest.renders for t in job.prompts]
+            words = sorted({c.superclass.strip() for c in self.manifest.concepts if self.manifest.is_zero_shot(c)})
             bases[True], counts, limit = ray.get(
-                jobs.remote(prepare_zero_shot_render_task, **resources).remote(spec, self.zero_shot_templates())
+                jobs.remote(prepare_zero_shot_render_task, **resources).remote(spec, templates, words)
             )
             self.check_prompts(counts, limit, zero_shot=True)
         fingerprint = bases[False].fingerprint if False in bases else ""
@@ -379,15 +371,22 @@ def quiet_ray_data_console() -> None:
             handler.addFilter(lambda record: not record.getMessage().startswith("Progress bars disabled"))
 
 
-def prepare_zero_shot_render_task(spec: str, prompts: list[str]) -> tuple[Any, list[int], int]:
-    """On a worker: the zero-shot base's identity (pipeline.worker.prepare_zero_shot) and each prompt's length
-    in tokens with its text stream's length."""
+def prepare_zero_shot_render_task(
+    spec: str, templates: list[str], superclasses: list[str]
+) -> tuple[Any, list[int], int]:
+    """On a worker: the zero-shot base's identity (pipeline.worker.prepare_zero_shot) and an upper bound of each
+    template's length in tokens as the zero-shot renderer fills it (every placeholder "an <superclass>", the
+    superclass of the most tokens), with its text stream's length."""
+    from pipeline.manifest import placeholders
     from pipeline.worker import prepare_zero_shot, worker_base
 
     info = prepare_zero_shot(spec)
-    pipeline = worker_base(spec).pipeline
-    counts = [len(ids) for ids in pipeline.tokenizer(prompts).input_ids]
-    return info, counts, int(pipeline.text_tokens)
+    tokenizer = worker_base(spec).pipeline.tokenizer
+    counts = []
+    for template in templates:
+        filled = [template.format(**{n: f"an {word}" for n in placeholders(template)}) for word in superclasses]
+        counts.append(max(len(ids) for ids in tokenizer(filled).input_ids))
+    return info, counts, int(worker_base(spec).pipeline.text_tokens)
 
 
 def prepare_render_task(spec: str, root: str, templates: list[str]) -> tuple[Any, list[int], int]:

@@ -16,8 +16,9 @@
 
 Zero-shot products (method zero-shot) are not trained: they are onboarded on the zero-shot base (the
 manifest's zero_shot.base_model, prepared by a `prepare_zero_shot_task` only when the run has some), a
-fraction of a second each, ONBOARD_CHUNK of them per Ray task so the MM-DiT loads once per chunk, never
-beside a training on the same worker. Their files and rows are like any concept's: same store layout,
+fraction of a second each, ONBOARD_CHUNK of them per Ray task so the MM-DiT loads once per chunk (a worker
+keeps one base: one that turns from trainings to onboarding loads the MM-DiT in place of the UNet; trainings
+are queued first, so that happens about once a worker). Their files and rows are like any concept's: same store layout,
 same index, same skip-if-done keys. A catalog of zero-shot products only never loads base_model.
 """
 
@@ -334,13 +335,22 @@ def prepare_zero_shot_task(spec: str) -> BaseInfo:
     return prepare_zero_shot(spec)
 
 
-def onboard_task(tasks: list[TrainTask]) -> list[ConceptRow]:
-    """The Ray task body of a chunk of zero-shot products: each onboarded on its own (a product's bad photo
-    fails that product alone), metrics counted."""
+def onboard_task(tasks: list[TrainTask], tries: int = 3) -> list[ConceptRow]:
+    """The Ray task body of a chunk of zero-shot products: each onboarded on its own, so a product's bad photo
+    or a transient failure (tried `tries` times here, not by re-running the chunk) fails that product alone;
+    metrics counted."""
     from pipeline import metrics
     from pipeline.tasks import train_one
 
-    rows = [train_one(task) for task in tasks]
+    rows = []
+    for task in tasks:
+        for attempt in range(1, tries + 1):
+            try:
+                rows.append(train_one(task))
+                break
+            except TransientError as error:
+                if attempt == tries:
+                    rows.append(concept_row(task, Status.FAILED, error=f"gave up after {tries} tries: {error}"))
     for row in rows:
         metrics.record_task(row)
     return rows

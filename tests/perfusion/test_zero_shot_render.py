@@ -94,3 +94,52 @@ def test_a_zero_shot_concept_file_is_refused_on_a_unet_base(renderer) -> None:  
     loaded = perfusion.load_concept_file(data, renderer.base, name="mug.safetensors")
     assert (loaded.token, loaded.superclass, loaded.references) == ("<mug>", "cup", 3)
     torch.testing.assert_close(loaded.image_prompt(), renderer.concepts["<mug>"].image_prompt(), atol=2e-2, rtol=0)
+
+
+def test_prompts_are_rebuilt_in_words_whatever_the_token_looks_like(renderer) -> None:  # type: ignore[no-untyped-def]
+    base = renderer.base
+    bare = perfusion.onboard_concept(base, product_images(PRODUCTS[1], 1), "sku123", "apple")
+    renderer.attach(bare)
+    assert renderer.prepare(RenderRequest("a photo of<mug>"))[0] == "a photo of a cup"
+    text, products, _ = renderer.prepare(RenderRequest("sku123 beside <mug>"))
+    assert text == "an apple beside a cup" and [p.token for p in products] == ["sku123", "<mug>"]
+    with pytest.raises(RenderError, match="no gate"):
+        renderer.prepare(RenderRequest("<mug>", gates={"<mug>": (0.5, 0.1)}))
+    with pytest.raises(RenderError, match="their base's 32x32"):
+        renderer.render([RenderRequest("<mug>")], RenderSettings(steps=1, height=64, width=64))
+
+
+def test_a_product_that_keeps_failing_transiently_fails_alone_in_its_chunk(monkeypatch) -> None:
+    """Onboarding runs 64 products a Ray task: one product's transient failure is retried in the task and
+    then recorded for that product, never re-running (or failing) the chunk."""
+    import dataclasses
+
+    import pipeline.tasks
+    from pipeline.tasks import TrainTask
+    from pipeline.train import onboard_task
+    from pipeline.worker import TransientError
+
+    def task(name: str) -> TrainTask:
+        fields = {f.name: "" for f in dataclasses.fields(TrainTask) if f.default is dataclasses.MISSING}
+        return TrainTask(**fields | {"name": name, "images": (), "masks": None, "training": {"method": "zero-shot"}})
+
+    calls: list[str] = []
+
+    def flaky(task: TrainTask, progress=None):  # type: ignore[no-untyped-def]
+        calls.append(task.name)
+        if task.name == "bad":
+            raise TransientError("storage hiccup")
+        return pipeline.tasks.concept_row(task, "succeeded")
+
+    monkeypatch.setattr(pipeline.tasks, "train_one", flaky)
+    rows = onboard_task([task("a"), task("bad"), task("b")])
+    assert [(r.name, r.status) for r in rows] == [("a", "succeeded"), ("bad", "failed"), ("b", "succeeded")]
+    assert rows[1].error == "gave up after 3 tries: storage hiccup" and calls.count("bad") == 3
+
+
+def test_the_benchmarks_documented_command_is_accepted() -> None:
+    from benchmarks.zero_shot_quality import VARIANTS, ZeroShotConfig
+
+    config = ZeroShotConfig()
+    assert config.problems() == [] and set(config.chosen) <= set(VARIANTS) and len(config.chosen) == 6
+    assert ZeroShotConfig(variants="nope").problems()[0].startswith("--variants: unknown ['nope']")
