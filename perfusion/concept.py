@@ -9,7 +9,9 @@ A concept file holds, per PERFUSION.md:
     metadata  format, format_version, method (perfusion.methods), token, superclass, fingerprint of the
               base model, layer names, default beta/tau, training config and loss summary (JSON strings)
 The locked keys o*_K = W_K i_super are recomputed from the base model, and C^-1 lives once per base model,
-so neither is stored here. fp16 by default: ~30 KB for an SD1.5 concept.
+so neither is stored here. fp16 by default (~30 KB for an SD1.5 concept), but i* and i_super always fp32:
+the gate compares sim(e, i*) with beta, and fp16 rounding moves it by up to 0.04 near the threshold. The
+container and its seal are perfusion/file_format.py's.
 
 Loading validates everything and raises ConceptFileError naming the file and the fix.
 """
@@ -23,13 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from perfusion.config import DEFAULT_BETA, DEFAULT_TAU, TOKEN_PATTERN
 from perfusion.errors import ConceptFileError, ConceptTokenError
-from perfusion.methods import METHODS, header_metadata
+from perfusion.file_format import float_tensors, read_metadata, refuse_unknown_tensors, seal
+from perfusion.methods import METHODS
 from perfusion.models import BaseModel
 from perfusion.tokens import validate_token
 
@@ -63,7 +63,7 @@ class Concept:
         return bool(self.value_targets)
 
     def to_bytes(self, dtype: torch.dtype = torch.float16) -> bytes:
-        """Serialise to safetensors bytes (fp16 by default, fp32 for exact round trips)."""
+        """Serialise to safetensors bytes (fp16 by default, fp32 for exact round trips; i*, i_super fp32)."""
         if dtype not in (torch.float16, torch.float32):
             raise ValueError("concept files are stored as float16 or float32")
         tensors = {
@@ -74,7 +74,10 @@ class Concept:
         tensors |= {VALUE_PREFIX + name: value for name, value in self.value_targets.items()}
         if self.key_targets is not None:
             tensors |= {KEY_PREFIX + name: key for name, key in self.key_targets.items()}
-        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in tensors.items()}
+        exact = {"target_input", "superclass_input"}  # the gate's inputs (module docstring)
+        tensors = {
+            k: v.detach().to("cpu", torch.float32 if k in exact else dtype).contiguous() for k, v in tensors.items()
+        }
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -88,7 +91,7 @@ class Concept:
             "tau": repr(self.tau),
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        return save_tensors(tensors, metadata=metadata)
+        return seal(tensors, metadata)
 
     def save(self, path: str | os.PathLike[str], dtype: torch.dtype = torch.float16) -> int:
         """Write the file; returns its size in bytes."""
@@ -120,14 +123,6 @@ def read_concept_source(source: str | os.PathLike[str] | bytes, name: str | None
             return label, handle.read()
     except OSError as error:
         raise ConceptFileError(f"{label}: cannot read the concept file ({error.strerror})") from error
-
-
-def float_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
-    """A concept file's tensors as float32; ConceptFileError for a truncated or corrupt payload (any method)."""
-    try:
-        return {k: v.float() for k, v in load_tensors(data).items()}
-    except (SafetensorError, ValueError) as error:
-        raise ConceptFileError(f"{label}: the tensor data is corrupt ({error}); re-export the concept") from error
 
 
 def check_compatible(concept: Concept, base: BaseModel, label: str | None = None) -> None:
@@ -164,12 +159,7 @@ def check_compatible(concept: Concept, base: BaseModel, label: str | None = None
 
 def _read_metadata(data: bytes, label: str) -> dict[str, str]:
     """The safetensors header's metadata, checked to be a concept file this version reads."""
-    metadata = header_metadata(data)
-    if metadata is None:
-        raise ConceptFileError(
-            f"{label}: not a safetensors concept file. Concept files are written by perfusion-batch "
-            "(Concept.save); pickle formats are never loaded."
-        )
+    metadata = read_metadata(data, label, "concept file")
     if metadata.get("format") != FORMAT:
         raise ConceptFileError(
             f"{label}: a safetensors file, but not a Perfusion concept (format={metadata.get('format')!r})"
@@ -205,6 +195,7 @@ def _concept_from(tensors: dict[str, torch.Tensor], meta: dict[str, str], label:
     missing = [key for key in required if key not in tensors]
     if missing:
         raise ConceptFileError(f"{label}: missing tensor(s) {missing[:3]}; the file is incomplete, re-export it")
+    refuse_unknown_tensors(tensors, set(required), label)
     for key, tensor in tensors.items():
         if tensor.ndim != 1:
             raise ConceptFileError(f"{label}: tensor {key} has shape {tuple(tensor.shape)}, expected a vector")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import re
 from collections.abc import Mapping
@@ -166,6 +167,9 @@ def settings_problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     for name, value in settings.items():
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append((name, f"must be a finite number, not {value}"))
+            continue
         found += [(name, message) for message in _broken_bounds(value, specs[name].metadata)]
         choices = literal_choices(hints[name])
         if choices and value not in choices:
@@ -195,6 +199,27 @@ def field_types(settings: type = TrainConfig) -> dict[str, tuple[Any, dict[str, 
     manifest's) checks."""
     hints = _hints() if settings is TrainConfig else get_type_hints(settings)
     return {spec.name: (hints[spec.name], dict(spec.metadata)) for spec in dataclasses.fields(settings)}
+
+
+def resolution_problem(resolution: int, step: int) -> str | None:
+    """What is wrong with an image size for a base whose latent grid is `step` pixels, or None."""
+    if resolution % step == 0:
+        return None
+    lower, upper = max(step, resolution // step * step), (resolution // step + 1) * step
+    return f"{resolution} is not a multiple of {step} (the base model's latent grid): use {lower} or {upper}"
+
+
+SUPERCLASS_RULE = "1-64 characters: words of letters or digits, separated by spaces, '-' or \"'\", e.g. 'teddy bear'"
+
+
+def superclass_problem(superclass: str) -> str | None:
+    """What is wrong with the form of a superclass phrase, or None. Key locking reads the phrase's encoding,
+    so markup or symbols ("st@r<>") would lock the concept's keys to noise. How many tokens the base's
+    tokenizer splits it into is checked at planning (pipeline/plan.py)."""
+    words = superclass.strip()
+    if words and len(words) <= 64 and words[0].isalnum() and all(c.isalnum() or c in " -'" for c in words):
+        return None
+    return f"{superclass!r} is not a superclass phrase: use {SUPERCLASS_RULE}"
 
 
 def token_problem(token: str) -> str | None:

@@ -3,38 +3,33 @@ and masks turned into per-pixel loss weights at latent resolution (paper sec. 4.
 
 from __future__ import annotations
 
-import io
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from perfusion.decoding import ImageInput, NamedBytes, alpha, decode, image_label
 from perfusion.errors import TrainingError
 
-ImageInput = Image.Image | str | os.PathLike[str] | np.ndarray | bytes  # bytes: an encoded file (PNG, JPEG...)
+__all__ = ["ImageInput", "NamedBytes", "decode", "image_label", "training_pixels"]
 
 
-class NamedBytes(bytes):
-    """An encoded image file's bytes with where they came from (a URI), so errors can name the file."""
-
-    name: str
-
-    def __new__(cls, data: bytes, name: str) -> NamedBytes:
-        made = super().__new__(cls, data)
-        made.name = name
-        return made
-
-    def __reduce__(self) -> tuple[type, tuple[bytes, str]]:
-        return (type(self), (bytes(self), self.name))
-
-
-def image_label(image: ImageInput, index: int) -> str:
-    """How an error names an image: its path or URI when known, else its position ("#2")."""
-    if isinstance(image, str | os.PathLike):
-        return os.fspath(image)
-    return image.name if isinstance(image, NamedBytes) else f"#{index}"
+def training_pixels(
+    images: list[ImageInput], masks: list[ImageInput] | None, resolution: int, token: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pixels (n, 3, r, r) in [-1, 1], per-pixel weights (n, 1, r, r) in [0, 1] or None) of a concept's
+    photos. Weights: the masks when given; else, when a photo has transparency, its alpha channel (a photo
+    without any gets all ones, which mask_weights reads as no mask); else None."""
+    if masks is not None and len(masks) != len(images):
+        raise TrainingError(f"concept {token!r}: {len(masks)} masks for {len(images)} images; give one per image")
+    pixels = torch.stack([load_image(image, resolution, token, i) for i, image in enumerate(images)])
+    if masks is not None:
+        return pixels, torch.stack([load_mask(m, resolution, token, i) for i, m in enumerate(masks)])
+    alphas = [alpha(decode(image, token, i, None)) for i, image in enumerate(images)]
+    if all(a is None for a in alphas):
+        return pixels, None
+    ones = torch.ones(1, resolution, resolution)
+    return pixels, torch.stack([ones if a is None else _mask_array(a, resolution) for a in alphas])
 
 
 def load_image(image: ImageInput, resolution: int, token: str, index: int) -> torch.Tensor:
@@ -46,28 +41,12 @@ def load_image(image: ImageInput, resolution: int, token: str, index: int) -> to
 
 def load_mask(mask: ImageInput, resolution: int, token: str, index: int) -> torch.Tensor:
     """(1, r, r) in [0, 1], same geometry as the image."""
-    picture = decode(mask, token, index, "L", kind="mask")
+    return _mask_array(decode(mask, token, index, "L", kind="mask"), resolution)
+
+
+def _mask_array(picture: Image.Image, resolution: int) -> torch.Tensor:
     array = np.asarray(resize_crop(picture, resolution, Image.Resampling.BILINEAR), dtype=np.float32)
     return torch.from_numpy(array)[None] / 255.0
-
-
-def decode(image: ImageInput, token: str, index: int, mode: str | None, kind: str = "image") -> Image.Image:
-    """The one place a training image or mask is decoded (TrainingError naming it if it cannot be);
-    `mode` None keeps the file's own mode (a caller that must check it)."""
-    try:
-        if isinstance(image, Image.Image):
-            picture = image
-        elif isinstance(image, np.ndarray):
-            picture = Image.fromarray(image)
-        else:
-            with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
-                opened.load()
-                picture = opened.copy()
-        return picture if mode is None else picture.convert(mode)
-    except (OSError, UnidentifiedImageError, ValueError, TypeError) as error:
-        raise TrainingError(
-            f"concept {token!r}: {kind} {image_label(image, index)} cannot be decoded ({error}); replace or remove it"
-        ) from error
 
 
 def resize_crop(picture: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:

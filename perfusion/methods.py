@@ -83,7 +83,9 @@ def method_for(settings: Mapping[str, Any]) -> Method:
 
 def file_method(data: bytes, label: str = "<concept bytes>") -> Method:
     """The method that wrote a concept file, from its safetensors header alone (no tensors are read)."""
-    metadata = header_metadata(data) or {}
+    metadata = header_metadata(data)
+    if metadata is None:
+        raise ConceptFileError(f"{label}: {not_safetensors_reason(data)}")
     by_format = [m for m in METHODS.values() if m.file_format == metadata.get("format")]
     if not by_format:
         raise ConceptFileError(
@@ -120,3 +122,17 @@ def header_metadata(data: bytes) -> dict[str, str] | None:
         return None
     metadata = header.get("__metadata__") or {}
     return dict(metadata) if isinstance(metadata, dict) else {}
+
+
+def not_safetensors_reason(data: bytes, kind: str = "concept file") -> str:
+    """Why `data` (header_metadata gave None) is no safetensors file, and the fix: empty, cut short, or other."""
+    if not data:
+        return f"the file is empty (0 bytes): the write was interrupted; retrain the concept or copy the {kind} again"
+    # A safetensors header is JSON: '{' right after the size. A file cut inside its header starts like one.
+    if len(data) < 8 or data[8:9] == b"{":
+        (size,) = struct.unpack("<Q", data[:8].ljust(8, b"\0"))
+        return (
+            f"the file is cut short ({len(data)} bytes; its header alone is {size + 8}): the write was "
+            f"interrupted or the copy is incomplete; retrain the concept or copy the {kind} again"
+        )
+    return f"not a safetensors {kind}. Concept files are written by perfusion-batch; pickle formats are never loaded."

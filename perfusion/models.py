@@ -107,6 +107,21 @@ class BaseModel:
         """Native image size in pixels (latent size x VAE factor)."""
         return int(self.denoiser.config.sample_size * self.pipeline.vae_scale_factor)
 
+    @property
+    def resolution_step(self) -> int:
+        """Image sizes this base can sample are multiples of this: the VAE factor x the UNet's total
+        downsampling (2 per down block but the last), or x the MM-DiT's patch size."""
+        config = self.denoiser.config
+        if self.architecture == "mmdit":
+            return int(self.pipeline.vae_scale_factor * config.patch_size)
+        return int(self.pipeline.vae_scale_factor * 2 ** (len(config.down_block_types) - 1))
+
+    def resolution_problem(self, resolution: int) -> str | None:
+        """What is wrong with sampling or training this base at `resolution` pixels, or None."""
+        from perfusion.config import resolution_problem
+
+        return resolution_problem(resolution, self.resolution_step)
+
     def cross_attention_layers(self) -> dict[str, Attention]:
         return cross_attention_layers(self.pipeline.unet)
 
@@ -352,7 +367,7 @@ def _load_hub(repo_id: str) -> StableDiffusionPipeline:
     if not _hub_reachable():
         raise BaseModelError(
             f"base model {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached. "
-            "Download it where you have network (e.g. `hf download {repo_id} --local-dir DIR`) and pass the "
+            f"Download it where you have network (e.g. `hf download {repo_id} --local-dir DIR`) and pass the "
             "local folder instead."
         )
     try:

@@ -23,7 +23,7 @@ import torch
 from perfusion.config import TrainConfig
 from perfusion.covariance import Covariance
 from perfusion.errors import TrainingError
-from perfusion.images import ImageInput, load_image, load_mask, mask_weights
+from perfusion.images import ImageInput, mask_weights, training_pixels
 from perfusion.models import BaseModel
 from perfusion.residual_layers import ResidualCall, install_residual_hooks
 from perfusion.residuals import ResidualConcept, blocks_fingerprint, projection_shape, rank_for, transformer_blocks
@@ -61,18 +61,16 @@ def train_residual_concept(
         raise TrainingError(f"concept {token!r}: step selection (training.select) is for Perfusion concepts only")
     if not images:
         raise TrainingError(f"concept {token!r}: no training images")
-    if masks is not None and len(masks) != len(images):
-        raise TrainingError(f"concept {token!r}: {len(masks)} masks for {len(images)} images; give one per image")
     validate_token(token, base.tokenizer)
     superclass_token_ids(base.tokenizer, superclass)  # fails early on an unusable macro class
     config = dataclasses.replace(config, templates=training_templates(base, config))
     device = base.device
     resolution = config.resolution or base.resolution
-    pixels = torch.stack([load_image(img, resolution, token, i) for i, img in enumerate(images)])
+    if (wrong := base.resolution_problem(resolution)) is not None:
+        raise TrainingError(f"concept {token!r}: resolution {wrong}")
+    pixels, weights = training_pixels(list(images), None if masks is None else list(masks), resolution, token)
     latents = encode_latents(base, pixels.to(device))
-    weights = None
-    if masks is not None:
-        weights = torch.stack([load_mask(m, resolution, token, i) for i, m in enumerate(masks)])
+    if weights is not None:
         weights = mask_weights(weights, latents[0].shape[-1]).to(device)
     state = initial_residual_concept(base, token, superclass, config)
     install_residual_hooks(base.unet)

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_tensors
 
-from perfusion.concept import float_tensors, read_concept_source
+from perfusion.concept import read_concept_source
 from perfusion.config import TOKEN_PATTERN
 from perfusion.errors import ConceptFileError, ConceptTokenError
-from perfusion.methods import METHODS, header_metadata
+from perfusion.file_format import float_tensors, read_metadata, refuse_unknown_tensors, seal
+from perfusion.methods import METHODS
 from perfusion.models import BaseModel
 from perfusion.tokens import validate_token
 
@@ -91,7 +91,7 @@ class ResidualConcept:
             "blocks": json.dumps(self.block_names),
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        return save_tensors(tensors, metadata=metadata)
+        return seal(tensors, metadata)
 
     def save(self, path: str | os.PathLike[str], dtype: torch.dtype = torch.float16) -> int:
         """Write the file; returns its size in bytes."""
@@ -193,12 +193,7 @@ def check_residual_compatible(concept: ResidualConcept, base: BaseModel, label: 
 
 
 def _read_metadata(data: bytes, label: str) -> dict[str, str]:
-    metadata = header_metadata(data)
-    if metadata is None:
-        raise ConceptFileError(
-            f"{label}: not a safetensors concept file. Concept files are written by perfusion-batch; pickle "
-            "formats are never loaded."
-        )
+    metadata = read_metadata(data, label, "concept file")
     if metadata.get("format") != FORMAT:
         raise ConceptFileError(
             f"{label}: a safetensors file, but not a residual concept (format={metadata.get('format')!r}); "
@@ -234,6 +229,7 @@ def _concept_from(tensors: dict[str, torch.Tensor], meta: dict[str, str], label:
     missing = [key for key in required if key not in tensors]
     if missing:
         raise ConceptFileError(f"{label}: missing tensor(s) {missing[:3]}; the file is incomplete, re-export it")
+    refuse_unknown_tensors(tensors, set(required), label)
     for key, tensor in tensors.items():
         if not bool(torch.isfinite(tensor).all()):
             raise ConceptFileError(f"{label}: tensor {key} has NaN or infinite values; retrain the concept")

@@ -32,7 +32,7 @@ from perfusion.concept import Concept
 from perfusion.config import TrainConfig
 from perfusion.covariance import Covariance, estimate_covariance
 from perfusion.errors import TrainingError
-from perfusion.images import ImageInput, load_image, load_mask, mask_weights, pick_weights
+from perfusion.images import ImageInput, load_image, mask_weights, pick_weights, training_pixels
 from perfusion.models import BaseModel
 from perfusion.tokens import (
     concept_embedding_table,
@@ -68,17 +68,14 @@ def train_concept(
     """Learn one concept from a few images. Leaves `base` as it found it (weights and token table)."""
     if not images:
         raise TrainingError(f"concept {token!r}: no training images")
-    if masks is not None and len(masks) != len(images):
-        raise TrainingError(f"concept {token!r}: {len(masks)} masks for {len(images)} images; give one per image")
+    resolution = config.resolution or base.resolution
+    if (wrong := base.resolution_problem(resolution)) is not None:
+        raise TrainingError(f"concept {token!r}: resolution {wrong}")
     # resolved here, so the concept's metadata records the prompts it learned from
     config = dataclasses.replace(config, templates=training_templates(base, config))
     device = base.device
     covariance = covariance or estimate_covariance(base)
-    resolution = config.resolution or base.resolution
-    pixels = torch.stack([load_image(img, resolution, token, i) for i, img in enumerate(images)])
-    weights = None
-    if masks is not None:
-        weights = torch.stack([load_mask(m, resolution, token, i) for i, m in enumerate(masks)])
+    pixels, weights = training_pixels(list(images), None if masks is None else list(masks), resolution, token)
     latents = encode_latents(base, pixels.to(device))  # (mean, std) for [originals, flipped]
     latent_size = latents[0].shape[-1]
     if weights is not None:

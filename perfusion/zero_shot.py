@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save
 
-from perfusion.concept import float_tensors
+from perfusion.decoding import over_white
 from perfusion.dynaip import DynaIPAdapter, ImagePromptCall, reference_features
 from perfusion.errors import BaseModelError, ConceptFileError, TrainingError
+from perfusion.file_format import float_tensors, read_metadata, refuse_unknown_tensors, seal
 from perfusion.images import ImageInput, decode, image_label, resize_crop
-from perfusion.methods import header_metadata
 
 FORMAT = "zero-shot-concept"
 VERSION = "1"
@@ -114,7 +113,7 @@ class ZeroShotConcept:
             "adapter_fingerprint": self.adapter_fingerprint,
             "metadata": json.dumps(self.metadata, sort_keys=True),
         }
-        return save(tensors, metadata=metadata)
+        return seal(tensors, metadata)
 
 
 def reference_pixels(
@@ -133,6 +132,8 @@ def reference_pixels(
     for index, image in enumerate(images):
         picture = decode(image, product, index, mode=None, kind="reference photo")
         label = image_label(image, index)
+        if picture.mode in ("RGBA", "P", "PA"):  # color with (possibly) transparency: over white, as training
+            picture = over_white(picture)
         if picture.mode != "RGB":
             raise TrainingError(
                 f"product {product!r}: reference photo {label} is {picture.mode!r}, not RGB; supply a color photo"
@@ -247,12 +248,13 @@ def load_zero_shot_concept(
     """Read a zero-shot concept file; ConceptFileError naming it when it is not one, is corrupt, or belongs to
     another base or adapter."""
     label = name or "<zero-shot concept bytes>"
-    metadata = header_metadata(data)
-    if metadata is None or metadata.get("format") != FORMAT:
-        raise ConceptFileError(f"{label}: not a zero-shot concept file (format={(metadata or {}).get('format')!r})")
+    metadata = read_metadata(data, label, "zero-shot concept file")
+    if metadata.get("format") != FORMAT:
+        raise ConceptFileError(f"{label}: not a zero-shot concept file (format={metadata.get('format')!r})")
     if metadata.get("version") != VERSION:
         raise ConceptFileError(f"{label}: zero-shot concept version {metadata.get('version')!r}; this reads {VERSION}")
     tensors = float_tensors(data, label)
+    refuse_unknown_tensors(tensors, {"level_tokens", "router_weights"}, label)
     tokens, weights = tensors.get("level_tokens"), tensors.get("router_weights")
     if tokens is None or weights is None or tokens.dim() != 4 or weights.shape != tokens.shape[:2]:
         raise ConceptFileError(f"{label}: level_tokens (R, L, K, W) and router_weights (R, L) expected")

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from pipeline.store import CONCEPTS_TABLE, RENDERS_TABLE, Store
+from pipeline.store import CONCEPTS_TABLE, RENDERS_TABLE, Store, redact, with_storage_retries
 
 
 class Status(enum.StrEnum):
@@ -165,9 +165,13 @@ class DeltaIndex:
         table = pa.Table.from_pylist([to_arrow_record(r) for r in rows], schema=self.SCHEMA)
         for attempt in range(COMMIT_ATTEMPTS):
             try:
-                # merge: a table written before a column was added takes the new columns (old rows read null)
-                write_deltalake(
-                    self.uri, table, mode="append", schema_mode="merge", storage_options=self.storage_options
+                # merge: a table written before a column was added takes the new columns (old rows read null);
+                # a storage outage is waited out (store.with_storage_retries), a lost commit race retried here
+                with_storage_retries(
+                    lambda: write_deltalake(
+                        self.uri, table, mode="append", schema_mode="merge", storage_options=self.storage_options
+                    ),
+                    f"committing {len(rows)} row(s) to {redact(self.uri)}",
                 )
                 return
             except CommitFailedError:
@@ -178,10 +182,13 @@ class DeltaIndex:
     # -- reads -----------------------------------------------------------------------------------------
 
     def table(self) -> DeltaTable | None:
-        try:
-            return DeltaTable(self.uri, storage_options=self.storage_options)
-        except TableNotFoundError:
-            return None
+        def open_table() -> DeltaTable | None:
+            try:
+                return DeltaTable(self.uri, storage_options=self.storage_options)
+            except TableNotFoundError:
+                return None
+
+        return with_storage_retries(open_table, f"reading {redact(self.uri)}")
 
     def rows(self, columns: Sequence[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """All rows (or a projection/filter of them) as an Arrow table; empty with the schema if no index yet."""
@@ -190,7 +197,12 @@ class DeltaIndex:
             empty = self.SCHEMA.empty_table()
             return empty.select(list(columns)) if columns else empty
         dataset = table.to_pyarrow_dataset()
-        return dataset.to_table(columns=list(columns) if columns else None, filter=filter)
+        # One thread: Arrow's scanner threads otherwise outlive the call and, at interpreter exit, abort the
+        # process (SIGABRT, "terminate called without an active exception") once the table has a few files.
+        return with_storage_retries(
+            lambda: dataset.to_table(columns=list(columns) if columns else None, filter=filter, use_threads=False),
+            f"reading {redact(self.uri)}",
+        )
 
     def sql(self, query: str) -> pa.Table:
         """Run SQL with DuckDB over the table, exposed as the view named VIEW (`concepts`, `renders`)."""
@@ -224,6 +236,19 @@ class ConceptIndex(DeltaIndex):
         """concept_keys with a successful attempt: what a rerun skips."""
         return self.succeeded_ids("concept_key")
 
+    def succeeded_files(self) -> dict[str, tuple[str | None, str | None]]:
+        """concept_key -> (file_uri, sha256) of its latest successful attempt: what a rerun skips, once the
+        file is checked."""
+        done = self.rows(
+            ["concept_key", "file_uri", "sha256", "created_at"], filter=pc.field("status") == Status.SUCCEEDED
+        )
+        latest: dict[str, tuple[Any, str | None, str | None]] = {}
+        for row in done.to_pylist():
+            seen = latest.get(row["concept_key"])
+            if seen is None or row["created_at"] > seen[0]:
+                latest[row["concept_key"]] = (row["created_at"], row["file_uri"], row["sha256"])
+        return {key: (uri, sha) for key, (_, uri, sha) in latest.items()}
+
     def latest(
         self,
         names: Iterable[str] | None = None,
@@ -250,7 +275,10 @@ class ConceptIndex(DeltaIndex):
                 term = pc.field(column) == value
                 condition = term if condition is None else condition & term
         if names is not None:
-            term = pc.field("name").isin(list(names))
+            names = list(names)
+            if not names:  # nothing asked for (a render of prompts without placeholders): no rows
+                return []
+            term = pc.field("name").isin(names)
             condition = term if condition is None else condition & term
         rows = self.rows(filter=condition).to_pylist()
         latest: dict[str, dict[str, Any]] = {}

@@ -58,6 +58,7 @@ from perfusion.config import (
     field_types,
     scorer_problem,
     settings_problems,
+    superclass_problem,
     token_problem,
     with_method_defaults,
 )
@@ -93,7 +94,8 @@ class ManifestError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are not numbers a setting can take (".inf" and ".nan" are valid YAML floats)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _Settings(_Strict):
@@ -275,14 +277,41 @@ def load_manifest(path: str | os.PathLike[str], text: str | None = None) -> Mani
     return parse_manifest(text, source)
 
 
+def duplicate_key_problems(text: str) -> list[Problem]:
+    """Every key given twice in one mapping, with both lines. Plain YAML keeps the last value, so a second
+    `superclass:` would silently replace the first and a second `concepts:` drop the whole first list."""
+    found: list[tuple[int, Problem]] = []
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    if key.value in first_line:
+                        first = first_line[key.value]
+                        message = f"line {line}: duplicate key {key.value!r} (first on line {first}): keep one"
+                        found.append((line, Problem("", message)))
+                    else:
+                        first_line[key.value] = line
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return [problem for _, problem in sorted(found, key=lambda item: item[0])]
+
+
 def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
     try:
         document = yaml.safe_load(text)
+        duplicates = duplicate_key_problems(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ManifestError(source, [Problem("", f"not valid YAML: {where}{problem}")]) from None
+    if duplicates:
+        raise ManifestError(source, duplicates)
     if not isinstance(document, dict):
         raise ManifestError(source, [Problem("", "expected a mapping with version, catalog and concepts")])
     try:
@@ -334,6 +363,8 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
             first_by_token[token] = index
         if not spec.superclass.strip():
             problems.append(Problem(f"{at}.superclass", "must name the concept's class, e.g. 'mug'"))
+        elif (wrong := superclass_problem(spec.superclass)) is not None:
+            problems.append(Problem(f"{at}.superclass", wrong))
         for position, image in enumerate(spec.images):
             if not image.strip():
                 problems.append(Problem(f"{at}.images[{position}]", "empty path"))

@@ -17,15 +17,14 @@ from __future__ import annotations
 import dataclasses
 import glob as globlib
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from PIL import Image, UnidentifiedImageError
 
-from perfusion.config import SelectConfig
+from perfusion.config import SelectConfig, resolution_problem
+from perfusion.decoding import UnusableImage, decode_picture  # Pillow and numpy: no torch on the driver
 from pipeline.manifest import ConceptSpec, Manifest, ManifestError, Problem, selection_path
 from pipeline.store import concept_file
 
@@ -52,6 +51,7 @@ class PlannedConcept:
     concept_key: str
     problems: tuple[Problem, ...] = ()  # non-empty: cannot train until the files are fixed
     selection: SelectConfig | None = None  # how its operating point is chosen (training.select); None: not
+    notes: tuple[str, ...] = ()  # warnings that do not stop it (a superclass the tokenizer splits, a retrain)
 
     @property
     def ready(self) -> bool:
@@ -86,11 +86,9 @@ def read_image(uri: str) -> bytes:
 
 
 def check_image(data: bytes, mode: str = "RGB") -> tuple[int, int]:
-    """Decode fully (a truncated file fails here, not mid-training); returns (width, height)."""
-    with Image.open(io.BytesIO(data)) as picture:
-        picture.load()
-        picture.convert(mode)
-        return picture.size
+    """Decode fully, by the rules training decodes with (perfusion/decoding.py), so a truncated, animated or
+    bomb file fails here, not mid-training; returns (width, height). UnusableImage saying what is wrong."""
+    return decode_picture(data, mode).size
 
 
 def load_images(manifest: Manifest, spec: ConceptSpec, index: int, kind: str) -> tuple[list[ImageFile], list[Problem]]:
@@ -121,8 +119,8 @@ def load_images(manifest: Manifest, spec: ConceptSpec, index: int, kind: str) ->
             files.append(ImageFile(uri, hashlib.sha256(data).hexdigest()))
             try:
                 width, height = check_image(data, "RGB" if kind == "images" else "L")
-            except (UnidentifiedImageError, OSError, ValueError) as error:
-                problems.append(Problem(at, f"{uri} is not a readable image ({error}): replace or remove it"))
+            except UnusableImage as error:
+                problems.append(Problem(at, f"{uri} {error}"))
                 continue
             if min(width, height) < 8:
                 problems.append(Problem(at, f"{uri} is {width}x{height}: too small to learn from"))
@@ -220,3 +218,34 @@ def _clip_folder_problems(folder: str, spec: ConceptSpec, index: int, checked: d
     if problem is None:
         return []
     return [Problem(selection_path(spec, f"concepts[{index}]", "scorer"), problem)]
+
+
+def check_against_base(manifest: Manifest, plan: list[PlannedConcept], base: Any) -> list[PlannedConcept]:
+    """What the base model (a worker.BaseInfo) decides about the trained concepts: a training resolution off
+    its latent grid (a catalog problem: ManifestError), and a superclass phrase its tokenizer splits into
+    more pieces than words (a note: key locking reads the encoding of pieces the encoder may barely know)."""
+    problems: list[Problem] = []
+    checked = []
+    for item in plan:
+        if manifest.is_zero_shot(item.spec):
+            checked.append(item)
+            continue
+        resolution = item.training.get("resolution")
+        wrong = None if resolution is None else resolution_problem(resolution, base.resolution_step)
+        if wrong is not None:
+            own = "resolution" in item.spec.training.values()
+            problem = Problem(f"concepts[{item.index}].training.resolution" if own else "training.resolution", wrong)
+            if problem not in problems:
+                problems.append(problem)
+        pieces = base.superclass_pieces.get(item.spec.superclass)
+        words = item.spec.superclass.split()
+        if pieces is not None and len(pieces) > len(words):
+            note = (
+                f"superclass {item.spec.superclass!r} is {len(pieces)} tokens {list(pieces)} for {len(words)} "
+                "word(s) on this base: key locking reads their encoding; a word the tokenizer knows whole locks better"
+            )
+            item = dataclasses.replace(item, notes=(*item.notes, note))
+        checked.append(item)
+    if problems:
+        raise ManifestError(manifest.source, problems)
+    return checked

@@ -8,7 +8,8 @@
    encoder's limit is an error before anything renders).
 2. Every concept a job needs is resolved in the concept index (latest success for this catalog and base)
    and its file's checksum verified; a concept that is not trained, failed, or damaged is named, with the
-   fix, and nothing renders (RenderPlanError).
+   fix, and the images that need it are skipped (blocked; exit 1) while the others render. Only when no
+   image at all can render does nothing run (RenderPlanError; exit 2).
 3. The plan (pipeline/render_plan.py): one row per image with a render_id; ids with a successful row in the
    render index are dropped (idempotent: a scheduler may rerun this as often as it likes), then --limit.
 4. Ray Data: from_items(rows).map_batches(Renderer, ActorPoolStrategy) with one actor per GPU (one per CPU
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from perfusion.config import resolution_problem
 from pipeline.index import ConceptIndex, RenderIndex, RenderRow, Status
 from pipeline.jobs import flag
 from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
@@ -38,6 +40,8 @@ from pipeline.render_plan import (
     ConceptRef,
     PlannedImage,
     RenderPlanError,
+    blocked_images,
+    capped_prompts,
     combinations_for,
     needed_names,
     plan_job,
@@ -75,6 +79,7 @@ class RenderSummary:
     skipped: int = 0  # already rendered
     rendered: int = 0
     failed: int = 0
+    blocked: int = 0  # not planned: a concept they need cannot render (not trained, failed, damaged)
     errors: list[str] = field(default_factory=list)
     sheets: dict[str, str] = field(default_factory=dict)  # job -> contact sheet URI
     pages: dict[str, str] = field(default_factory=dict)  # job -> HTML page URI
@@ -83,7 +88,7 @@ class RenderSummary:
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0
+        return self.failed == 0 and self.blocked == 0
 
     def counts(self) -> dict[str, int]:
         """Images by status, for the Pushgateway summary."""
@@ -93,8 +98,9 @@ class RenderSummary:
         verb = "would render" if self.dry_run else "rendered"
         count = self.planned - self.skipped if self.dry_run else self.rendered
         return (
-            f"{self.catalog}: {verb} {count}, skipped {self.skipped} (already rendered), failed {self.failed} "
-            f"in {self.seconds:.1f}s; root {self.root}"
+            f"{self.catalog}: {verb} {count}, skipped {self.skipped} (already rendered), failed {self.failed}"
+            + (f", blocked {self.blocked} (a concept cannot render)" if self.blocked else "")
+            + f" in {self.seconds:.1f}s; root {self.root}"
         )
 
 
@@ -122,25 +128,46 @@ class RenderRun:
 
     # -- planning --------------------------------------------------------------------------------------
 
-    def check_prompts(self, counts: list[int], limit: int, zero_shot: bool = False) -> None:
-        """ManifestError for every template longer than the text encoder's limit (it would be truncated);
-        zero_shot: the counts are of the zero-shot base, for the jobs that render zero-shot products."""
+    def prompt_texts(self) -> list[str]:
+        """Every text a render encodes, as templates in manifest order: each job's prompts, then its negative
+        prompt when it has one (braces escaped: it has no placeholders). check_prompts reads their counts."""
+        return [text for job in self.manifest.renders for text in [*job.prompts, *self._negative(job)]]
+
+    @staticmethod
+    def _negative(job: RenderJob) -> list[str]:
+        return [job.negative_prompt.replace("{", "{{").replace("}", "}}")] if job.negative_prompt else []
+
+    def check_prompts(self, counts: list[int], limit: int, zero_shot: bool = False, base: Any = None) -> None:
+        """ManifestError for every template or negative prompt longer than the text encoder's limit (it would
+        be cut), and with `base` (a worker.BaseInfo) every job resolution off its latent grid; counts are of
+        prompt_texts(); zero_shot: of the zero-shot base, for the jobs that render zero-shot products."""
         problems = []
-        positions = [(i, j) for i, job in enumerate(self.manifest.renders) for j in range(len(job.prompts))]
-        for (i, j), count in zip(positions, counts, strict=True):
-            job = self.manifest.renders[i]
+        positions = [
+            (f"renders[{i}].prompts[{j}]" if j < len(job.prompts) else f"renders[{i}].negative_prompt", job)
+            for i, job in enumerate(self.manifest.renders)
+            for j in range(len(job.prompts) + len(self._negative(job)))
+        ]
+        for (path, job), count in zip(positions, counts, strict=True):
             if job not in self.jobs or (zero_shot and not self._renders_zero_shot(job)):
                 continue
             if count > limit:
                 encoder = "zero-shot base's text encoder" if zero_shot else "text encoder"
                 problems.append(
-                    Problem(
-                        f"renders[{i}].prompts[{j}]",
-                        f"{count} tokens, more than the {encoder}'s {limit}: shorten it (it would be cut)",
-                    )
+                    Problem(path, f"{count} tokens, more than the {encoder}'s {limit}: shorten it (it would be cut)")
                 )
+        problems += [] if base is None else self._resolution_problems(base)
         if problems:
-            raise ManifestError(self.manifest.source, problems)
+            raise ManifestError(self.manifest.source, sorted(problems, key=str))
+
+    def _resolution_problems(self, base: Any) -> list[Problem]:
+        """A job's resolution off the base's latent grid (worker.BaseInfo.resolution_step): every row would fail."""
+        return [
+            Problem(f"renders[{i}].resolution", wrong)
+            for i, job in enumerate(self.manifest.renders)
+            if job in self.jobs
+            and job.resolution is not None
+            and (wrong := resolution_problem(job.resolution, base.resolution_step)) is not None
+        ]
 
     def _renders_zero_shot(self, job: RenderJob) -> bool:
         zero_shot = self.manifest.zero_shot_names()
@@ -152,21 +179,22 @@ class RenderRun:
         combos = [c for job in self.jobs for t in job.prompts for c in combinations_for(self.manifest, job, t)]
         return any(not c or c[0] not in zero_shot for c in combos), any(c and c[0] in zero_shot for c in combos)
 
-    def resolve(self, fingerprint: str, zero_shot_fingerprint: str = "") -> dict[str, ConceptRef]:
-        """The trained concepts the jobs need, with each file's checksum verified now, before rendering."""
+    def resolve(
+        self, fingerprint: str, zero_shot_fingerprint: str = ""
+    ) -> tuple[dict[str, ConceptRef], dict[str, str]]:
+        """(the concepts the jobs need that can render, each file's checksum verified now; the names that
+        cannot -> why, with the fix). The images of the others render: one bad photo never stops a catalog."""
         from pipeline.store import StoreError
 
         names = needed_names(self.manifest, self.jobs)
-        refs = resolve_concepts(self.manifest, names, self.concept_index, fingerprint, zero_shot_fingerprint)
-        problems = []
-        for name, ref in refs.items():
+        refs, blocked = resolve_concepts(self.manifest, names, self.concept_index, fingerprint, zero_shot_fingerprint)
+        for name, ref in list(refs.items()):
             try:
                 self.store.read(self.store.relative(ref.file_uri), ref.sha256)
             except (StoreError, OSError) as error:
-                problems.append(f"concept {name!r}: {error}")
-        if problems:
-            raise RenderPlanError(problems)
-        return refs
+                blocked[name] = f"concept {name!r}: {error}"
+                del refs[name]
+        return refs, blocked
 
     def plan(
         self, fingerprint: str, refs: dict[str, ConceptRef], zero_shot_fingerprint: str = ""
@@ -185,21 +213,26 @@ class RenderRun:
 
         started = time.perf_counter()
         summary = RenderSummary(self.manifest.catalog, self.store.root, dry_run=self.options.dry_run)
+        if self.options.dry_run:  # before any work: a root this run cannot read or write fails in seconds
+            self.store.check_readable()
+        else:
+            self.store.check_writable()
         jobs.ensure_ray()
         resources = self._actor_resources()
         needs_base, needs_zero_shot = self.needs()
         bases: dict[bool, Any] = {}  # zero_shot -> BaseInfo of the base that renders those rows
         if needs_base:
             message(f"preparing base model {self.base_model!r} (fingerprint, C^-1, prompt lengths) ...")
-            templates = [t for job in self.manifest.renders for t in job.prompts]
             bases[False], counts, limit = ray.get(
-                jobs.remote(prepare_render_task, **resources).remote(self.base_model, self.store.root, templates)
+                jobs.remote(prepare_render_task, **resources).remote(
+                    self.base_model, self.store.root, self.prompt_texts()
+                )
             )
-            self.check_prompts(counts, limit)
+            self.check_prompts(counts, limit, base=bases[False])
         if needs_zero_shot:
             spec = self.manifest.base_model_path(zero_shot=True)
             message(f"preparing zero-shot base {spec!r} (fingerprint, prompt lengths) ...")
-            templates = [t for job in self.manifest.renders for t in job.prompts]
+            templates = self.prompt_texts()
             words = sorted({c.superclass.strip() for c in self.manifest.concepts if self.manifest.is_zero_shot(c)})
             bases[True], counts, limit = ray.get(
                 jobs.remote(prepare_zero_shot_render_task, **resources).remote(spec, templates, words)
@@ -207,13 +240,21 @@ class RenderRun:
             self.check_prompts(counts, limit, zero_shot=True)
         fingerprint = bases[False].fingerprint if False in bases else ""
         zero_shot_fingerprint = bases[True].fingerprint if True in bases else ""
-        refs = self.resolve(fingerprint, zero_shot_fingerprint)
+        refs, blocked = self.resolve(fingerprint, zero_shot_fingerprint)
         plan, done = self.plan(fingerprint, refs, zero_shot_fingerprint)
+        if blocked and not plan:  # nothing at all can render: the input is what is wrong
+            raise RenderPlanError([blocked[name] for name in sorted(blocked)])
+        summary.blocked = blocked_images(self.manifest, self.jobs, set(blocked))
+        for name in sorted(blocked):
+            message(f"skipped: {blocked[name]}")
+            summary.errors.append(blocked[name])
         todo = [row for row in plan if row.render_id not in done]
         summary.planned, summary.skipped = len(plan), len(plan) - len(todo)
         if self.options.limit is not None:
             todo = todo[: self.options.limit]
         message(f"{len(plan)} image(s) planned in {len(self.jobs)} job(s); {summary.skipped} already rendered")
+        for line in capped_prompts(self.manifest, self.jobs):
+            message(f"  capped: {line}")
         if not self.options.dry_run and todo:
             done_rows = 0
             for zero_shot in (False, True):
@@ -343,13 +384,19 @@ class RenderRun:
         from pipeline.sheets import contact_sheet, html_page, sheet_rows
 
         for job in self.jobs:
+            sheet_file, page_file = sheet_files(job.name)
+            if not summary.rendered and not summary.failed and self.store.exists(sheet_file):
+                summary.sheets[job.name], summary.pages[job.name] = (
+                    self.store.uri(sheet_file),
+                    self.store.uri(page_file),
+                )
+                continue  # nothing new to show: the sheet on disk is current
             rows = self.index.of_job(job.name, catalog=self.manifest.catalog)
             if not rows:
                 continue
             shown = sheet_rows(rows)
             images = {r["render_id"]: self.store.read(self.store.relative(r["image_uri"]), r["sha256"]) for r in shown}
             picture = contact_sheet(shown, images, title=job.name, total=len(rows))
-            sheet_file, page_file = sheet_files(job.name)
             sheet = self.store.put(sheet_file, picture)
             page = self.store.put(page_file, html_page(job.name, rows, self.store).encode())
             summary.sheets[job.name], summary.pages[job.name] = sheet, page

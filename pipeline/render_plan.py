@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,17 +84,62 @@ class PlannedImage:
 
 
 def combinations_for(manifest: Manifest, job: RenderJob, template: str) -> list[tuple[str, ...]]:
-    """The concept-name tuples that fill `template`, in a stable order, capped at job.max_combinations."""
+    """The concept-name tuples that fill `template`, in a stable order, capped at job.max_combinations. Drawn
+    lazily: 1,000 concepts in a 5-placeholder prompt have ~8e12 combinations, and only the first are kept."""
     count = len(placeholders(template))
     if count == 0:
         return [()]
     if job.combinations is not None:
-        found = [tuple(c) for c in job.combinations if len(c) == count]
+        found: Iterator[tuple[str, ...]] = (tuple(c) for c in job.combinations if len(c) == count)
     else:
         names = [c.name for c in manifest.selected_concepts(job)]
         zero_shot = manifest.zero_shot_names()
-        found = [c for c in itertools.combinations(names, count) if len({n in zero_shot for n in c}) == 1]
-    return found[: job.max_combinations]
+        found = (c for c in itertools.combinations(names, count) if len({n in zero_shot for n in c}) == 1)
+    return list(itertools.islice(found, job.max_combinations))
+
+
+def combination_count(manifest: Manifest, job: RenderJob, template: str) -> int:
+    """How many combinations fill `template` before the max_combinations cap (counted, not listed)."""
+    count = len(placeholders(template))
+    if count == 0:
+        return 1
+    if job.combinations is not None:
+        return sum(len(c) == count for c in job.combinations)
+    zero_shot = manifest.zero_shot_names()
+    selected = [c.name for c in manifest.selected_concepts(job)]
+    kinds = sum(n in zero_shot for n in selected), sum(n not in zero_shot for n in selected)
+    return sum(math.comb(k, count) for k in kinds)  # products of one kind share an image
+
+
+def blocked_images(manifest: Manifest, jobs: Sequence[RenderJob], blocked: set[str]) -> int:
+    """How many images of `jobs` need a concept in `blocked` (plan_job leaves them out)."""
+    return sum(
+        job.images_per_prompt
+        for job in jobs
+        for template in job.prompts
+        for names in combinations_for(manifest, job, template)
+        if blocked.intersection(names)
+    )
+
+
+def planned_images(manifest: Manifest, job: RenderJob) -> int:
+    """How many images a job plans (combinations after the cap x seeds), from the manifest alone."""
+    per_template = [min(combination_count(manifest, job, t), job.max_combinations) for t in job.prompts]
+    return sum(per_template) * job.images_per_prompt
+
+
+def capped_prompts(manifest: Manifest, jobs: Sequence[RenderJob]) -> list[str]:
+    """A line for each prompt whose combinations the cap cuts: what validate and --dry-run say."""
+    lines = []
+    for job in jobs:
+        for position, template in enumerate(job.prompts):
+            total = combination_count(manifest, job, template)
+            if total > job.max_combinations:
+                lines.append(
+                    f"{job.name} prompts[{position}]: {total:,} combinations, the first {job.max_combinations:,} "
+                    "rendered (max_combinations)"
+                )
+    return lines
 
 
 def needed_names(manifest: Manifest, jobs: Sequence[RenderJob]) -> list[str]:
@@ -103,10 +149,10 @@ def needed_names(manifest: Manifest, jobs: Sequence[RenderJob]) -> list[str]:
 
 def resolve_concepts(
     manifest: Manifest, names: Sequence[str], index: ConceptIndex, fingerprint: str, zero_shot_fingerprint: str = ""
-) -> dict[str, ConceptRef]:
-    """The latest successful training (or onboarding) of each name for this catalog and its base model (a
-    zero-shot product's: `zero_shot_fingerprint`); RenderPlanError naming every concept that has none (never
-    trained, or its latest attempt failed) with the fix."""
+) -> tuple[dict[str, ConceptRef], dict[str, str]]:
+    """(the latest successful training, or onboarding, of each name for this catalog and its base model (a
+    zero-shot product's: `zero_shot_fingerprint`), the names that have none -> why, with the fix (never
+    trained, its latest attempt failed, trained on another base))."""
     zero_shot = manifest.zero_shot_names()
     groups = [([n for n in names if n not in zero_shot], fingerprint, manifest.base_model)]
     groups.append(([n for n in names if n in zero_shot], zero_shot_fingerprint, manifest.zero_shot.base_model))
@@ -115,7 +161,7 @@ def resolve_concepts(
         if group:
             rows = index.latest(group, catalog=manifest.catalog, fingerprint=group_fingerprint)
             found |= {row["name"]: row for row in rows}
-    problems = []
+    blocked: dict[str, str] = {}
     for group, _, base_model in groups:
         for name in group:
             if name in found:
@@ -123,23 +169,22 @@ def resolve_concepts(
             verb = "onboarded" if name in zero_shot else "trained"
             attempts = index.latest([name], catalog=manifest.catalog, status=None)
             if attempts and attempts[0]["status"] != Status.SUCCEEDED:
-                problems.append(
+                blocked[name] = (
                     f"concept {name!r} failed its last training ({attempts[0]['error']}); fix it and run "
                     "perfusion-batch train first"
                 )
             elif attempts:
-                problems.append(
+                blocked[name] = (
                     f"concept {name!r} was {verb} on another base model ({attempts[0]['base_model']}); "
                     f"{verb.removesuffix('ed')} it on {base_model!r} with perfusion-batch train first"
                 )
             else:
-                problems.append(f"concept {name!r} is not {verb} yet: run perfusion-batch train on this manifest first")
-    if problems:
-        raise RenderPlanError(problems)
-    return {
+                blocked[name] = f"concept {name!r} is not {verb} yet: run perfusion-batch train on this manifest first"
+    refs = {
         name: ConceptRef(name, row["token"], row["concept_key"], row["file_uri"], row["sha256"], name in zero_shot)
         for name, row in found.items()
     }
+    return refs, blocked
 
 
 def plan_job(
@@ -154,6 +199,8 @@ def plan_job(
     rows = []
     for template in job.prompts:
         for names in combinations_for(manifest, job, template):
+            if any(n not in concepts for n in names):
+                continue  # a concept that cannot render (RenderRun records these images as skipped)
             refs = tuple(concepts[n] for n in names)
             base_fingerprint = zero_shot_fingerprint if refs and refs[0].zero_shot else fingerprint
             prompt = template.format(**{chr(ord("a") + i): ref.token for i, ref in enumerate(refs)})

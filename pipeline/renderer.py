@@ -83,11 +83,11 @@ class Renderer:
         results: dict[str, dict[str, Any]] = {}
         groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in records:
-            existing = self._adopt(record["render_id"])
-            if existing is not None:  # an earlier attempt stored the PNG and died before its row was committed
-                results[record["render_id"]] = existing
-                continue
-            try:
+            try:  # storage waits out an outage (store.with_storage_retries); one that outlasts it fails the row
+                existing = self._adopt(record["render_id"])
+                if existing is not None:  # an earlier attempt stored the PNG and died before its row was committed
+                    results[record["render_id"]] = existing
+                    continue
                 _try_twice(functools.partial(self._attach, json.loads(record["concepts"])))
             except Exception as error:  # a damaged or missing concept file, or storage that kept failing
                 results[record["render_id"]] = self._failed(record, error)

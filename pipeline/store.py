@@ -21,17 +21,23 @@ GOOGLE_APPLICATION_CREDENTIALS, ...); they are never written into artifacts, the
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import posixpath
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 ROOT_ENV = "PERFUSION_BATCH_ROOT"
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 SUPPORTED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "memory")
 
 
@@ -81,6 +87,45 @@ def redact(uri: str) -> str:
     if sep and "@" in rest.split("/", 1)[0]:
         return f"{scheme}://{rest.split('@', 1)[1]}"
     return uri
+
+
+STORAGE_RETRY_ENV = "PERFUSION_BATCH_STORAGE_RETRY_SECONDS"
+STORAGE_RETRY_SECONDS = 90.0  # how long a storage outage is ridden out before an operation fails
+_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError", "TimeoutError",
+}  # fmt: skip
+
+
+def is_transient_storage_error(error: BaseException) -> bool:
+    """A failure of the storage service or the way to it (connection refused or reset, a timeout, a 5xx),
+    which the same call may pass later; never a missing file, a lost race, a permission, or bad input."""
+    if isinstance(error, (*_PERMANENT_OS_ERRORS, StoreError)):
+        return False
+    if type(error).__name__ in _TRANSIENT_NAMES:
+        return True
+    if isinstance(error, OSError):
+        return error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EEXIST, errno.ENOTDIR)
+    text = str(error).lower()  # deltalake's object-store errors say it in words only
+    return any(mark in text for mark in ("connection refused", "connection reset", "timed out", " 503", " 502"))
+
+
+def with_storage_retries(call: Callable[[], T], what: str) -> T:
+    """call(), retried with exponential backoff (0.5 s doubling to 8 s) while it fails transiently, for up
+    to STORAGE_RETRY_SECONDS ($PERFUSION_BATCH_STORAGE_RETRY_SECONDS): a storage outage of a minute costs
+    a pause, not the run. The last error is raised when the time is up."""
+    budget = float(os.environ.get(STORAGE_RETRY_ENV, STORAGE_RETRY_SECONDS))
+    deadline, delay = time.monotonic() + budget, 0.5
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            if not is_transient_storage_error(error) or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("storage: %s failed (%s: %s); retrying in %.1f s", what, type(error).__name__, error, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
 
 
 class Store:
@@ -133,10 +178,12 @@ class Store:
     # -- reads -----------------------------------------------------------------------------------------
 
     def exists(self, relative: str) -> bool:
-        return bool(self.fs.exists(self.path(relative)))
+        path = self.path(relative)
+        return bool(with_storage_retries(lambda: self.fs.exists(path), f"checking {redact(self.uri(relative))}"))
 
     def read(self, relative: str, sha256: str | None = None) -> bytes:
-        data: bytes = self.fs.cat_file(self.path(relative))
+        path = self.path(relative)
+        data: bytes = with_storage_retries(lambda: self.fs.cat_file(path), f"reading {redact(self.uri(relative))}")
         if sha256 is not None and sha256_hex(data) != sha256:
             raise ChecksumError(
                 f"{redact(self.uri(relative))}: checksum mismatch (expected sha256 {sha256[:12]}..., got "
@@ -160,13 +207,16 @@ class Store:
         if self.local:
             self._write_local_once(path, data)
         else:
-            if self.fs.exists(path):
-                raise FileExistsError(self.uri(relative))
-            # One PUT: the object appears whole or not at all. mode "xb" asks stores that support conditional
-            # writes (If-None-Match) to refuse an object created since the check above.
-            with self.fs.open(path, "xb") as handle:
-                handle.write(data)
+            with_storage_retries(lambda: self._put_once(path, relative, data), f"writing {redact(self.uri(relative))}")
         return Artifact(self.uri(relative), sha256_hex(data), len(data))
+
+    def _put_once(self, path: str, relative: str, data: bytes) -> None:
+        if self.fs.exists(path):
+            raise FileExistsError(self.uri(relative))
+        # One PUT: the object appears whole or not at all. mode "xb" asks stores that support conditional
+        # writes (If-None-Match) to refuse an object created since the check above.
+        with self.fs.open(path, "xb") as handle:
+            handle.write(data)
 
     def put(self, relative: str, data: bytes) -> str:
         """Write or replace a derived file that is not an artifact (a contact sheet: rebuilt from the index
@@ -179,7 +229,7 @@ class Store:
                 handle.write(data)
             os.replace(partial, path)  # readers see the old file or the new one, never half of one
         else:
-            self.fs.pipe_file(path, data)
+            with_storage_retries(lambda: self.fs.pipe_file(path, data), f"writing {redact(self.uri(relative))}")
         return self.uri(relative)
 
     def remove(self, relative: str) -> None:
@@ -200,10 +250,49 @@ class Store:
             os.unlink(partial)
 
     def check_writable(self) -> None:
-        """Write and remove a probe object; StoreError naming the root and the cause if that fails."""
-        probe = f".probe-{uuid.uuid4().hex}"
+        """Write and remove a probe object, in seconds and before any work (no retries: an outage now is the
+        environment's problem); StoreError naming the root, the cause and the fix if that fails (a read-only
+        folder, missing credentials, an unreachable endpoint)."""
+        probe = self.path(f".probe-{uuid.uuid4().hex}")
         try:
-            self.write_once(probe, b"ok")
-            self.remove(probe)
+            if self.local:
+                self._write_local_once(probe, b"ok")
+            else:
+                self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
         except Exception as error:
-            raise StoreError(f"storage root {redact(self.root)} is not writable: {error}") from None
+            raise StoreError(f"storage root {redact(self.root)} is not writable: {storage_problem(error)}") from None
+
+    def check_readable(self) -> None:
+        """List the root (planning writes nothing, but reads the index): StoreError naming the root and the fix."""
+        try:
+            self.fs.exists(self.path("index"))
+        except Exception as error:
+            raise StoreError(f"storage root {redact(self.root)} cannot be read: {storage_problem(error)}") from None
+
+
+def storage_problem(error: BaseException) -> str:
+    """One line for a storage failure, with what to set or check: the one place that knows the messages of
+    the filesystems' errors (botocore's, gcsfs', the OS's)."""
+    kind = type(error).__name__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else kind
+    if kind in {"NoCredentialsError", "PartialCredentialsError"} or "Unable to locate credentials" in text:
+        return (
+            "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the "
+            "environment of this process and of the Ray workers"
+        )
+    if kind in {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError"} or (
+        "Could not connect to the endpoint" in text or "Cannot connect to host" in text
+    ):
+        return f"the storage endpoint cannot be reached ({text}): check AWS_ENDPOINT_URL and the network"
+    if kind in {"InvalidAccessKeyId", "SignatureDoesNotMatch"} or "AccessDenied" in text or "Forbidden" in text:
+        return f"access denied ({text}): check the credentials and that they may write under this root"
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return f"the bucket does not exist ({text}): create it or fix the root URI"
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied or read-only ({error.strerror or text}): pick a root you may write, or fix it"
+    if isinstance(error, OSError) and error.errno in (errno.EEXIST, errno.ENOTDIR):
+        return f"a file stands where a folder should be ({error.filename or text}): move it, or pick another root"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "the disk is full: free space under the root or pick another"
+    return f"{kind}: {text}"

@@ -24,6 +24,8 @@ same index, same skip-if-done keys. A catalog of zero-shot products only never l
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable
@@ -33,7 +35,7 @@ from typing import Any
 from pipeline.index import ConceptIndex, ConceptRow, Status
 from pipeline.jobs import flag
 from pipeline.manifest import Manifest
-from pipeline.plan import PlannedConcept, build_plan
+from pipeline.plan import PlannedConcept, build_plan, check_against_base
 from pipeline.store import Store, concept_file
 from pipeline.tasks import TrainTask, concept_row
 from pipeline.worker import BaseInfo, TransientError
@@ -109,6 +111,7 @@ class TrainRun:
         self.base_model = manifest.base_model_path()
         self.zero_shot_model = manifest.base_model_path(zero_shot=True)
         self.bases: tuple[BaseInfo | None, BaseInfo | None] = (None, None)  # (base_model, zero-shot base)
+        self.damaged: set[str] = set()  # concept keys whose stored file failed its check: retrained
         unknown = sorted(set(options.only) - {c.name for c in manifest.concepts})
         if unknown:
             from pipeline.manifest import ManifestError, Problem
@@ -125,13 +128,38 @@ class TrainRun:
         fingerprint, words = (base.fingerprint, set(base.vocabulary)) if base is not None else ("", None)
         zero_shot_fingerprint = zero_shot.fingerprint if zero_shot is not None else ""
         plan = build_plan(self.manifest, fingerprint, words, zero_shot_fingerprint)
+        if base is not None:
+            plan = check_against_base(self.manifest, plan, base)
         if self.options.only:
             plan = [p for p in plan if p.name in self.options.only]
-        done = set() if self.options.force else self.index.succeeded_keys()
-        return [
-            (item, Status.SKIPPED if item.concept_key in done else Status.PLANNED if item.ready else Status.FAILED)
-            for item in plan
-        ]
+        done = {} if self.options.force else self.index.succeeded_files()
+        planned = []
+        for item in plan:
+            if item.concept_key in done:
+                damage = self._damage(*done[item.concept_key])
+                if damage is None:
+                    planned.append((item, Status.SKIPPED))
+                    continue
+                item = dataclasses.replace(item, notes=(*item.notes, f"retrained: its stored file {damage}"))
+                self.damaged.add(item.concept_key)
+            planned.append((item, Status.PLANNED if item.ready else Status.FAILED))
+        return planned
+
+    def _damage(self, file_uri: str | None, sha256: str | None) -> str | None:
+        """What is wrong with a successful row's concept file (missing, or not the bytes it recorded), or None."""
+        from pipeline.store import StoreError
+
+        try:
+            self.store.read(self.store.relative(file_uri or ""), sha256)
+        except FileNotFoundError:
+            return f"{file_uri} is missing"
+        except (StoreError, OSError) as error:
+            return f"is damaged ({str(error).split(': ', 1)[-1].split(';')[0]})"
+        return None
+
+    def superclasses(self) -> tuple[str, ...]:
+        """The trained concepts' superclass phrases (their tokenizer pieces are checked against the base)."""
+        return tuple(sorted({c.superclass for c in self.manifest.concepts if not self.manifest.is_zero_shot(c)}))
 
     def needs(self) -> tuple[bool, bool]:
         """(whether a selected concept trains on base_model, whether one is onboarded on the zero-shot base)."""
@@ -144,7 +172,9 @@ class TrainRun:
         from pipeline.worker import prepare_base, prepare_zero_shot
 
         trains, onboards = self.needs()
-        base = prepare_base(self.base_model, self.store.root, write=False) if trains else None
+        self.store.check_readable()
+        words = self.superclasses()
+        base = prepare_base(self.base_model, self.store.root, False, words) if trains else None
         return self.plan(base, prepare_zero_shot(self.zero_shot_model) if onboards else None)
 
     def execute(self, display: Display | None = None) -> RunSummary:
@@ -155,6 +185,10 @@ class TrainRun:
         display = display or Display()
         started = time.perf_counter()
         summary = RunSummary(self.manifest.catalog, self.store.root, dry_run=self.options.dry_run)
+        if self.options.dry_run:  # before any model loads: a root this run cannot read or write fails in seconds
+            self.store.check_readable()
+        else:
+            self.store.check_writable()
         jobs.ensure_ray()
         trains, onboards = self.needs()
         resources = self._resources()
@@ -163,7 +197,7 @@ class TrainRun:
         if trains:
             display.message(f"preparing base model {self.base_model!r} (fingerprint, C^-1) ...")
             preparing = jobs.remote(prepare_base_task, **resources).remote(
-                self.base_model, self.store.root, not self.options.dry_run
+                self.base_model, self.store.root, not self.options.dry_run, self.superclasses()
             )
             # Meanwhile, start the other workers and load the model into each (a Ray worker keeps it for the
             # training tasks it runs next): worker start-up then overlaps prepare_base instead of delaying them.
@@ -178,11 +212,17 @@ class TrainRun:
         for item, status in plan:
             error = "; ".join(str(p) for p in item.problems) or None
             summary.concepts[item.name] = ConceptState(item.name, item.concept_key, status, error=error)
+            for note in item.notes:
+                display.message(f"{item.name}: {note}")
         display.start(summary)
         if self.options.dry_run:
             summary.seconds = time.perf_counter() - started
             display.finish(summary)
             return summary
+        for item, _ in plan:
+            if item.concept_key in self.damaged:  # the retraining writes it anew; adopting it would keep the damage
+                with contextlib.suppress(FileNotFoundError):
+                    self.store.remove(item.file)
         pending_rows = [
             concept_row(
                 self._task(item),
@@ -323,10 +363,10 @@ class TrainRun:
             return [concept_row(task, Status.FAILED, error=f"gave up after {tries} tries: {message}") for task in tasks]
 
 
-def prepare_base_task(spec: str, root: str, write: bool = True) -> BaseInfo:
+def prepare_base_task(spec: str, root: str, write: bool = True, superclasses: tuple[str, ...] = ()) -> BaseInfo:
     from pipeline.worker import prepare_base
 
-    return prepare_base(spec, root, write)
+    return prepare_base(spec, root, write, superclasses)
 
 
 def prepare_zero_shot_task(spec: str) -> BaseInfo:

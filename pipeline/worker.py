@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.store import ChecksumError, Store, covariance_file, sha256_hex
@@ -55,6 +55,8 @@ class BaseInfo:
     covariance: str  # its file under the store root
     covariance_sha256: str  # '' when planning found none stored yet (prepare_base(write=False))
     device: str
+    resolution_step: int = 8  # sizes it trains and samples at are multiples of this (BaseModel.resolution_step)
+    superclass_pieces: dict[str, tuple[str, ...]] = field(default_factory=dict)  # phrase -> its tokenizer pieces
 
 
 _BASES: dict[str, Any] = {}  # spec -> perfusion.BaseModel; one per worker process
@@ -99,9 +101,23 @@ def planned_base(spec: str, fingerprint: str) -> Any:
     return base
 
 
-def prepare_base(spec: str, root: str, write: bool = True) -> BaseInfo:
+def tokenizer_pieces(tokenizer: Any, phrases: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """How the tokenizer splits each phrase (no BOS/EOS): key locking reads the phrase's encoding, which is
+    meaningful when each word is one token the encoder learned."""
+    return {p: tuple(tokenizer.tokenize(p.strip())) for p in phrases}
+
+
+def prepare_base(spec: str, root: str, write: bool = True, superclasses: tuple[str, ...] = ()) -> BaseInfo:
     """Load the base model, and find its covariance in the store or estimate it once and store it.
-    write=False (planning: validate, --dry-run) stores nothing: a covariance not stored yet has sha256 ''."""
+    write=False (planning: validate, --dry-run) stores nothing: a covariance not stored yet has sha256 ''.
+    `superclasses`: phrases whose tokenizer pieces the plan checks (BaseInfo.superclass_pieces)."""
+    import dataclasses
+
+    info = _prepare_base(spec, root, write)
+    return dataclasses.replace(info, superclass_pieces=tokenizer_pieces(worker_base(spec).tokenizer, superclasses))
+
+
+def _prepare_base(spec: str, root: str, write: bool) -> BaseInfo:
     import perfusion
 
     base = worker_base(spec)
@@ -111,14 +127,14 @@ def prepare_base(spec: str, root: str, write: bool = True) -> BaseInfo:
     base_words = frozenset(w for w, i in tokenizer.get_vocab().items() if i < tokenizer.vocab_size)
     if not store.exists(relative):
         if not write:
-            return BaseInfo(base.fingerprint, base_words, relative, "", device_name())
+            return BaseInfo(base.fingerprint, base_words, relative, "", device_name(), base.resolution_step)
         data = perfusion.covariance_to_bytes(perfusion.estimate_covariance(base))
         # Another run may have stored it first: then use theirs (same base, same C up to float rounding).
         with contextlib.suppress(FileExistsError):
             store.write_once(relative, data)
     data = store.read(relative)
     perfusion.covariance_from_bytes(data, base.fingerprint, label=store.uri(relative))  # validate it
-    return BaseInfo(base.fingerprint, base_words, relative, sha256_hex(data), device_name())
+    return BaseInfo(base.fingerprint, base_words, relative, sha256_hex(data), device_name(), base.resolution_step)
 
 
 def prepare_zero_shot(spec: str) -> BaseInfo:
@@ -134,7 +150,7 @@ def prepare_zero_shot(spec: str) -> BaseInfo:
         raise perfusion.BaseModelError(f"zero_shot.base_model {spec!r}: {error}") from None
     tokenizer = base.tokenizer
     words = frozenset(w for w, i in tokenizer.get_vocab().items() if i < tokenizer.vocab_size)
-    return BaseInfo(base.fingerprint, words, "", "", device_name())
+    return BaseInfo(base.fingerprint, words, "", "", device_name(), base.resolution_step)
 
 
 def stored_covariance(store: Store, base: Any, relative: str, sha256: str) -> Any:

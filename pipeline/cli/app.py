@@ -58,18 +58,41 @@ def fail(message: str, code: int = BAD_INPUT) -> typer.Exit:
     return typer.Exit(code=code)
 
 
+DEBUG_ENV = "PERFUSION_BATCH_DEBUG"  # set to 1 to see the traceback of an unexpected error
+
+
 @contextlib.contextmanager
 def user_errors(code: int = BAD_INPUT) -> Iterator[None]:
-    """Every domain error becomes `error: MESSAGE` and exit `code`, never a traceback."""
+    """Every error becomes one line `error: MESSAGE`, never a traceback: a domain, storage or OS error (also
+    inside a Ray task's error) with exit `code`; anything unexpected with exit 1 and how to see its traceback."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        known, message = describe_error(error)
+        raise fail(message, code if known else 1) from None
+
+
+def describe_error(error: BaseException) -> tuple[bool, str]:
+    """(whether it is an input or environment problem, its one line): the one place errors become messages."""
     import perfusion
     from pipeline.manifest import ManifestError
     from pipeline.render_plan import RenderPlanError
-    from pipeline.store import StoreError
+    from pipeline.store import StoreError, storage_problem
 
-    try:
-        yield
-    except (ManifestError, StoreError, RenderPlanError, perfusion.PerfusionError) as error:
-        raise fail(str(error), code) from None
+    cause = getattr(error, "cause", None)  # a ray.exceptions.RayTaskError carries the task's own error
+    if isinstance(cause, BaseException) and cause is not error:
+        return describe_error(cause)
+    if isinstance(error, ManifestError | StoreError | RenderPlanError | perfusion.PerfusionError):
+        return True, str(error)
+    if isinstance(error, OSError) or type(error).__module__.startswith(("botocore", "aiobotocore", "gcsfs")):
+        where = getattr(error, "filename", None)
+        return True, (f"{where}: " if where else "") + storage_problem(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return False, f"unexpected {type(error).__name__}: {first} (set {DEBUG_ENV}=1 for the traceback)"
 
 
 def load(manifest_path: str) -> Manifest:

@@ -32,6 +32,7 @@ def validate(manifest: ManifestArg, root: RootOption = None) -> None:
     Example: perfusion-batch validate manifests/catalog.yaml
     """
     from pipeline.index import Status
+    from pipeline.render_plan import capped_prompts, planned_images
     from pipeline.train import TrainOptions, TrainRun
 
     spec = load(manifest)
@@ -50,6 +51,12 @@ def validate(manifest: ManifestArg, root: RootOption = None) -> None:
             verb = ("onboarded", "onboard") if spec.is_zero_shot(item.spec) else ("trained", "train")
             state = f"already {verb[0]} (skipped)" if status == Status.SKIPPED else f"would {verb[1]}"
             typer.echo(f"  {item.name} {item.spec.concept_token}: {len(item.images)} image(s), {state}")
+        for note in item.notes:
+            typer.secho(f"      note: {note}", fg=typer.colors.YELLOW)
+    for job in spec.renders:
+        typer.echo(f"  render job {job.name}: {planned_images(spec, job):,} image(s) planned")
+    for line in capped_prompts(spec, spec.renders):
+        typer.echo(f"      capped: {line}")
     if problems:
         raise typer.Exit(code=1)
 

@@ -54,17 +54,53 @@ def test_the_file_holds_vectors_only(trained_pair):
     """No C^-1, no per-position tables, no copies: just the vectors PERFUSION.md lists."""
     mug = trained_pair[0]
     data = mug.to_bytes()
-    dims = 32 + 32 + 32 + sum(v.numel() for v in mug.value_targets.values())
+    half = 32 + sum(v.numel() for v in mug.value_targets.values())  # embedding, o*_V: fp16
+    exact = 32 + 32  # i*, i_super: fp32 (the gate's inputs)
     header = struct.unpack("<Q", data[:8])[0]
-    assert len(data) == 8 + header + 2 * dims  # fp16 payload is exactly the vectors
+    assert len(data) == 8 + header + 2 * half + 4 * exact  # the payload is exactly the vectors
     assert len(data) < 8_000
 
 
+def test_the_gate_inputs_round_trip_exactly_in_a_half_precision_file(trained_pair):
+    mug = trained_pair[0]
+    loaded = perfusion.load_concept(mug.to_bytes())
+    assert torch.equal(loaded.target_input, mug.target_input.float())
+    assert torch.equal(loaded.superclass_input, mug.superclass_input.float())
+
+
+def test_tensors_of_another_dtype_or_name_are_refused(trained_pair):
+    mug = trained_pair[0]
+    as_int8 = _corrupt(mug, tensors={"embedding": (mug.embedding * 100).to(torch.int8)})
+    with pytest.raises(ConceptFileError, match="tensor embedding is int8; concept files hold float16"):
+        perfusion.load_concept(as_int8)
+    with pytest.raises(ConceptFileError, match="tensor target_input is bool"):
+        perfusion.load_concept(_corrupt(mug, tensors={"target_input": mug.target_input > 0}))
+    with pytest.raises(ConceptFileError, match=r"unknown tensor\(s\) \['backdoor'\]"):
+        perfusion.load_concept(_corrupt(mug, tensors={"backdoor": torch.zeros(4)}))
+    assert perfusion.load_concept(_corrupt(mug)).token == mug.token  # unsealed (an older file): still read
+
+
+def test_a_damaged_or_cut_file_says_so(trained_pair):
+    data = trained_pair[0].to_bytes()
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x40  # one bit of o*_V: the file still parses
+    with pytest.raises(ConceptFileError, match="fail the file's own checksum"):
+        perfusion.load_concept_file(bytes(flipped))
+    for cut in (data[:20], data[: len(data) // 2]):
+        with pytest.raises(ConceptFileError, match=r"cut short|corrupt") as caught:
+            perfusion.load_concept_file(cut)
+        assert "pickle" not in str(caught.value)
+    with pytest.raises(ConceptFileError, match="the file is empty"):
+        perfusion.load_concept_file(b"")
+    with pytest.raises(ConceptFileError, match="pickle formats are never loaded"):
+        perfusion.load_concept_file(b"\x80\x04\x95" + bytes(40))
+
+
 def _corrupt(mug: perfusion.Concept, *, tensors=None, metadata=None) -> bytes:
-    """Rebuild a concept file with some tensors or metadata changed."""
+    """Rebuild a concept file with some tensors or metadata changed (unsealed, as another tool would write it)."""
     data = mug.to_bytes(torch.float32)
     header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
-    meta = header["__metadata__"] | (metadata or {})
+    meta = {k: v for k, v in header["__metadata__"].items() if k != "payload_sha256"} | (metadata or {})
     loaded = perfusion.load_concept(data)
     current = {
         "embedding": loaded.embedding,
@@ -119,7 +155,7 @@ def test_a_token_that_collides_with_a_vocabulary_word_is_refused(trained_pair, b
 
 
 def test_files_that_are_not_concepts(tmp_path):
-    with pytest.raises(ConceptFileError, match="not a safetensors concept file"):
+    with pytest.raises(ConceptFileError, match=r"not a safetensors concept file.*pickle formats are never loaded"):
         perfusion.load_concept(b"\x80\x04\x95pickle-ish bytes")
     with pytest.raises(ConceptFileError, match="cannot read the concept file"):
         perfusion.load_concept(tmp_path / "missing.safetensors")
@@ -129,7 +165,7 @@ def test_files_that_are_not_concepts(tmp_path):
 
 
 def test_a_truncated_file_is_reported_as_corrupt(trained_pair):
-    with pytest.raises(ConceptFileError, match=r"corrupt|not a safetensors"):
+    with pytest.raises(ConceptFileError, match=r"the file is cut short \(\d+ bytes of \d+\)"):
         perfusion.load_concept(trained_pair[0].to_bytes()[:-10])
 
 

@@ -98,8 +98,9 @@ def test_hub_id_fails_fast_offline_with_a_local_path_hint(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     started = time.perf_counter()
-    with pytest.raises(BaseModelError, match=r"pass the\s+local folder"):
+    with pytest.raises(BaseModelError, match=r"pass the\s+local folder") as caught:
         perfusion.load_base("someone/some-model")
+    assert "`hf download someone/some-model --local-dir DIR`" in str(caught.value)  # the id, not "{repo_id}"
     assert time.perf_counter() - started < 30  # generous: the point is no long HTTP retries
 
 

@@ -111,3 +111,43 @@ def test_a_table_written_before_the_operating_point_columns_takes_rows_with_them
     by_name = {r["name"]: r for r in index.latest()}
     assert by_name["bag"]["selected_step"] == 300 and by_name["bag"]["selection_score"] == pytest.approx(0.31)
     assert by_name["mug"]["selected_step"] is None and by_name["mug"]["beta"] is None  # the old row reads null
+
+
+def test_reading_a_table_of_several_files_exits_cleanly(tmp_path):
+    """Arrow's scanner threads used to outlive a read and abort the process at exit (SIGABRT, exit 134) in
+    about a quarter of runs once the table had a few files; with many threads (as on a large machine)."""
+    import subprocess
+    import sys
+
+    index = ConceptIndex(Store(str(tmp_path)))
+    for minute in range(4):  # one file per commit
+        index.append([row(f"p{minute}", minute=minute)])
+    script = (
+        "import pyarrow as pa; pa.set_cpu_count(16); pa.set_io_thread_count(16)\n"
+        "from pipeline.index import ConceptIndex; from pipeline.store import Store\n"
+        f"index = ConceptIndex(Store({str(tmp_path)!r}))\n"
+        "print(len(index.latest()), index.rows(['name']).num_rows)\n"
+    )
+    codes = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True) for _ in range(8)]
+    assert [c.returncode for c in codes] == [0] * 8, [c.stderr[-300:] for c in codes if c.returncode]
+    assert {c.stdout.strip() for c in codes} == {"4 4"}
+
+
+def test_an_index_commit_rides_out_a_storage_outage(tmp_path, monkeypatch):
+    import pipeline.index as index_module
+    import pipeline.store as store_module
+
+    monkeypatch.setattr(store_module.time, "sleep", lambda seconds: None)
+    real_write = index_module.write_deltalake
+    outage = iter([OSError("Generic S3 error: error sending request: connection refused")] * 3)
+
+    def flaky_write(*args, **kwargs):
+        failure = next(outage, None)
+        if failure is not None:
+            raise failure
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "write_deltalake", flaky_write)
+    index = ConceptIndex(Store(str(tmp_path)))
+    index.append([row("mug")])
+    assert [r["name"] for r in index.latest()] == ["mug"]

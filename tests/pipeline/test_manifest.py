@@ -253,3 +253,60 @@ def test_bad_selection_and_gate_overrides_are_refused_with_their_paths():
     assert any(p.startswith("renders[0].gates.blue-bag: 'blue-bag' is not rendered by this job") for p in found)
     on_sd = problems_of(SELECTING.replace("{scorer: none}", "{scorer: toy}"))
     assert any(p.startswith("concepts[1].training.select.scorer: 'toy' scores the toy base only") for p in on_sd)
+
+
+def test_a_key_given_twice_is_refused_with_both_lines():
+    found = problems_of(
+        """
+        version: 1
+        catalog: shop
+        concepts:
+          - name: red-mug
+            superclass: mug
+            superclass: cup
+            images: [a.png]
+        concepts:
+          - name: blue-bag
+            superclass: bag
+            images: [b.png]
+        """
+    )
+    assert found == [
+        "line 7: duplicate key 'superclass' (first on line 6): keep one",
+        "line 9: duplicate key 'concepts' (first on line 4): keep one",
+    ]
+
+
+def test_infinite_and_nan_settings_and_symbol_superclasses_are_refused():
+    found = problems_of(
+        """
+        version: 1
+        catalog: shop
+        training: {lr_value: .inf, train_beta: .nan}
+        concepts:
+          - {name: red-mug, superclass: mug, images: [a.png]}
+        renders:
+          - {name: shots, prompts: ["{a}"], guidance_scale: -.inf, gates: {red-mug: {beta: .nan}}}
+        """
+    )
+    assert found == [
+        "training.lr_value: input should be a finite number",
+        "training.train_beta: input should be a finite number",
+        "renders[0].guidance_scale: input should be a finite number",
+        "renders[0].gates.red-mug.beta: input should be a finite number",
+    ]
+    symbols = problems_of(
+        """
+        version: 1
+        catalog: shop
+        concepts:
+          - {name: red-mug, superclass: "st@r<>{}", images: [a.png]}
+          - {name: bear, superclass: teddy bear, images: [a.png]}
+        """
+    )
+    assert symbols == [
+        "concepts[0].superclass: 'st@r<>{}' is not a superclass phrase: use 1-64 characters: words of letters or "
+        "digits, separated by spaces, '-' or \"'\", e.g. 'teddy bear'"
+    ]
+    with pytest.raises(perfusion.TrainingError, match="lr_value must be a finite number, not inf"):
+        perfusion.TrainConfig(lr_value=float("inf"))

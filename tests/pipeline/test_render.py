@@ -116,8 +116,28 @@ def test_bad_render_inputs_are_refused_before_anything_renders(tmp_path, ray_loc
     unknown_job = cli("render", str(manifest), "--job", "nope")
     assert unknown_job.exit_code == 2 and "--job: no render job named 'nope'" in unknown_job.output
 
+    catalog = bad.split("renders:")[0]
+    negative = "blurry, " * 80  # ~160 tokens: it would be cut at 77
+    manifest.write_text(
+        catalog + f"renders:\n  - name: odd\n    prompts: ['{{a}} on a table']\n    resolution: 70\n"
+        f"    negative_prompt: '{negative}'\n"
+    )
+    odd = cli("render", str(manifest))
+    assert odd.exit_code == 2, odd.output
+    assert "renders[0].negative_prompt: 482 tokens, more than the text encoder's 77" in odd.output
+    assert "renders[0].resolution: 70 is not a multiple of 4 (the base model's latent grid): use 68 or 72" in odd.output
+    assert not (root / "renders").exists()
 
-def test_a_damaged_concept_file_is_named_before_rendering(tmp_path, ray_local):
+    # A prompt without placeholders is a control shot of the base model alone.
+    manifest.write_text(catalog + "renders:\n  - name: control\n    prompts: ['a photo of a table']\n    steps: 2\n")
+    control = cli("render", str(manifest))
+    assert control.exit_code == 0, control.output
+    assert "rendered 1, skipped 0" in control.output
+    (row,) = RenderIndex(Store(str(root))).of_job("control")
+    assert json.loads(row["concept_names"]) == [] and row["prompt"] == "a photo of a table"
+
+
+def test_a_damaged_concept_file_blocks_its_images_and_the_others_render(tmp_path, ray_local):
     root = tmp_path / "store"
     manifest = catalog_with_renders(tmp_path, names=("mug", "bag"))
     assert cli("train", str(manifest)).exit_code == 0
@@ -125,9 +145,14 @@ def test_a_damaged_concept_file_is_named_before_rendering(tmp_path, ray_local):
     concept_file = root / store.relative(ConceptIndex(store).get("mug")["file_uri"])
     concept_file.write_bytes(concept_file.read_bytes()[:-10] + b"0123456789")
     result = cli("render", str(manifest))
-    assert result.exit_code == 2
-    assert "concept 'mug'" in result.output and "checksum mismatch" in result.output
-    assert not (root / "renders").exists()
+    assert result.exit_code == 1, result.output  # the catalog renders what it can: bag alone
+    assert "skipped: concept 'mug'" in result.output and "checksum mismatch" in result.output
+    assert "rendered 2, skipped 0 (already rendered), failed 0, blocked 4 (a concept cannot render)" in result.output
+    rows = RenderIndex(store).of_job("shots")
+    assert sorted(json.loads(r["concept_names"]) for r in rows) == [["bag"], ["bag"]]
+    assert cli("train", str(manifest)).exit_code == 0  # retrains mug (its file fails its check)
+    fixed = cli("render", str(manifest))
+    assert fixed.exit_code == 0 and "rendered 4, skipped 2" in fixed.output, fixed.output
 
 
 def test_dry_run_and_limit(tmp_path, ray_local):

@@ -36,7 +36,7 @@ def test_one_corrupt_image_fails_one_concept_and_reruns_train_only_what_changed(
     index = ConceptIndex(Store(str(root)))
     rows = {r["name"]: r for r in index.latest(status=None)}
     assert {n: r["status"] for n, r in rows.items()} == {"bag": "succeeded", "cup": "failed", "mug": "succeeded"}
-    assert "1.png is not a readable image" in rows["cup"]["error"]
+    assert "1.png cannot be decoded" in rows["cup"]["error"]
     assert "concepts[2].images[0]" in rows["cup"]["error"]  # where in the manifest
     for name in ("bag", "mug"):
         data = Store(str(root)).read(Store(str(root)).relative(rows[name]["file_uri"]), rows[name]["sha256"])
@@ -141,3 +141,53 @@ def test_display_is_live_only_on_a_terminal_outside_a_ray_job(monkeypatch: pytes
     assert isinstance(make_display(terminal), LiveDisplay)
     monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")  # a Ray Job's log is a file: plain lines
     assert isinstance(make_display(terminal), LogDisplay)
+
+
+def test_validate_refuses_an_off_grid_resolution_and_notes_a_split_superclass(tmp_path):
+    manifest = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug", "bag"))
+    text = manifest.read_text()
+    manifest.write_text(text.replace("training: {steps: 4, batch_size: 2}", "training: {steps: 4, resolution: 70}"))
+    off_grid = runner.invoke(app, ["validate", str(manifest)])
+    assert off_grid.exit_code == 2, off_grid.output
+    assert "training.resolution: 70 is not a multiple of 4 (the base model's latent grid): use 68 or 72" in (
+        off_grid.output
+    )
+    manifest.write_text(text.replace("superclass: mug", "superclass: xylophone"))
+    noted = runner.invoke(app, ["validate", str(manifest)])
+    assert noted.exit_code == 0, noted.output
+    assert "note: superclass 'xylophone' is 4 tokens ['x', 'y', 'lo', 'phone</w>'] for 1 word(s)" in noted.output
+    assert noted.output.count("note:") == 1  # 'bag' is one token of the tiny base
+
+
+def test_a_damaged_stored_file_is_retrained_not_skipped(tmp_path, ray_local):
+    root = tmp_path / "store"
+    manifest = write_catalog(tmp_path / "shop", str(root), names=("mug", "bag"))
+    assert train(manifest).exit_code == 0
+    store = Store(str(root))
+    row = ConceptIndex(store).get("mug")
+    path = root / store.relative(row["file_uri"])
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    checked = runner.invoke(app, ["validate", str(manifest)])
+    assert checked.exit_code == 0, checked.output
+    assert "mug <mug>: 3 image(s), would train" in checked.output and "bag <bag>: 3 image(s), already" in checked.output
+    assert "note: retrained: its stored file is damaged (checksum mismatch" in checked.output
+    again = train(manifest)
+    assert again.exit_code == 0 and "trained 1, skipped 1 (already trained), failed 0" in again.output, again.output
+    fresh = ConceptIndex(store).get("mug")
+    assert store.read(store.relative(fresh["file_uri"]), fresh["sha256"])  # whole again, and what the row says
+    assert "trained 0, skipped 2" in train(manifest).output
+
+
+def test_a_decompression_bomb_fails_its_concept_alone(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.plan import build_plan
+
+    manifest_path = write_catalog(tmp_path / "shop", str(tmp_path / "store"), names=("mug", "bag"))
+    Image.new("RGB", (96, 96), "red").save(tmp_path / "shop" / "photos" / "bag" / "3.png")  # the bag's big photo
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 96x96 > 2x the guard; the 32x32 photos are under it
+    plan = {item.name: item for item in build_plan(load_manifest(manifest_path), "fingerprint")}
+    assert plan["mug"].ready
+    (problem,) = plan["bag"].problems
+    assert problem.path == "concepts[1].images[0]" and "3.png cannot be decoded" in problem.message
+    assert "decompression bomb" in problem.message
