@@ -129,8 +129,8 @@ def not_safetensors_reason(data: bytes, kind: str = "concept file") -> str:
     if not data:
         return f"the file is empty (0 bytes): the write was interrupted; retrain the concept or copy the {kind} again"
     # A safetensors header is JSON: '{' right after the size. A file cut inside its header starts like one.
-    if len(data) < 8 or data[8:9] == b"{":
-        (size,) = struct.unpack("<Q", data[:8].ljust(8, b"\0"))
+    if data[8:9] == b"{":
+        (size,) = struct.unpack("<Q", data[:8])
         return (
             f"the file is cut short ({len(data)} bytes; its header alone is {size + 8}): the write was "
             f"interrupted or the copy is incomplete; retrain the concept or copy the {kind} again"

@@ -218,9 +218,24 @@ class DeltaIndex:
             connection.close()
 
     def compact(self) -> dict[str, Any]:
-        """Merge the small files that batched commits leave (run now and then; readers are unaffected)."""
+        """Merge the small files that batched commits leave (run now and then; readers are unaffected).
+        The replaced files stay until `vacuum`: a reader of the Delta log (deltalake, polars, DuckDB's
+        `delta_scan`, Spark) sees each row once; globbing the folder's Parquet files (DuckDB `read_parquet`)
+        would see both copies, so never read the table that way."""
         table = self.table()
-        return {} if table is None else dict(table.optimize.compact())
+        return (
+            {}
+            if table is None
+            else dict(with_storage_retries(table.optimize.compact, f"compacting {redact(self.uri)}"))
+        )
+
+    def vacuum(self, retention_hours: int = 168) -> list[str]:
+        """Delete the files no version of the table newer than `retention_hours` uses (after compact);
+        returns them. Time travel to versions older than that is given up."""
+        table = self.table()
+        if table is None:
+            return []
+        return list(table.vacuum(retention_hours=retention_hours, dry_run=False, enforce_retention_duration=False))
 
     def succeeded_ids(self, column: str) -> set[str]:
         done = self.rows([column], filter=pc.field("status") == Status.SUCCEEDED)

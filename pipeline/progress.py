@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.index import Status
 from pipeline.jobs import inside_ray_job
@@ -44,9 +46,10 @@ class LiveDisplay(Display):
         self.console = console
         self.summary: RunSummary | None = None
         self.live: Live | None = None
+        self.started = time.time()
 
     def start(self, summary: RunSummary) -> None:
-        self.summary = summary
+        self.summary, self.started = summary, time.time()
         self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
         self.live.start()
 
@@ -63,12 +66,18 @@ class LiveDisplay(Display):
             self.live.stop()
         self.console.print(summary_line(summary))
 
-    def _table(self) -> Table:
-        table = Table(title=f"catalog {self.summary.catalog}" if self.summary else None, expand=False)
+    def _table(self) -> Group:
+        """An overall line (done of total, failed, ETA) over a table that fits the terminal: running and
+        failed concepts first, then waiting ones, finished ones last; what does not fit is counted."""
+        summary = self.summary
+        states = list(summary.concepts.values()) if summary else []
+        table = Table(title=f"catalog {summary.catalog}" if summary else None, expand=False)
         for column in ("concept", "state", "steps", "loss", "elapsed", "error"):
             table.add_column(column, overflow="fold", max_width=60 if column == "error" else None)
-        states = self.summary.concepts.values() if self.summary else []
-        for state in states:
+        ordered = sorted(states, key=lambda state: ORDER.get(state.status, len(ORDER)))
+        room = max(3, self.console.size.height - 8)  # title, header, borders, the overall line, the summary
+        shown, hidden = ordered[:room], ordered[room:]
+        for state in shown:
             style = STATUS_STYLE.get(state.status, "")
             table.add_row(
                 state.name,
@@ -78,7 +87,33 @@ class LiveDisplay(Display):
                 _elapsed(state),
                 state.error or "",
             )
-        return table
+        if hidden:
+            counts = ", ".join(f"{n} {s}" for s, n in Counter(state.status for state in hidden).items())
+            table.add_row(f"... {len(hidden)} more", f"[dim]{counts}[/dim]", "", "", "", "")
+        return Group(Text(overall_line(states, self.started)), table)
+
+
+ORDER = {Status.RUNNING: 0, Status.FAILED: 1, Status.PLANNED: 2, Status.SUCCEEDED: 3, Status.SKIPPED: 4}
+
+
+def overall_line(states: list[ConceptState], started: float) -> str:
+    """'12/300 done (1 failed), 4 running; elapsed 3m10s, ETA 1h02m' over the concepts this run trains."""
+    work = [s for s in states if s.status != Status.SKIPPED]
+    finished = [s for s in work if s.status in (Status.SUCCEEDED, Status.FAILED)]
+    running = sum(s.status == Status.RUNNING for s in work)
+    failed = sum(s.status == Status.FAILED for s in work)
+    elapsed = time.time() - started
+    trained = [s for s in finished if s.seconds]  # failed-in-planning rows took no time
+    eta = ""
+    if trained and len(finished) < len(work):
+        eta = f", ETA {_duration(elapsed / len(trained) * (len(work) - len(finished)))}"
+    return f"{len(finished)}/{len(work)} done ({failed} failed), {running} running; elapsed {_duration(elapsed)}{eta}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class LogDisplay(Display):
@@ -87,8 +122,11 @@ class LogDisplay(Display):
     def __init__(self, print_line: Callable[[str], None]) -> None:
         self.print_line = print_line
         self.reported: dict[str, int] = {}
+        self.summary: RunSummary | None = None
+        self.started = time.time()
 
     def start(self, summary: RunSummary) -> None:
+        self.summary, self.started = summary, time.time()
         counts = ", ".join(f"{n} {s}" for s, n in summary.counts().items() if n)
         self.print_line(
             f"catalog {summary.catalog}: {len(summary.concepts)} concept(s) ({counts}), root {summary.root}"
@@ -107,9 +145,12 @@ class LogDisplay(Display):
             steps = f" step {state.step}/{state.steps}" if state.steps else " started"
             self.print_line(f"  {state.name}:{steps}{loss}")
         elif state.status == Status.FAILED:
-            self.print_line(f"  {state.name}: FAILED: {state.error}")
+            self.print_line(f"  {state.name}: FAILED: {state.error}{self._overall()}")
         else:
-            self.print_line(f"  {state.name}: {state.status} {_elapsed(state)}".rstrip())
+            self.print_line(f"  {state.name}: {state.status} {_elapsed(state)}".rstrip() + self._overall())
+
+    def _overall(self) -> str:
+        return f"  [{overall_line(list(self.summary.concepts.values()), self.started)}]" if self.summary else ""
 
     def message(self, text: str) -> None:
         self.print_line(text)

@@ -35,6 +35,7 @@ from typing import Any
 from perfusion.config import resolution_problem
 from pipeline.index import ConceptIndex, RenderIndex, RenderRow, Status
 from pipeline.jobs import flag
+from pipeline.leases import Leases
 from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
 from pipeline.render_plan import (
     ConceptRef,
@@ -190,7 +191,7 @@ class RenderRun:
         refs, blocked = resolve_concepts(self.manifest, names, self.concept_index, fingerprint, zero_shot_fingerprint)
         for name, ref in list(refs.items()):
             try:
-                self.store.read(self.store.relative(ref.file_uri), ref.sha256)
+                self.store.read(self.store.locate(ref.file_uri), ref.sha256)
             except (StoreError, OSError) as error:
                 blocked[name] = f"concept {name!r}: {error}"
                 del refs[name]
@@ -247,7 +248,6 @@ class RenderRun:
         summary.blocked = blocked_images(self.manifest, self.jobs, set(blocked))
         for name in sorted(blocked):
             message(f"skipped: {blocked[name]}")
-            summary.errors.append(blocked[name])
         todo = [row for row in plan if row.render_id not in done]
         summary.planned, summary.skipped = len(plan), len(plan) - len(todo)
         if self.options.limit is not None:
@@ -255,18 +255,43 @@ class RenderRun:
         message(f"{len(plan)} image(s) planned in {len(self.jobs)} job(s); {summary.skipped} already rendered")
         for line in capped_prompts(self.manifest, self.jobs):
             message(f"  capped: {line}")
-        if not self.options.dry_run and todo:
-            done_rows = 0
-            for zero_shot in (False, True):
-                rows = [row for row in todo if row.zero_shot == zero_shot]
-                if rows:
-                    spec = self.manifest.base_model_path(zero_shot=zero_shot)
-                    self._render(rows, spec, bases[zero_shot], resources, summary, progress, done_rows, len(todo))
-                    done_rows += len(rows)
+        leases = Leases(self.store)
+        try:
+            if not self.options.dry_run and todo:
+                todo = self._claimed(todo, leases, summary, message)
+                done_rows = 0
+                with leases.kept_alive():
+                    for zero_shot in (False, True):
+                        rows = [row for row in todo if row.zero_shot == zero_shot]
+                        if rows:
+                            spec = self.manifest.base_model_path(zero_shot=zero_shot)
+                            resource = bases[zero_shot]
+                            self._render(rows, spec, resource, resources, summary, progress, done_rows, len(todo))
+                            done_rows += len(rows)
+        finally:
+            leases.release()
         if not self.options.dry_run:
             self._write_sheets(summary)
         summary.seconds = time.perf_counter() - started
         return summary
+
+    def _claimed(
+        self, todo: list[PlannedImage], leases: Leases, summary: RenderSummary, message: Callable[[str], None]
+    ) -> list[PlannedImage]:
+        """The rows of the jobs this run could lease (one lease per job): a job another run on this store is
+        rendering now is left to it (counted as skipped), so two renders never render one image twice."""
+        mine = []
+        for job in sorted({row.job for row in todo}):
+            holder = leases.claim(f"render-{self.manifest.catalog}-{job}")
+            rows = [row for row in todo if row.job == job]
+            if holder is None:
+                done = self.index.succeeded_render_ids()  # what a run that held the lease before us rendered
+                mine += [row for row in rows if row.render_id not in done]
+                summary.skipped += sum(row.render_id in done for row in rows)
+            else:
+                message(f"{job}: skipped {len(rows)} image(s): another run is rendering this job ({holder})")
+                summary.skipped += len(rows)
+        return mine
 
     def _actor_resources(self) -> dict[str, Any]:
         from pipeline import jobs
@@ -395,7 +420,7 @@ class RenderRun:
             if not rows:
                 continue
             shown = sheet_rows(rows)
-            images = {r["render_id"]: self.store.read(self.store.relative(r["image_uri"]), r["sha256"]) for r in shown}
+            images = {r["render_id"]: self.store.read(self.store.locate(r["image_uri"]), r["sha256"]) for r in shown}
             picture = contact_sheet(shown, images, title=job.name, total=len(rows))
             sheet = self.store.put(sheet_file, picture)
             page = self.store.put(page_file, html_page(job.name, rows, self.store).encode())

@@ -186,7 +186,7 @@ class Renderer:
         except OSError:
             self.store.remove(relative)
             return None
-        artifact = Artifact(self.store.uri(relative), sha256_hex(data), len(data))
+        artifact = Artifact(self.store.uri(relative), sha256_hex(data), len(data), relative)
         return outcome(render_id, Status.SUCCEEDED, self.device, artifact, (width, height), seconds=0.0)
 
     def _attach(self, refs: list[dict[str, str]]) -> None:
@@ -196,8 +196,10 @@ class Renderer:
         for ref in refs:
             if ref["concept_key"] in self.attached:
                 continue
-            data = self.store.read(self.store.relative(ref["file_uri"]), ref["sha256"])
-            concept = perfusion.load_concept_file(data, self.base, name=ref["file_uri"])
+            data = self.store.read(self.store.locate(ref["file_uri"]), ref["sha256"])
+            concept = perfusion.load_concept_file(
+                data, self.base, name=self.store.uri(self.store.locate(ref["file_uri"]))
+            )
             self.renderer.attach(concept)
             self.attached[ref["concept_key"]] = concept.token
 
@@ -229,7 +231,7 @@ def outcome(
     """One row's result as the actor returns it (OUTPUT_COLUMNS): the one place it is made."""
     return {
         "render_id": render_id,
-        "image_uri": artifact.uri if artifact else None,
+        "image_uri": artifact.path if artifact else None,  # relative to the root: the store stays movable
         "sha256": artifact.sha256 if artifact else None,
         "bytes": artifact.bytes if artifact else None,
         "width": size[0] if size else None,

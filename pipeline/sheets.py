@@ -74,7 +74,7 @@ def html_page(job: str, rows: Sequence[Mapping[str, Any]], store: Store) -> str:
         "<table><tr><th>image</th><th>prompt</th><th>concepts</th><th>seed</th><th>render_id</th></tr>",
     ]
     for row in rows:
-        image = html.escape("../" + store.relative(row["image_uri"]).split("/", 1)[1])  # renders/<id>.png
+        image = html.escape("../" + store.locate(row["image_uri"]).split("/", 1)[1])  # renders/<id>.png
         names = ", ".join(json.loads(row["concept_names"]))
         lines.append(
             f"<tr><td><a href='{image}'><img src='{image}' alt='{html.escape(row['prompt'])}'></a></td>"

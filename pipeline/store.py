@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import mimetypes
 import os
 import posixpath
 import time
@@ -75,6 +76,7 @@ class Artifact:
     uri: str  # full URI, e.g. s3://bucket/catalog/concepts/<key>.safetensors
     sha256: str
     bytes: int
+    path: str = ""  # relative to the store root, e.g. concepts/<key>.safetensors: what index rows record
 
 
 def sha256_hex(data: bytes) -> str:
@@ -175,6 +177,38 @@ class Store:
             raise StoreError(f"{redact(uri)} is not under the storage root {self.root}")
         return path[len(prefix) :]
 
+    def leftovers(self, prefix: str, older_than_seconds: float) -> list[str]:
+        """Relative names under `prefix` that a killed write left: hidden `.partial` files (local writes),
+        untouched for `older_than_seconds` (a younger one may be a live write of a concurrent run)."""
+        cutoff = time.time() - older_than_seconds
+        return [
+            name
+            for name in self.list(prefix)
+            if name.endswith(".partial") and self.fs.modified(self.path(name)).timestamp() < cutoff
+        ]
+
+    def age_seconds(self, relative: str) -> float:
+        return time.time() - self.fs.modified(self.path(relative)).timestamp()
+
+    def locate(self, recorded: str) -> str:
+        """A file an index row records -> its path relative to this root. Rows record relative paths, so a
+        store that is copied, restored or synced elsewhere keeps working; rows written before that recorded
+        absolute URIs, which are read under this root by their layout part (concepts/..., renders/...) when
+        they name another root."""
+        if "://" not in recorded and not recorded.startswith("/"):
+            self.path(recorded)  # refuses a path that would leave the root
+            return recorded
+        try:
+            return self.relative(recorded)
+        except StoreError:
+            for top in ("concepts/", "renders/", "covariance/"):
+                at = recorded.rfind("/" + top)
+                if at >= 0:
+                    moved = recorded[at + 1 :]
+                    self.path(moved)
+                    return moved
+            raise
+
     # -- reads -----------------------------------------------------------------------------------------
 
     def exists(self, relative: str) -> bool:
@@ -197,7 +231,11 @@ class Store:
         base = self.path(prefix)
         if not self.fs.exists(base):
             return []
-        return sorted(self.relative(str(p)) for p in self.fs.find(base))
+        names = sorted(self.relative(str(p)) for p in self.fs.find(base))
+        # Object-store filesystems cache listings per process; other processes (Ray workers) write here,
+        # and a stale listing would later say a file they wrote does not exist.
+        self.fs.invalidate_cache(base)
+        return names
 
     # -- writes ----------------------------------------------------------------------------------------
 
@@ -208,15 +246,25 @@ class Store:
             self._write_local_once(path, data)
         else:
             with_storage_retries(lambda: self._put_once(path, relative, data), f"writing {redact(self.uri(relative))}")
-        return Artifact(self.uri(relative), sha256_hex(data), len(data))
+        return Artifact(self.uri(relative), sha256_hex(data), len(data), relative)
 
     def _put_once(self, path: str, relative: str, data: bytes) -> None:
         if self.fs.exists(path):
             raise FileExistsError(self.uri(relative))
         # One PUT: the object appears whole or not at all. mode "xb" asks stores that support conditional
         # writes (If-None-Match) to refuse an object created since the check above.
-        with self.fs.open(path, "xb") as handle:
+        with self.fs.open(path, "xb", **self._content_type(relative)) as handle:
             handle.write(data)
+
+    def _content_type(self, relative: str) -> dict[str, str]:
+        """The object's Content-Type for object stores, so a browser shows a PNG or an HTML page rather than
+        downloading `binary/octet-stream`; {} for local folders and unknown suffixes."""
+        kind = mimetypes.guess_type(relative)[0] or (
+            "application/octet-stream" if relative.endswith(".safetensors") else None
+        )
+        if kind is None or self.local:
+            return {}
+        return {"ContentType": kind} if self.protocol in ("s3", "s3a") else {"content_type": kind}
 
     def put(self, relative: str, data: bytes) -> str:
         """Write or replace a derived file that is not an artifact (a contact sheet: rebuilt from the index
@@ -229,7 +277,8 @@ class Store:
                 handle.write(data)
             os.replace(partial, path)  # readers see the old file or the new one, never half of one
         else:
-            with_storage_retries(lambda: self.fs.pipe_file(path, data), f"writing {redact(self.uri(relative))}")
+            kind = self._content_type(relative)
+            with_storage_retries(lambda: self.fs.pipe_file(path, data, **kind), f"writing {redact(self.uri(relative))}")
         return self.uri(relative)
 
     def remove(self, relative: str) -> None:

@@ -76,7 +76,7 @@ def concept_row(
         fingerprint=task.fingerprint,
         method=method.name,
         method_version=method.version,
-        file_uri=artifact.uri if artifact else None,
+        file_uri=artifact.path if artifact else None,  # relative to the root: the store stays movable
         sha256=artifact.sha256 if artifact else None,
         bytes=artifact.bytes if artifact else None,
         status=status,
@@ -188,7 +188,7 @@ def _adopt_existing(store: Store, task: TrainTask, base: Any, started: float) ->
     return concept_row(
         task,
         Status.SUCCEEDED,
-        artifact=Artifact(store.uri(task.file), sha256_hex(data), len(data)),
+        artifact=Artifact(store.uri(task.file), sha256_hex(data), len(data), task.file),
         steps=int(loss.get("steps", 0)) or None,
         final_loss=loss.get("mean_last_10pct"),
         seconds=time.perf_counter() - started,

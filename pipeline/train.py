@@ -34,6 +34,7 @@ from typing import Any
 
 from pipeline.index import ConceptIndex, ConceptRow, Status
 from pipeline.jobs import flag
+from pipeline.leases import Leases
 from pipeline.manifest import Manifest
 from pipeline.plan import PlannedConcept, build_plan, check_against_base
 from pipeline.store import Store, concept_file
@@ -43,6 +44,7 @@ from pipeline.worker import BaseInfo, TransientError
 COMMIT_EVERY = 16
 COMMIT_SECONDS = 10.0
 ONBOARD_CHUNK = 64  # zero-shot products per onboarding task
+LEFTOVER_SECONDS = 3600.0  # a partial or unrecorded file this old belongs to no live run
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class TrainRun:
         self.zero_shot_model = manifest.base_model_path(zero_shot=True)
         self.bases: tuple[BaseInfo | None, BaseInfo | None] = (None, None)  # (base_model, zero-shot base)
         self.damaged: set[str] = set()  # concept keys whose stored file failed its check: retrained
+        self._done_read: tuple[float, set[str]] | None = None  # (when, succeeded keys): _done_now
         unknown = sorted(set(options.only) - {c.name for c in manifest.concepts})
         if unknown:
             from pipeline.manifest import ManifestError, Problem
@@ -150,7 +153,7 @@ class TrainRun:
         from pipeline.store import StoreError
 
         try:
-            self.store.read(self.store.relative(file_uri or ""), sha256)
+            self.store.read(self.store.locate(file_uri or ""), sha256)
         except FileNotFoundError:
             return f"{file_uri} is missing"
         except (StoreError, OSError) as error:
@@ -219,6 +222,7 @@ class TrainRun:
             summary.seconds = time.perf_counter() - started
             display.finish(summary)
             return summary
+        self._sweep_leftovers(display)
         for item, _ in plan:
             if item.concept_key in self.damaged:  # the retraining writes it anew; adopting it would keep the damage
                 with contextlib.suppress(FileNotFoundError):
@@ -241,6 +245,25 @@ class TrainRun:
         return summary
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def _sweep_leftovers(self, display: Display) -> None:
+        """Remove what killed runs left under concepts/: hidden `.partial` files, and forced retrainings'
+        `<key>.<attempt>.safetensors` that no index row points at, each untouched for LEFTOVER_SECONDS (a
+        younger one may belong to a run still going). Committed files are never touched."""
+        recorded = {
+            self.store.locate(uri) for uri in self.index.rows(["file_uri"]).column("file_uri").to_pylist() if uri
+        }
+        stale = self.store.leftovers("concepts", LEFTOVER_SECONDS)
+        for name in self.store.list("concepts"):
+            parts = name.removeprefix("concepts/").split(".")
+            attempt_file = len(parts) == 3 and parts[2] == "safetensors"  # <key>.<attempt>.safetensors
+            if attempt_file and name not in recorded and self.store.age_seconds(name) > LEFTOVER_SECONDS:
+                stale.append(name)
+        for name in stale:
+            with contextlib.suppress(FileNotFoundError):
+                self.store.remove(name)
+        if stale:
+            display.message(f"removed {len(stale)} file(s) that interrupted runs left under concepts/")
 
     def _resources(self) -> dict[str, Any]:
         from pipeline import jobs
@@ -314,40 +337,84 @@ class TrainRun:
         queue = [[item] for item in trained]
         queue += [onboarded[i : i + ONBOARD_CHUNK] for i in range(0, len(onboarded), ONBOARD_CHUNK)]
         running: dict[Any, list[TrainTask]] = {}
+        leases = Leases(self.store)
         last_commit = time.perf_counter()
-        while queue or running:
-            while queue and len(running) < limit:
-                items = queue.pop(0)
-                tasks = [self._task(item) for item in items]
-                zero_shot = self.manifest.is_zero_shot(items[0].spec)
-                ref = remote_onboard.remote(tasks) if zero_shot else remote_train.remote(tasks[0], board)
-                running[ref] = tasks
-                for item in items:
-                    state = summary.concepts[item.name]
-                    state.status, state.started = Status.RUNNING, time.time()
-                    display.update(state)
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-            for name, (step, steps, loss) in ray.get(board.snapshot.remote()).items():
-                state = summary.concepts[name]
-                if state.status == Status.RUNNING and step != state.step:
-                    state.step, state.steps, state.loss = step, steps, loss
-                    display.update(state)
-            for ref in ready:
-                tasks = running.pop(ref)
-                for task, row in zip(tasks, self._collect(ref, tasks), strict=True):
-                    rows.append(row)
-                    state = summary.concepts[task.name]
-                    state.status, state.error, state.seconds = row.status, row.error, row.seconds
-                    if row.steps:
-                        state.step = state.steps = row.steps
-                    display.update(state)
-            if rows and (len(rows) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS):
-                self.index.append(rows)
-                rows.clear()
-                last_commit = time.perf_counter()
+        try:
+            while queue or running:
+                while queue and len(running) < limit:
+                    items = self._claimed(queue.pop(0), leases, summary, display)
+                    if not items:
+                        continue
+                    tasks = [self._task(item) for item in items]
+                    zero_shot = self.manifest.is_zero_shot(items[0].spec)
+                    ref = remote_onboard.remote(tasks) if zero_shot else remote_train.remote(tasks[0], board)
+                    running[ref] = tasks
+                    for item in items:
+                        state = summary.concepts[item.name]
+                        state.status, state.started = Status.RUNNING, time.time()
+                        display.update(state)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                for name, (step, steps, loss) in ray.get(board.snapshot.remote()).items():
+                    state = summary.concepts[name]
+                    if state.status == Status.RUNNING and step != state.step:
+                        state.step, state.steps, state.loss = step, steps, loss
+                        display.update(state)
+                for ref in ready:
+                    tasks = running.pop(ref)
+                    for task, row in zip(tasks, self._collect(ref, tasks), strict=True):
+                        rows.append(row)
+                        state = summary.concepts[task.name]
+                        state.status, state.error, state.seconds = row.status, row.error, row.seconds
+                        if row.steps:
+                            state.step = state.steps = row.steps
+                        display.update(state)
+                leases.renew()
+                if rows and (len(rows) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS):
+                    self._commit(rows, leases)
+                    last_commit = time.perf_counter()
+        finally:  # also on Ctrl-C or SIGTERM: the concepts that finished keep their rows
+            self._commit(rows, leases)
+            leases.release()
+            with contextlib.suppress(Exception):
+                ray.kill(board)
+
+    def _commit(self, rows: list[ConceptRow], leases: Leases) -> None:
+        """Append the finished rows to the index, then give up their leases (rows first: a lease released
+        before its row is committed would let another run train the concept again)."""
         self.index.append(rows)
+        leases.release({row.concept_key for row in rows})
         rows.clear()
-        ray.kill(board)
+
+    def _done_now(self) -> set[str]:
+        """The index's succeeded concept keys, re-read at most every COMMIT_SECONDS: what other runs on
+        this store finished since this run planned."""
+        if self._done_read is None or time.perf_counter() - self._done_read[0] > COMMIT_SECONDS:
+            self._done_read = (time.perf_counter(), self.index.succeeded_keys())
+        return self._done_read[1]
+
+    def _claimed(
+        self, items: list[PlannedConcept], leases: Leases, summary: RunSummary, display: Display
+    ) -> list[PlannedConcept]:
+        """The items this run may train: those it could lease. One another run is training now is skipped
+        (that run records it); one whose lease expired (its run died) is taken over."""
+        mine = []
+        for item in items:
+            holder = leases.claim(item.concept_key)
+            retrain = self.options.force or item.concept_key in self.damaged  # its success rows do not count
+            if holder is None and not retrain and item.concept_key in self._done_now():  # another run finished it
+                leases.release({item.concept_key})
+                state = summary.concepts[item.name]
+                state.status = Status.SKIPPED
+                display.update(state)
+                continue
+            if holder is None:
+                mine.append(item)
+                continue
+            state = summary.concepts[item.name]
+            state.status, state.error = Status.SKIPPED, f"another run is training it ({holder})"
+            display.message(f"{item.name}: skipped: {state.error}")
+            display.update(state)
+        return mine
 
     def _collect(self, ref: Any, tasks: list[TrainTask]) -> list[ConceptRow]:
         """The rows of a task's concepts; a task that failed every retry fails each with the last error."""

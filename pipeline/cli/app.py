@@ -76,6 +76,27 @@ def user_errors(code: int = BAD_INPUT) -> Iterator[None]:
         raise fail(message, code if known else 1) from None
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler stopping the run, `kill`) unwinds like Ctrl-C, so finished work is committed on
+    the way out (the run's finally blocks) instead of the process dying where it stands."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def describe_error(error: BaseException) -> tuple[bool, str]:
     """(whether it is an input or environment problem, its one line): the one place errors become messages."""
     import perfusion

@@ -148,7 +148,7 @@ def concepts_show(
         from pipeline.store import ChecksumError
 
         try:
-            index.store.read(index.store.relative(row["file_uri"]), row["sha256"])
+            index.store.read(index.store.locate(row["file_uri"]), row["sha256"])
         except ChecksumError as error:
             raise fail(str(error), 1) from None
         except FileNotFoundError:
@@ -178,6 +178,35 @@ def add_query_command(
             raise fail(f"query failed: {error}") from None
         _emit(table.to_pylist(), table.column_names, fmt)
 
+    def compact(root: IndexRoot = None, manifest: ManifestOption = None) -> None:
+        index = index_of(root, manifest)
+        with user_errors():
+            metrics = index.compact()
+        typer.echo(f"{view}: {metrics.get('numFilesRemoved', 0)} file(s) merged into {metrics.get('numFilesAdded', 0)}")
+
+    def vacuum(
+        root: IndexRoot = None,
+        manifest: ManifestOption = None,
+        retention_hours: Annotated[
+            int, typer.Option("--retention-hours", min=0, help="Keep files newer than this.")
+        ] = 168,
+    ) -> None:
+        index = index_of(root, manifest)
+        with user_errors():
+            removed = index.vacuum(retention_hours)
+        typer.echo(f"{view}: {len(removed)} unused file(s) deleted")
+
+    sub_app.command(
+        "compact",
+        help=f"Merge the {view[:-1]} index's small files (run now and then; readers are unaffected). Read the "
+        "table through its Delta log (deltalake, polars, DuckDB delta_scan), never by globbing its Parquet files."
+        f"\n\nExample: perfusion-batch {view} compact -m catalog.yaml",
+    )(compact)
+    sub_app.command(
+        "vacuum",
+        help=f"Delete the {view[:-1]} index's files that no recent version uses (after compact).\n\n"
+        f"Example: perfusion-batch {view} vacuum -m catalog.yaml --retention-hours 168",
+    )(vacuum)
     sub_app.command(
         "query",
         help=f"Run SQL (DuckDB) over the {view[:-1]} index, exposed as the table `{view}`.\n\n"
@@ -210,7 +239,8 @@ def renders_list(
     failed: Annotated[bool, typer.Option("--failed", help="Failed attempts instead of rendered images.")] = False,
     fmt: FormatOption = "table",
 ) -> None:
-    """Rendered images (one row each), or with --failed the failed attempts with their errors.
+    """Rendered images (one row each), or with --failed the images whose attempts all failed so far (the
+    latest error of each; one a later run rendered is not listed).
 
     Example: perfusion-batch renders list -m manifests/catalog.yaml --job new-scenes --format csv
     """
@@ -219,10 +249,20 @@ def renders_list(
     from pipeline.index import Status
 
     index = _render_index(root, manifest)
-    condition = pc.field("status") == (Status.FAILED if failed else Status.SUCCEEDED)
+    condition = pc.field("status").isin([Status.FAILED, Status.SUCCEEDED])
     if job:
         condition = condition & (pc.field("job") == job)
-    rows = sorted(index.rows(filter=condition).to_pylist(), key=lambda r: (r["job"], r["prompt"], r["seed"]))
+    latest: dict[tuple[str, str], dict[str, object]] = {}  # (render_id, status) -> its latest attempt
+    for row in index.rows(filter=condition).to_pylist():
+        seen = latest.get((row["render_id"], row["status"]))
+        if seen is None or row["created_at"] > seen["created_at"]:
+            latest[(row["render_id"], row["status"])] = row
+    rendered = {render_id for render_id, status in latest if status == Status.SUCCEEDED}
+    if failed:
+        wanted = [r for (rid, status), r in latest.items() if status == Status.FAILED and rid not in rendered]
+    else:
+        wanted = [r for (_, status), r in latest.items() if status == Status.SUCCEEDED]
+    rows = sorted(wanted, key=lambda r: (r["job"], r["prompt"], r["seed"]))
     _emit(rows, [*RENDER_COLUMNS, "error"] if failed else RENDER_COLUMNS, fmt)
 
 

@@ -16,9 +16,11 @@ from pipeline.cli.app import (
     RootOption,
     app,
     load,
+    terminate_as_interrupt,
     user_errors,
 )
 from pipeline.cli.submit import cluster_to_submit_to, submit
+from pipeline.metrics import PUSHGATEWAY_ENV
 from pipeline.store import ROOT_ENV
 
 
@@ -102,7 +104,7 @@ def train(
     if cluster := cluster_to_submit_to(address):
         submit(spec, manifest, cluster, "train", options)
         return
-    with user_errors():
+    with user_errors(), terminate_as_interrupt():
         summary = TrainRun(spec, options).execute(make_display())
     finish(summary, options, "train", "concepts")
 
@@ -180,10 +182,20 @@ def doctor(
         str | None, typer.Option("--manifest", "-m", help="Check this manifest's storage root and base model.")
     ] = None,
     root: RootOption = None,
-    address: AddressOption = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            envvar="RAY_API_SERVER_ADDRESS",
+            help="Check this Ray cluster (its dashboard URL, http://head:8265). Default: an embedded local Ray.",
+        ),
+    ] = None,
     base: Annotated[str | None, typer.Option("--base", help="Check this base model (default: the manifest's).")] = None,
     device: DeviceOption = None,
-    pushgateway: PushgatewayOption = None,
+    pushgateway: Annotated[
+        str | None,
+        typer.Option("--pushgateway", envvar=PUSHGATEWAY_ENV, help="Check that this Pushgateway accepts pushes."),
+    ] = None,
 ) -> None:
     """Check what a run here would get: versions, the Ray cluster, GPUs, storage, base model, Pushgateway.
 

@@ -52,7 +52,12 @@ def submit(spec: Manifest, manifest: str, address: str, command: str, options: A
         address,
         entrypoint=f"perfusion-batch {command} " + " ".join(shlex.quote(a) for a in argv),
         base_id=job_id,
-        metadata={"catalog": spec.catalog, "manifest": os.path.basename(manifest), "command": command},
+        metadata={
+            "job_name": f"perfusion-batch {command} {spec.catalog}",  # the dashboard's Name column
+            "catalog": spec.catalog,
+            "manifest": os.path.basename(manifest),
+            "command": command,
+        },
         runtime_env=runtime_env,
     )
     typer.echo(f"Ray job {job_id}: {outcome.status}")

@@ -86,7 +86,7 @@ def test_a_damaged_or_cut_file_says_so(trained_pair):
     flipped[-3] ^= 0x40  # one bit of o*_V: the file still parses
     with pytest.raises(ConceptFileError, match="fail the file's own checksum"):
         perfusion.load_concept_file(bytes(flipped))
-    for cut in (data[:20], data[: len(data) // 2]):
+    for cut in (data[:20], data[: len(data) // 2], data[:-10]):
         with pytest.raises(ConceptFileError, match=r"cut short|corrupt") as caught:
             perfusion.load_concept_file(cut)
         assert "pickle" not in str(caught.value)

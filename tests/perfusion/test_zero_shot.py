@@ -59,7 +59,7 @@ def test_the_file_is_small_round_trips_and_names_what_is_wrong(parts) -> None:  
     other = DynaIPAdapter(build_tiny_mmdit_pipeline().transformer, vision_width=16, levels=(1, 2, 4))
     with pytest.raises(ConceptFileError, match="another DynaIP adapter"):
         load_zero_shot_concept(data, "base", other, name="mug.safetensors")
-    with pytest.raises(ConceptFileError, match="not a zero-shot concept file"):
+    with pytest.raises(ConceptFileError, match="not a safetensors zero-shot concept file"):
         load_zero_shot_concept(b"junk", name="mug.safetensors")
 
 

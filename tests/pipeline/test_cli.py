@@ -225,3 +225,24 @@ def test_inside_a_ray_job_the_address_from_the_environment_is_not_resubmitted(tm
     result = runner.invoke(app, ["train", str(manifest), "--dry-run"], env=env)
     assert result.exit_code == 0, result.output
     assert "would train 1" in result.output and "submitted" not in result.output
+
+
+def test_every_error_is_one_line_and_unexpected_ones_exit_1():
+    import errno
+
+    import perfusion
+    from pipeline.cli.app import describe_error
+
+    class TaskError(Exception):  # what ray.exceptions.RayTaskError carries: the task's own error as .cause
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("Traceback (most recent call last):\n  ...")
+            self.cause = cause
+
+    assert describe_error(TaskError(perfusion.TrainingError("concept 'mug': no images"))) == (
+        True,
+        "concept 'mug': no images",
+    )
+    known, line = describe_error(OSError(errno.EROFS, "Read-only file system", "/data/store/index"))
+    assert known and line.startswith("/data/store/index: permission denied or read-only")
+    known, line = describe_error(RuntimeError("boom\nsecond line"))
+    assert not known and line == "unexpected RuntimeError: boom (set PERFUSION_BATCH_DEBUG=1 for the traceback)"

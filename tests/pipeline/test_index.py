@@ -151,3 +151,71 @@ def test_an_index_commit_rides_out_a_storage_outage(tmp_path, monkeypatch):
     index = ConceptIndex(Store(str(tmp_path)))
     index.append([row("mug")])
     assert [r["name"] for r in index.latest()] == ["mug"]
+
+
+def test_renders_list_shows_each_image_once_and_only_failures_not_fixed_since(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.index import RenderIndex, RenderRow
+
+    def render_row(render_id: str, status: str, minute: int) -> RenderRow:
+        return RenderRow(
+            render_id=render_id,
+            attempt_id=f"{render_id}-{minute}",
+            catalog="shop",
+            job="shots",
+            template="a photo of {a}",
+            prompt=f"a photo of <{render_id}>",
+            concept_names=[render_id],
+            concept_keys=["k"],
+            seed=0,
+            settings={},
+            base_model="tiny",
+            fingerprint="f",
+            image_uri=f"renders/{render_id}.png" if status == "succeeded" else None,
+            status=Status(status),
+            error=None if status == "succeeded" else f"boom {minute}",
+            created_at=dt.datetime(2026, 1, 1, 12, minute, tzinfo=dt.UTC),
+        )
+
+    RenderIndex(Store(str(tmp_path))).append(
+        [
+            render_row("fixed", "failed", 0),
+            render_row("fixed", "succeeded", 1),  # a later run rendered it
+            render_row("broken", "failed", 0),
+            render_row("broken", "failed", 2),
+            render_row("twice", "succeeded", 0),  # two concurrent runs both rendered it
+            render_row("twice", "succeeded", 3),
+        ]
+    )
+
+    def listed(*flags: str) -> list[dict]:
+        result = CliRunner().invoke(app, ["renders", "list", "--root", str(tmp_path), "--format", "json", *flags])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    assert sorted(r["prompt"] for r in listed()) == ["a photo of <fixed>", "a photo of <twice>"]
+    (failure,) = listed("--failed")
+    assert failure["prompt"] == "a photo of <broken>" and failure["error"] == "boom 2"
+
+
+def test_compact_then_vacuum_leave_one_copy_of_each_row(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    index = ConceptIndex(Store(str(tmp_path)))
+    for minute in range(4):
+        index.append([row(f"p{minute}", minute=minute)])
+    parquet = lambda: sorted((tmp_path / "index" / "concepts").glob("*.parquet"))  # noqa: E731
+    assert len(parquet()) == 4
+    runner = CliRunner()
+    compacted = runner.invoke(app, ["concepts", "compact", "--root", str(tmp_path)])
+    assert compacted.exit_code == 0 and "4 file(s) merged into 1" in compacted.output, compacted.output
+    assert len(parquet()) == 5  # the merged file beside the old ones: globbing them would double every row
+    vacuumed = runner.invoke(app, ["concepts", "vacuum", "--root", str(tmp_path), "--retention-hours", "0"])
+    assert vacuumed.exit_code == 0 and "4 unused file(s) deleted" in vacuumed.output, vacuumed.output
+    assert len(parquet()) == 1 and len(index.rows(["name"])) == 4

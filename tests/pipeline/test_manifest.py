@@ -310,3 +310,33 @@ def test_infinite_and_nan_settings_and_symbol_superclasses_are_refused():
     ]
     with pytest.raises(perfusion.TrainingError, match="lr_value must be a finite number, not inf"):
         perfusion.TrainConfig(lr_value=float("inf"))
+
+
+def test_a_thousand_concepts_in_a_five_placeholder_prompt_plan_lazily_and_say_the_cap():
+    import math
+    import time
+    import tracemalloc
+
+    from pipeline.render_plan import capped_prompts, combination_count, combinations_for, planned_images
+
+    concepts = "".join(f"  - {{name: p{i:04d}, superclass: mug, images: [a.png]}}\n" for i in range(1000))
+    manifest = parse_manifest(
+        "version: 1\ncatalog: shop\nconcepts:\n" + concepts + "renders:\n"
+        "  - {name: scene, prompts: ['{a} {b} {c} {d} {e} on a shelf', 'a photo of {a}'], max_combinations: 50,"
+        " images_per_prompt: 2}\n"
+    )
+    job = manifest.renders[0]
+    tracemalloc.start()
+    started = time.perf_counter()
+    combos = combinations_for(manifest, job, job.prompts[0])
+    seconds = time.perf_counter() - started
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert combos[0] == ("p0000", "p0001", "p0002", "p0003", "p0004") and len(combos) == 50
+    assert seconds < 5 and peak < 50_000_000  # the first 50 of ~8e12, not all of them
+    assert combination_count(manifest, job, job.prompts[0]) == math.comb(1000, 5)
+    assert planned_images(manifest, job) == (50 + 50) * 2
+    assert capped_prompts(manifest, manifest.renders) == [
+        f"scene prompts[0]: {math.comb(1000, 5):,} combinations, the first 50 rendered (max_combinations)",
+        "scene prompts[1]: 1,000 combinations, the first 50 rendered (max_combinations)",
+    ]

@@ -122,6 +122,20 @@ def test_train_is_submitted_as_a_ray_job_and_followed(tmp_path, ray_head):
     assert "test-shop: trained 1, skipped 0" in output  # the job's own log, streamed
     assert result.stdout.rstrip().endswith("SUCCEEDED")
     assert [r["name"] for r in ConceptIndex(Store(str(root))).latest()] == ["mug"]
+    names = subprocess.run(  # its own process: a Ray client keeps its auth token per process (see cli)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ray.job_submission import JobSubmissionClient as C; "
+            "jobs = C(sys.argv[1]).list_jobs(); "
+            "print({j.metadata.get('job_name') for j in jobs if j.metadata.get('command') == 'train'})",
+            ray_head.address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert names.stdout.strip() == "{'perfusion-batch train test-shop'}", names.stderr[-500:]  # the Name column
 
     again = cli("train", str(manifest), "--address", ray_head.address, "--root", str(root))
     assert again.returncode == 0, again.stdout + again.stderr

@@ -53,7 +53,7 @@ def test_render_single_and_pairs_then_rerun_and_add_a_concept(tmp_path, ray_loca
     assert sorted(json.loads(r["concept_names"]) for r in rows if "next to" in r["template"]) == [["bag", "mug"]] * 2
     assert {r["prompt"] for r in rows} == {"a photo of <bag>", "a photo of <mug>", "<bag> next to <mug>"}
     for row in rows:
-        data = Store(str(root)).read(Store(str(root)).relative(row["image_uri"]), row["sha256"])
+        data = Store(str(root)).read(Store(str(root)).locate(row["image_uri"]), row["sha256"])
         assert len(data) == row["bytes"] and row["width"] == row["height"] == 32
     sheet = Image.open(root / "renders" / "sheets" / "shots.png")
     assert sheet.width > 2 * 128 and sheet.height > 3 * 128  # 3 prompts x 2 seeds
@@ -142,7 +142,7 @@ def test_a_damaged_concept_file_blocks_its_images_and_the_others_render(tmp_path
     manifest = catalog_with_renders(tmp_path, names=("mug", "bag"))
     assert cli("train", str(manifest)).exit_code == 0
     store = Store(str(root))
-    concept_file = root / store.relative(ConceptIndex(store).get("mug")["file_uri"])
+    concept_file = root / store.locate(ConceptIndex(store).get("mug")["file_uri"])
     concept_file.write_bytes(concept_file.read_bytes()[:-10] + b"0123456789")
     result = cli("render", str(manifest))
     assert result.exit_code == 1, result.output  # the catalog renders what it can: bag alone
@@ -173,3 +173,35 @@ def test_bad_render_flags(tmp_path, flag):
     manifest = catalog_with_renders(tmp_path)
     result = cli("render", str(manifest), flag, "0")
     assert result.exit_code == 2 and flag in result.output
+
+
+def test_a_store_copied_elsewhere_renders_and_trains_nothing_again(tmp_path, ray_local):
+    import shutil
+
+    root = tmp_path / "store"
+    manifest = catalog_with_renders(tmp_path, names=("mug", "bag"))
+    assert cli("train", str(manifest)).exit_code == 0
+    assert cli("render", str(manifest)).exit_code == 0
+    copy = tmp_path / "restored" / "store"
+    shutil.copytree(root, copy)
+    shutil.rmtree(root)  # the original is gone: only the copy can answer
+    rows = ConceptIndex(Store(str(copy))).latest()
+    assert {r["file_uri"].split("/")[0] for r in rows} == {"concepts"}  # recorded relative to the root
+    trained = cli("train", str(manifest), "--root", str(copy))
+    assert trained.exit_code == 0 and "trained 0, skipped 2 (already trained)" in trained.output, trained.output
+    rendered = cli("render", str(manifest), "--root", str(copy))
+    assert rendered.exit_code == 0 and "rendered 0, skipped 6" in rendered.output, rendered.output
+    shown = cli("concepts", "show", "mug", "--root", str(copy))
+    assert shown.exit_code == 0 and json.loads(shown.output)[0]["name"] == "mug"
+    assert not root.exists()
+
+
+def test_rows_written_with_absolute_uris_are_found_in_a_moved_store(tmp_path):
+    from pipeline.store import StoreError
+
+    store = Store(str(tmp_path / "new"))
+    assert store.locate("concepts/k.safetensors") == "concepts/k.safetensors"
+    assert store.locate(store.uri("renders/r.png")) == "renders/r.png"
+    assert store.locate("s3://old-bucket/shop/concepts/k.safetensors") == "concepts/k.safetensors"
+    with pytest.raises(StoreError, match="would leave the storage root"):
+        store.locate("../outside.safetensors")

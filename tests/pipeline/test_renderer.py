@@ -62,7 +62,7 @@ def moved(record: dict, old, new) -> dict:  # type: ignore[no-untyped-def]
 
 
 def pixels(store: Store, uri: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(store.read(store.relative(uri)))), dtype=np.int16)
+    return np.asarray(Image.open(io.BytesIO(store.read(store.locate(uri)))), dtype=np.int16)
 
 
 def test_a_mixed_batch_stores_the_pixels_of_each_row_alone(stocked, tmp_path):

@@ -28,7 +28,7 @@ def test_train_to_s3_then_rerun_and_fix(tmp_path, s3_endpoint, ray_local):
     assert "trained 1, skipped 0 (already trained), failed 1" in first.output
     index = ConceptIndex(Store(root))
     rows = {r["name"]: r for r in index.latest(status=None)}
-    assert rows["mug"]["status"] == "succeeded" and rows["mug"]["file_uri"].startswith("s3://catalogs/shop/concepts/")
+    assert rows["mug"]["status"] == "succeeded" and rows["mug"]["file_uri"].startswith("concepts/")
     assert rows["bag"]["status"] == "failed"
     objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="catalogs", Prefix="shop/")
     keys = [o["Key"] for o in objects["Contents"]]
@@ -63,13 +63,17 @@ def test_render_to_s3_then_rerun(tmp_path, s3_endpoint, ray_local):
     assert first.exit_code == 0, first.output
     assert "rendered 3, skipped 0 (already rendered), failed 0" in first.output
     rows = RenderIndex(Store(root)).of_job("shots")
-    assert len(rows) == 3 and all(r["image_uri"].startswith("s3://renders/shop/renders/") for r in rows)
+    assert len(rows) == 3 and all(r["image_uri"].startswith("renders/") for r in rows)
     store = Store(root)
     for row in rows:
-        assert store.read(store.relative(row["image_uri"]), row["sha256"])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert store.read(store.locate(row["image_uri"]), row["sha256"])[:8] == b"\x89PNG\r\n\x1a\n"
     objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="renders", Prefix="shop/renders/")
     keys = {o["Key"] for o in objects["Contents"]}
     assert {"shop/renders/sheets/shots.png", "shop/renders/sheets/shots.html"} <= keys
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    types = {key: client.head_object(Bucket="renders", Key=key)["ContentType"] for key in keys}
+    assert types["shop/renders/sheets/shots.html"].startswith("text/html")  # a browser shows it
+    assert {types[key] for key in keys if key.endswith(".png")} == {"image/png"}
     again = runner.invoke(app, ["render", str(manifest), "--root", root])
     assert again.exit_code == 0 and "rendered 0, skipped 3" in again.output
     assert "testing-secret" not in first.output + again.output

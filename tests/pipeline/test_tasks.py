@@ -32,7 +32,7 @@ def test_the_concept_file_and_its_row_say_which_method_made_it(tmp_path):
     assert {name: row.status for name, row in rows.items()} == {"mug": Status.SUCCEEDED, "bag": Status.SUCCEEDED}
     assert rows["mug"].method == "perfusion" and rows["bag"].method == "textual_inversion"
     for name, row in rows.items():
-        data = run.store.read(run.store.relative(row.file_uri), row.sha256)
+        data = run.store.read(run.store.locate(row.file_uri), row.sha256)
         assert perfusion.methods.file_method(data).name == row.method
         concept = perfusion.load_concept_file(data)
         assert concept.method == row.method and concept.edits == (name == "mug")
@@ -58,7 +58,7 @@ def test_one_catalog_trains_both_methods_and_each_file_and_row_says_its_own(tmp_
         "bag": (Status.SUCCEEDED, "residuals"),
     }
     assert rows["bag"].method_version == "residuals-1" and rows["bag"].beta is None
-    data = run.store.read(run.store.relative(rows["bag"].file_uri), rows["bag"].sha256)
+    data = run.store.read(run.store.locate(rows["bag"].file_uri), rows["bag"].sha256)
     concept = perfusion.load_concept_file(data, perfusion.load_base("tiny"), name=rows["bag"].file_uri)
     assert concept.method == "residuals" and concept.superclass == "bag"
     run.index.append(list(rows.values()))
@@ -134,7 +134,7 @@ def test_a_selected_concept_records_its_operating_point_in_its_file_and_row(tmp_
     assert item.concept_key != plain["mug"].concept_key  # selection is part of the key
     row = train_one(run._task(item, base))
     assert row.status == Status.SUCCEEDED, row.error
-    concept = perfusion.load_concept_file(run.store.read(run.store.relative(row.file_uri), row.sha256))
+    concept = perfusion.load_concept_file(run.store.read(run.store.locate(row.file_uri), row.sha256))
     selection = concept.metadata["selection"]
     assert row.selected_step == selection["step"] in (2, 4) and row.selected_seed == selection["seed"] == 0
     assert row.selection_score == selection["score"] == concept.metadata["selected_score"]

@@ -39,7 +39,7 @@ def test_one_corrupt_image_fails_one_concept_and_reruns_train_only_what_changed(
     assert "1.png cannot be decoded" in rows["cup"]["error"]
     assert "concepts[2].images[0]" in rows["cup"]["error"]  # where in the manifest
     for name in ("bag", "mug"):
-        data = Store(str(root)).read(Store(str(root)).relative(rows[name]["file_uri"]), rows[name]["sha256"])
+        data = Store(str(root)).read(Store(str(root)).locate(rows[name]["file_uri"]), rows[name]["sha256"])
         assert len(data) == rows[name]["bytes"] > 1000
         assert rows[name]["steps"] == 4 and rows[name]["tags"] and rows[name]["fingerprint"]
     assert "trained 2, skipped 0 (already trained), failed 1" in first.output
@@ -165,7 +165,7 @@ def test_a_damaged_stored_file_is_retrained_not_skipped(tmp_path, ray_local):
     assert train(manifest).exit_code == 0
     store = Store(str(root))
     row = ConceptIndex(store).get("mug")
-    path = root / store.relative(row["file_uri"])
+    path = root / store.locate(row["file_uri"])
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
     checked = runner.invoke(app, ["validate", str(manifest)])
     assert checked.exit_code == 0, checked.output
@@ -174,7 +174,7 @@ def test_a_damaged_stored_file_is_retrained_not_skipped(tmp_path, ray_local):
     again = train(manifest)
     assert again.exit_code == 0 and "trained 1, skipped 1 (already trained), failed 0" in again.output, again.output
     fresh = ConceptIndex(store).get("mug")
-    assert store.read(store.relative(fresh["file_uri"]), fresh["sha256"])  # whole again, and what the row says
+    assert store.read(store.locate(fresh["file_uri"]), fresh["sha256"])  # whole again, and what the row says
     assert "trained 0, skipped 2" in train(manifest).output
 
 
@@ -191,3 +191,56 @@ def test_a_decompression_bomb_fails_its_concept_alone(tmp_path, monkeypatch):
     (problem,) = plan["bag"].problems
     assert problem.path == "concepts[1].images[0]" and "3.png cannot be decoded" in problem.message
     assert "decompression bomb" in problem.message
+
+
+def test_files_killed_runs_left_are_removed_and_recorded_ones_kept(tmp_path, ray_local):
+    import os
+    import time
+
+    root = tmp_path / "store"
+    manifest = write_catalog(tmp_path / "shop", str(root), names=("mug",))
+    assert train(manifest).exit_code == 0
+    forced = train(manifest, "--force")  # a recorded attempt file beside the first
+    assert forced.exit_code == 0, forced.output
+    concepts = root / "concepts"
+    recorded = sorted(p.name for p in concepts.iterdir())
+    assert len(recorded) == 2
+    old = time.time() - 2 * 3600
+    leftovers = [concepts / ".abc.safetensors.1234.partial", concepts / ("f" * 32 + ".deadbeef.safetensors")]
+    fresh = concepts / ".live.safetensors.5678.partial"  # a concurrent run's write in progress
+    for path in [*leftovers, fresh]:
+        path.write_bytes(b"half")
+    for path in [*leftovers, *(concepts / name for name in recorded)]:
+        os.utime(path, (old, old))
+    again = train(manifest)
+    assert again.exit_code == 0 and "removed 2 file(s) that interrupted runs left" in again.output, again.output
+    assert sorted(p.name for p in concepts.iterdir()) == sorted([*recorded, fresh.name])
+
+
+def test_a_300_concept_run_shows_its_running_and_failed_first_with_an_overall_eta():
+    import io
+    import time
+
+    from rich.console import Console
+
+    from pipeline.index import Status
+    from pipeline.progress import LiveDisplay
+    from pipeline.train import ConceptState, RunSummary
+
+    summary = RunSummary("big", "/store")
+    for i in range(300):
+        status = Status.SUCCEEDED if i < 100 else Status.PLANNED
+        summary.concepts[f"c{i:03d}"] = ConceptState(f"c{i:03d}", "k", status, seconds=6.0 if i < 100 else None)
+    summary.concepts["c250"].status = Status.RUNNING
+    summary.concepts["c299"].status, summary.concepts["c299"].error = Status.FAILED, "bad photo"
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, height=30)
+    display = LiveDisplay(console)
+    display.summary, display.started = summary, time.time() - 600  # 100 trainings in 10 minutes
+    console.print(display._table())
+    text = console.file.getvalue()
+    lines = text.splitlines()
+    assert len(lines) <= 30
+    assert "101/300 done (1 failed), 1 running; elapsed 10m00s, ETA 19m54s" in lines[0]
+    body = "\n".join(lines[1:])
+    assert body.index("c250") < body.index("c299") < body.index("c100")  # running, failed, then waiting
+    assert "... 278 more" in body and "178 planned" in body and "100 succeeded" in body

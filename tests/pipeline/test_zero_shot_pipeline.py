@@ -80,7 +80,7 @@ def test_a_mixed_catalog_onboards_zero_shot_products_and_renders_each_kind_on_it
     assert by_names[("cup", "pot")]["prompt"] == "<cup> next to <pot>"
     store = Store(str(root))
     cup, pot = (
-        Image.open(store.path(store.relative(by_names[(n,)]["image_uri"]))) for n in ("cup", "pot")
+        Image.open(store.path(store.locate(by_names[(n,)]["image_uri"]))) for n in ("cup", "pot")
     )  # the same prompt and seed with another product's photos: another image
     assert cup.size == (32, 32) and cup.tobytes() != pot.tobytes()
 

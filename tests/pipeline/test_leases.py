@@ -1,0 +1,45 @@
+"""Claims on work: two runs on one store never train one concept (or render one job) at the same time."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from pipeline import leases as leases_module
+from pipeline.index import ConceptIndex
+from pipeline.leases import Leases, lease_file
+from pipeline.store import Store
+from tests.pipeline.conftest import write_catalog
+
+
+def test_one_run_holds_a_lease_until_it_releases_it_or_dies(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    first, second = Leases(store), Leases(store)
+    assert first.claim("key-1") is None
+    held = second.claim("key-1")
+    assert held is not None and held.startswith(f"run {first.run}, ")
+    first.release()
+    assert not store.exists(lease_file("key-1"))
+    assert second.claim("key-1") is None  # free again
+    # A run that dies stops renewing: once its lease expires, the next run takes the work over.
+    store.put(lease_file("key-2"), json.dumps({"run": "dead", "expires": time.time() - 1}).encode())
+    assert first.claim("key-2") is None and json.loads(store.read(lease_file("key-2")))["run"] == first.run
+    monkeypatch.setattr(leases_module, "RENEW_SECONDS", 0.0)
+    before = json.loads(store.read(lease_file("key-2")))["expires"]
+    time.sleep(0.01)
+    first.renew()
+    assert json.loads(store.read(lease_file("key-2")))["expires"] > before
+
+
+def test_two_concurrent_trains_of_one_catalog_train_each_concept_once(tmp_path):
+    root = tmp_path / "store"
+    manifest = write_catalog(tmp_path / "shop", str(root), names=("mug", "bag"))
+    command = [sys.executable, "-m", "pipeline", "train", str(manifest)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    rows = ConceptIndex(Store(str(root))).rows(["name", "status"]).to_pylist()
+    assert sorted((r["name"], r["status"]) for r in rows) == [("bag", "succeeded"), ("mug", "succeeded")], outputs
+    assert not Store(str(root)).list("leases")  # every lease released
