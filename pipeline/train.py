@@ -150,14 +150,16 @@ class TrainRun:
 
     def _damage(self, file_uri: str | None, sha256: str | None) -> str | None:
         """What is wrong with a successful row's concept file (missing, or not the bytes it recorded), or None."""
-        from pipeline.store import StoreError
+        from pipeline.store import ChecksumError, StoreError, storage_problem
 
         try:
             self.store.read(self.store.locate(file_uri or ""), sha256)
         except FileNotFoundError:
             return f"{file_uri} is missing"
+        except ChecksumError:
+            return "is damaged (checksum mismatch: not the bytes its row recorded)"
         except (StoreError, OSError) as error:
-            return f"is damaged ({str(error).split(': ', 1)[-1].split(';')[0]})"
+            return f"cannot be read ({storage_problem(error)})"
         return None
 
     def superclasses(self) -> tuple[str, ...]:
