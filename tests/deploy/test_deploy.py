@@ -5,6 +5,8 @@ Prometheus Operator resources use only fields their CRDs define; and the values 
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shlex
 import shutil
@@ -97,7 +99,7 @@ def test_every_yaml_parses_and_names_its_kind():
     for path in files:
         docs = documents(str(path.relative_to(DEPLOY)))
         assert docs, path
-        if path.name != "prometheus-scrape.yaml":
+        if path.name not in ("prometheus-scrape.yaml", "alerts.test.yaml"):  # Prometheus's own formats
             assert all(doc.get("apiVersion") and doc.get("kind") for doc in docs), path
 
 
@@ -289,7 +291,7 @@ def test_ports_agree():
 def test_alert_rules_use_the_metric_names_the_code_exports():
     (rule,) = documents("monitoring/alerts.yaml")
     rules = rule["spec"]["groups"][0]["rules"]
-    names = {r["alert"] for r in rules}
+    names = {r["alert"] for r in rules if "alert" in r}
     assert {"PerfusionScheduledRenderLate", "PerfusionConceptFailureRatioHigh"} <= names
     source = Path(metrics.__file__).read_text()
     cli_source = "".join(path.read_text() for path in sorted((REPO / "pipeline" / "cli").glob("*.py")))
@@ -306,7 +308,32 @@ def test_alert_rules_use_the_metric_names_the_code_exports():
             assert job.removeprefix("perfusion-batch-") in typer.main.get_command(app).commands, job  # type: ignore[attr-defined]
         if 'job="perfusion-batch-render"' in r["expr"]:
             assert 'schedule!=""' in r["expr"], r["alert"]  # only scheduled runs (render --schedule)
-        assert r["for"] and r["labels"]["severity"] and r["annotations"]["summary"]
+        if "alert" in r:
+            assert r["for"] and r["labels"]["severity"] and r["annotations"]["summary"]
+        else:
+            assert re.fullmatch(r"perfusion:[a-z_]+:[0-9a-z]+", r["record"]), r  # level:metric:operation
+
+
+def test_every_alert_fires_when_it_should_and_only_then(tmp_path):
+    """deploy/monitoring/alerts.test.yaml through `promtool test rules` (Debian's prometheus package; CI
+    installs it, see .ci/run): each alert on the series that must fire it and on ones that must not."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("PERFUSION_BATCH_REQUIRE_PROMTOOL"):
+            pytest.fail("promtool is not on PATH: apt-get install prometheus (Debian) or put promtool on PATH")
+        pytest.skip("promtool is not installed (apt-get install prometheus); CI runs this test")
+    (rule,) = documents("monitoring/alerts.yaml")
+    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    unit_tests = yaml.safe_load((DEPLOY / "monitoring" / "alerts.test.yaml").read_text())
+    assert unit_tests["rule_files"] == ["alerts.rules.yaml"]
+    tested = {t["alertname"] for case in unit_tests["tests"] for t in case.get("alert_rule_test", [])}
+    assert tested == {r["alert"] for r in rule["spec"]["groups"][0]["rules"] if "alert" in r}  # every alert
+    shutil.copy(DEPLOY / "monitoring" / "alerts.test.yaml", tmp_path)
+    run = functools.partial(subprocess.run, cwd=tmp_path, capture_output=True, text=True)
+    checked = run([promtool, "check", "rules", "alerts.rules.yaml"])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    result = run([promtool, "test", "rules", "alerts.test.yaml"])
+    assert result.returncode == 0 and "SUCCESS" in result.stdout, result.stdout + result.stderr
 
 
 # -- the image ---------------------------------------------------------------------------------------------
