@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+import typer.core
 
 from pipeline.metrics import PUSHGATEWAY_ENV
 from pipeline.store import ROOT_ENV
@@ -20,6 +21,21 @@ if TYPE_CHECKING:
 # transformers warns at import about an image processor we never use (the safety checker's); keep the
 # terminal for our own messages. Set TRANSFORMERS_VERBOSITY yourself to see everything.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _flags_show_no_type() -> None:
+    """Typer's rich help prints every option's Python type, flags too ("--dry-run <bool>", "--help <bool>"),
+    which reads as if a flag took a value: `--dry-run true` is then refused. Flags show no type column."""
+    option = typer.core.TyperOption
+    shown = option.display_type_rich
+
+    def display_type_rich(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
+        return "" if self.is_flag else shown(self, ctx)
+
+    option.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_show_no_type()
 
 app = typer.Typer(
     name="perfusion-batch",

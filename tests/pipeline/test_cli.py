@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.main import get_command
@@ -30,6 +31,10 @@ def test_every_command_and_sub_command_has_help_text():
     for path in paths:
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0 and "Example" in result.output, path
+        # A flag shows no type, as if it took a value (`--dry-run <bool>` invites `--dry-run true`).
+        assert "<bool>" not in result.output, (path, result.output)
+    train_help = runner.invoke(app, ["train", "--help"], terminal_width=120).output
+    assert re.search(r"--dry-run +Plan and print", train_help), train_help
 
 
 def test_a_submitted_run_gets_back_exactly_its_options_as_flags():
