@@ -80,6 +80,9 @@ class ConceptRow:
     beta: float | None = None
     tau: float | None = None
     selection_score: float | None = None
+    # True when this attempt recorded a file an earlier attempt stored and died before recording (its
+    # seconds are then the check's, not a training's); None in rows written before version 3 of this table.
+    adopted: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +112,7 @@ class RenderRow:
     device: str | None = None
     created_at: dt.datetime = field(default_factory=now)
     manifest_uri: str | None = None
+    adopted: bool | None = None  # as in ConceptRow: the PNG an earlier attempt stored, recorded by this one
 
 
 def arrow_schema(row_type: type) -> pa.Schema:
@@ -122,7 +126,7 @@ def arrow_schema(row_type: type) -> pa.Schema:
     return pa.schema(columns)
 
 
-_ARROW_TYPES = {int: pa.int64(), float: pa.float64(), dt.datetime: pa.timestamp("us", tz="UTC")}
+_ARROW_TYPES = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), dt.datetime: pa.timestamp("us", tz="UTC")}
 CONCEPT_SCHEMA = arrow_schema(ConceptRow)
 RENDER_SCHEMA = arrow_schema(RenderRow)
 

@@ -103,7 +103,7 @@ def overall_line(states: list[ConceptState], started: float) -> str:
     running = sum(s.status == Status.RUNNING for s in work)
     failed = sum(s.status == Status.FAILED for s in work)
     elapsed = time.time() - started
-    trained = [s for s in finished if s.seconds]  # failed-in-planning rows took no time
+    trained = [s for s in finished if s.seconds and not s.adopted]  # failed-in-planning rows took no time
     eta = ""
     if trained and len(finished) < len(work):
         eta = f", ETA {_duration(elapsed / len(trained) * (len(work) - len(finished)))}"
@@ -162,9 +162,12 @@ class LogDisplay(Display):
 def summary_line(summary: RunSummary) -> str:
     counts = summary.counts()
     verb = "would train" if summary.dry_run else "trained"
-    done = counts[Status.PLANNED] if summary.dry_run else counts[Status.SUCCEEDED]
+    adopted = sum(s.adopted for s in summary.concepts.values())
+    done = counts[Status.PLANNED] if summary.dry_run else counts[Status.SUCCEEDED] - adopted
     return (
-        f"{summary.catalog}: {verb} {done}, skipped {counts['skipped']} (already trained), failed {counts['failed']}"
+        f"{summary.catalog}: {verb} {done}, "
+        + (f"adopted {adopted} (stored by an interrupted run), " if adopted else "")
+        + f"skipped {counts['skipped']} (already trained), failed {counts['failed']}"
         f" in {summary.seconds:.1f}s"
     )
 

@@ -78,7 +78,8 @@ class RenderSummary:
     root: str
     planned: int = 0  # rows in the plan
     skipped: int = 0  # already rendered
-    rendered: int = 0
+    rendered: int = 0  # rendered by this run (adopted ones not included)
+    adopted: int = 0  # stored by an earlier, interrupted run: recorded by this one
     failed: int = 0
     blocked: int = 0  # not planned: a concept they need cannot render (not trained, failed, damaged)
     errors: list[str] = field(default_factory=list)
@@ -93,13 +94,19 @@ class RenderSummary:
 
     def counts(self) -> dict[str, int]:
         """Images by status, for the Pushgateway summary."""
-        return {Status.SUCCEEDED: self.rendered, Status.FAILED: self.failed, Status.SKIPPED: self.skipped}
+        return {
+            Status.SUCCEEDED: self.rendered + self.adopted,
+            Status.FAILED: self.failed,
+            Status.SKIPPED: self.skipped,
+        }
 
     def line(self) -> str:
         verb = "would render" if self.dry_run else "rendered"
         count = self.planned - self.skipped if self.dry_run else self.rendered
         return (
-            f"{self.catalog}: {verb} {count}, skipped {self.skipped} (already rendered), failed {self.failed}"
+            f"{self.catalog}: {verb} {count}, "
+            + (f"adopted {self.adopted} (stored by an interrupted run), " if self.adopted else "")
+            + f"skipped {self.skipped} (already rendered), failed {self.failed}"
             + (f", blocked {self.blocked} (a concept cannot render)" if self.blocked else "")
             + f" in {self.seconds:.1f}s; root {self.root}"
         )
@@ -355,7 +362,9 @@ class RenderRun:
                 for result in batch.to_pylist():  # type: ignore[union-attr]  # pyarrow, as batch_format asks
                     seen.add(result["render_id"])
                     pending.append(self._row(by_id[result["render_id"]], result))
-                    if result["status"] == Status.SUCCEEDED:
+                    if result["status"] == Status.SUCCEEDED and result.get("adopted"):
+                        summary.adopted += 1
+                    elif result["status"] == Status.SUCCEEDED:
                         summary.rendered += 1
                     else:
                         summary.failed += 1
@@ -403,6 +412,7 @@ class RenderRun:
             seconds=result.get("seconds"),
             device=result.get("device"),
             manifest_uri=self.manifest.source,
+            adopted=bool(result.get("adopted")),
         )
 
     def _write_sheets(self, summary: RenderSummary) -> None:
@@ -410,7 +420,7 @@ class RenderRun:
 
         for job in self.jobs:
             sheet_file, page_file = sheet_files(job.name)
-            if not summary.rendered and not summary.failed and self.store.exists(sheet_file):
+            if not (summary.rendered or summary.adopted or summary.failed) and self.store.exists(sheet_file):
                 summary.sheets[job.name], summary.pages[job.name] = (
                     self.store.uri(sheet_file),
                     self.store.uri(page_file),

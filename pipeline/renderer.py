@@ -45,6 +45,7 @@ OUTPUT_COLUMNS = (
     "error",
     "seconds",
     "device",
+    "adopted",
 )
 OUTPUT_SCHEMA = pa.schema([RENDER_SCHEMA.field(name) for name in OUTPUT_COLUMNS])
 SCHEDULERS = {  # manifest name -> diffusers class name; "default" keeps the base model's own
@@ -187,7 +188,7 @@ class Renderer:
             self.store.remove(relative)
             return None
         artifact = Artifact(self.store.uri(relative), sha256_hex(data), len(data), relative)
-        return outcome(render_id, Status.SUCCEEDED, self.device, artifact, (width, height), seconds=0.0)
+        return outcome(render_id, Status.SUCCEEDED, self.device, artifact, (width, height), seconds=0.0, adopted=True)
 
     def _attach(self, refs: list[dict[str, str]]) -> None:
         """Load each concept once per actor, checking its sha256 against the index row it came from."""
@@ -227,6 +228,7 @@ def outcome(
     *,
     seconds: float | None = None,
     error: str | None = None,
+    adopted: bool = False,
 ) -> dict[str, Any]:
     """One row's result as the actor returns it (OUTPUT_COLUMNS): the one place it is made."""
     return {
@@ -240,6 +242,7 @@ def outcome(
         "error": error,
         "seconds": seconds,
         "device": device,
+        "adopted": adopted,
     }
 
 

@@ -59,6 +59,7 @@ def concept_row(
     seconds: float | None = None,
     device: str | None = None,
     concept: Any = None,
+    adopted: bool = False,
 ) -> ConceptRow:
     """The index row of one attempt: the one place a ConceptRow is made (tasks, and the driver's failures)."""
     from perfusion.methods import method_for
@@ -86,6 +87,7 @@ def concept_row(
         seconds=seconds,
         device=device,
         manifest_uri=task.manifest_uri,
+        adopted=adopted,
         **({} if concept is None else operating_point(concept)),
     )
 
@@ -194,6 +196,7 @@ def _adopt_existing(store: Store, task: TrainTask, base: Any, started: float) ->
         seconds=time.perf_counter() - started,
         device=worker_label(),
         concept=concept,
+        adopted=True,
     )
 
 

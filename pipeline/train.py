@@ -74,6 +74,7 @@ class ConceptState:
     started: float | None = None
     seconds: float | None = None
     error: str | None = None
+    adopted: bool = False  # succeeded from the file an earlier, interrupted run stored: not trained now
 
 
 @dataclass
@@ -367,6 +368,7 @@ class TrainRun:
                         rows.append(row)
                         state = summary.concepts[task.name]
                         state.status, state.error, state.seconds = row.status, row.error, row.seconds
+                        state.adopted = bool(row.adopted)
                         if row.steps:
                             state.step = state.steps = row.steps
                         display.update(state)

@@ -103,14 +103,18 @@ def test_a_table_written_before_the_operating_point_columns_takes_rows_with_them
 
     store = Store(str(tmp_path))
     index = ConceptIndex(store)
-    new_columns = ["selected_step", "selected_seed", "beta", "tau", "selection_score"]
+    new_columns = ["selected_step", "selected_seed", "beta", "tau", "selection_score", "adopted"]
     old_schema = pa.schema([f for f in CONCEPT_SCHEMA if f.name not in new_columns])
     old_record = {k: v for k, v in to_arrow_record(row("mug")).items() if k not in new_columns}
     write_deltalake(index.uri, pa.Table.from_pylist([old_record], schema=old_schema), mode="append")
-    index.append([row("bag", selected_step=300, selected_seed=2, beta=0.65, tau=0.2, selection_score=0.31)])
+    index.append(
+        [row("bag", selected_step=300, selected_seed=2, beta=0.65, tau=0.2, selection_score=0.31, adopted=True)]
+    )
     by_name = {r["name"]: r for r in index.latest()}
     assert by_name["bag"]["selected_step"] == 300 and by_name["bag"]["selection_score"] == pytest.approx(0.31)
+    assert by_name["bag"]["adopted"] is True  # a boolean column, not a string
     assert by_name["mug"]["selected_step"] is None and by_name["mug"]["beta"] is None  # the old row reads null
+    assert by_name["mug"]["adopted"] is None
 
 
 def test_reading_a_table_of_several_files_exits_cleanly(tmp_path):

@@ -138,3 +138,4 @@ def test_a_png_left_by_a_dead_attempt_is_adopted(stocked, tmp_path, monkeypatch)
     (result,) = renderer.render_records([record("left", "a photo of <mug-1>", (refs["mug-1"],), 1)])
     assert result["status"] == "succeeded" and result["bytes"] == len(buffer.getvalue())
     assert (result["width"], result["height"]) == (32, 32)
+    assert result["adopted"] is True  # counted as adopted, not as rendered in ~0 s

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.index import ConceptIndex
 from pipeline.manifest import load_manifest
+from pipeline.progress import summary_line
 from pipeline.store import Store
 from pipeline.tasks import train_one
 from pipeline.train import TrainRun
@@ -105,10 +106,12 @@ def test_a_task_killed_after_its_file_but_before_its_row_is_adopted_on_retry(tmp
     ((item, _),) = run.plan(base)
     first = train_one(run._task(item, base))  # the worker wrote the file ... and the driver died: no row
     assert first.status == "succeeded" and ConceptIndex(run.store).latest() == []
+    assert not first.adopted
     summary = run.execute()
-    assert summary.concepts["mug"].status == "succeeded"
+    assert summary.concepts["mug"].status == "succeeded" and summary.concepts["mug"].adopted
+    assert "trained 0, adopted 1 (stored by an interrupted run), skipped 0" in summary_line(summary)
     (row,) = ConceptIndex(run.store).latest()
-    assert row["sha256"] == first.sha256 and row["file_uri"] == first.file_uri
+    assert row["sha256"] == first.sha256 and row["file_uri"] == first.file_uri and row["adopted"] is True
     assert run.store.list("concepts") == [item.file]
 
 
