@@ -8,7 +8,8 @@
     scheduler     rectified flow (FlowMatchEulerDiscreteScheduler), shift 1
 
 Pretrained by `python -m perfusion.toyworld.pretrain_mmdit` and shipped as
-perfusion/assets/toy-mmdit/toy-mmdit.safetensors (fp16 EMA weights of the transformer only).
+perfusion/assets/toy-mmdit/toy-mmdit.safetensors (fp16 EMA weights of the transformer only); pretrain.json
+beside it lists each stage's command (a later stage starts from the shipped weights with `--init`).
 """
 
 from __future__ import annotations
