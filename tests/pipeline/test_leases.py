@@ -8,7 +8,7 @@ import sys
 import time
 
 from pipeline import leases as leases_module
-from pipeline.index import ConceptIndex
+from pipeline.index import ConceptIndex, RenderIndex
 from pipeline.leases import Leases, lease_file
 from pipeline.store import Store
 from tests.pipeline.conftest import write_catalog
@@ -33,13 +33,35 @@ def test_one_run_holds_a_lease_until_it_releases_it_or_dies(tmp_path, monkeypatc
     assert json.loads(store.read(lease_file("key-2")))["expires"] > before
 
 
-def test_two_concurrent_trains_of_one_catalog_train_each_concept_once(tmp_path):
+def test_two_concurrent_trains_train_each_concept_once_and_two_renders_render_each_image_once(tmp_path):
     root = tmp_path / "store"
     manifest = write_catalog(tmp_path / "shop", str(root), names=("mug", "bag"))
-    command = [sys.executable, "-m", "pipeline", "train", str(manifest)]
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [run.communicate(timeout=600)[0] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
+    manifest.write_text(
+        manifest.read_text()
+        + "renders:\n  - {name: shots, prompts: ['a photo of {a}', '{a} next to {b}'], steps: 4,"
+        + " images_per_prompt: 3}\n"
+    )
+    outputs = _twice([sys.executable, "-m", "pipeline", "train", str(manifest)])
     rows = ConceptIndex(Store(str(root))).rows(["name", "status"]).to_pylist()
     assert sorted((r["name"], r["status"]) for r in rows) == [("bag", "succeeded"), ("mug", "succeeded")], outputs
     assert not Store(str(root)).list("leases")  # every lease released
+
+    outputs = _twice([sys.executable, "-m", "pipeline", "render", str(manifest)])
+    images = RenderIndex(Store(str(root))).rows(["render_id", "status"]).to_pylist()
+    assert len(images) == 9 and {r["status"] for r in images} == {"succeeded"}, outputs  # (2 + 1 pair) x 3
+    assert len({r["render_id"] for r in images}) == 9, outputs  # one row per image, not one per run
+    listed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "renders", "list", "--root", str(root), "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 9, listed.stdout
+    assert not Store(str(root)).list("leases")
+
+
+def _twice(command: list[str]) -> list[str]:
+    """Run command twice at once (two processes, each its own embedded Ray); both must succeed."""
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    return outputs
