@@ -32,11 +32,25 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def seal(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes of `tensors` with `metadata` plus the seal over the tensor bytes. The tensor bytes
-    do not depend on the metadata (safetensors orders them by dtype and name), so one save measures them."""
+    do not depend on the metadata (safetensors orders them by dtype and name), so one save measures them.
+    The header's keys are written sorted: the same tensors and metadata give the same bytes."""
     unsealed = save_tensors(tensors, metadata=metadata)
     sealed = save_tensors(tensors, metadata=metadata | {SEAL: hashlib.sha256(_payload(unsealed)).hexdigest()})
     assert _payload(sealed) == _payload(unsealed)
-    return sealed
+    return _canonical_header(sealed)
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted. safetensors writes them in hash-map order, which
+    differs from one save to the next; the keys only name things (offsets are explicit), so the order is
+    free. Same size: the same compact JSON, padded with spaces to the original length as safetensors pads."""
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= size, "a sorted header is never longer than the one safetensors wrote"
+    return data[:8] + text.ljust(size, b" ") + data[8 + size :]
 
 
 def _payload(data: bytes) -> bytes:

@@ -18,13 +18,13 @@ The whole selection of a catalog concept (`training.select` in a manifest; confi
 trains on select.seeds seeds, each scored every config.select_every steps by `clip_scorer` (the paper's
 measure: the harmonic mean of CLIP-I, renders of "a photo of <c>" against the training images, and CLIP-T,
 new-context renders against their prompts with the token replaced by its superclass word), keeps the best
-(seed, step), then sweeps its gate. metadata["selection"] records the choice, every score and its cost.
+(seed, step), then sweeps its gate. metadata["selection"] records the choice and every score (no wall-clock time: the
+same inputs give the same file; the index row has the attempt's time).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -133,7 +133,6 @@ def train_selected(
     """Train on select.seeds seeds with step selection, keep the best (seed, step), then sweep its gate over
     `grid` (select.gate). `train` is a method's trainer (train_concept's signature, with `scorer`). `scorer`
     replaces select.scorer's CLIP score (a benchmark's: the toy world's oracle, which knows the product)."""
-    started = time.perf_counter()
     if scorer is None:
         clip = load_scorer_clip(select, base)
         scorer = clip_scorer(base, covariance, clip, images, superclass, select.samples, log, render)
@@ -146,11 +145,9 @@ def train_selected(
         )  # fmt: skip
         candidates.append((float(concept.metadata["selected_score"]), seeded.seed, concept))
     score, seed, best = max(candidates, key=lambda entry: entry[0])  # max keeps the first of equals
-    training_seconds = sum(float(c.metadata["seconds"]) for _, _, c in candidates)
     if select.gate:
         best = choose_gate(best, scorer, grid)
         score = max(score, float(best.metadata["gate_selection"]["score"]))
-    seconds = time.perf_counter() - started
     best.metadata["selection"] = {
         "scorer": select.scorer,
         "seeds": select.seeds,
@@ -162,8 +159,6 @@ def train_selected(
         "tau": best.tau,
         "score": score,
         "seed_scores": [[s, value] for value, s, _ in candidates],
-        "seconds": round(seconds, 3),
-        "training_seconds": round(training_seconds, 3),  # includes the step scoring inside training
     }
     return best
 

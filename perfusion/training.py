@@ -206,7 +206,7 @@ def _train(
         "loss": loss_summary(losses),
         "selected_step": selected_step,
         "selected_score": None if best is None else best[0],  # the scorer's value at that step
-        "seconds": round(time.perf_counter() - started, 3),
+        # No wall-clock time here (the index row has the attempt's): same inputs, same file, byte for byte.
         "device": str(device),
     }
     return result

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,14 +214,12 @@ def onboard_concept(
     name = token.strip("<>")
     if masks:
         raise TrainingError(f"product {name!r}: method zero-shot reads whole reference photos; remove its masks")
-    started = time.perf_counter()
     kit = kit_of(base, name)
     pixels = reference_pixels(images, name, kit.image_size, kit.mean, kit.std)
     device = next(kit.vision.parameters()).device
     dtype = next(kit.vision.parameters()).dtype
     concept = onboard(name, superclass, pixels.to(device, dtype), kit.adapter, kit.vision, base.fingerprint)
     concept.token = token
-    concept.metadata["onboard_seconds"] = round(time.perf_counter() - started, 4)
     concept.metadata["references"] = concept.references
     return concept
 

@@ -56,6 +56,8 @@ def test_training_learns_only_the_residuals_and_leaves_the_base_bit_identical(mu
     initial = initial_residual_concept(base, "<mug-r>", "mug", RESIDUAL_FAST)
     assert torch.equal(concept.embedding, initial.embedding.cpu())  # the token's row is kept by default
     assert concept.metadata["loss"]["steps"] == 30.0
+    again = train_residual_concept(base, mug_images, "<mug-r>", "mug", RESIDUAL_FAST)
+    assert again.to_bytes() == concept.to_bytes()  # same inputs, same file, byte for byte
 
 
 def test_lag_off_is_the_unet_with_w_plus_a_b_and_rows_without_the_concept_are_the_base():

@@ -50,7 +50,7 @@ def test_the_file_is_small_round_trips_and_names_what_is_wrong(parts) -> None:  
     vision, adapter = parts
     concept = onboard("mug", "cup", torch.randn(3, 3, 32, 32), adapter, vision, base_fingerprint="base")
     data = concept.to_bytes()
-    assert len(data) < 64 * 1024
+    assert len(data) < 64 * 1024 and data == concept.to_bytes()  # the same bytes every time
     loaded = load_zero_shot_concept(data, "base", adapter, name="mug.safetensors")
     assert (loaded.name, loaded.superclass) == ("mug", "cup")
     torch.testing.assert_close(loaded.image_prompt(), concept.image_prompt(), atol=5e-3, rtol=0)

@@ -93,6 +93,8 @@ def test_dry_run_only_and_force(tmp_path, ray_local):
     assert forced.exit_code == 0 and "trained 1" in forced.output
     files = Store(str(root)).list("concepts")
     assert len(files) == 2  # the forced retrain wrote a new file beside the old one
+    attempts = ConceptIndex(Store(str(root))).rows(["sha256"]).to_pylist()
+    assert len(attempts) == 2 and attempts[0] == attempts[1]  # same inputs, same file, byte for byte
     unknown = train(manifest, "--only", "nope")
     assert unknown.exit_code == 2 and "--only: no concept named 'nope'" in unknown.output
 
