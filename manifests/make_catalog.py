@@ -1,4 +1,5 @@
-"""Write the example catalog: manifests/catalog.yaml and the product photos beside it (no downloads).
+"""Write the example catalog: manifests/catalog.yaml and the product photos beside it (no downloads), and
+the same catalog as a product table: manifests/products.parquet and manifests/catalog-table.yaml.
 
     python manifests/make_catalog.py
 
@@ -80,7 +81,47 @@ def main() -> None:
         )
     lines.append(RENDERS)
     (HERE / "catalog.yaml").write_text("".join(lines))
-    print(f"wrote {HERE / 'catalog.yaml'} and {len(PERSONAL_CONCEPTS) * PHOTOS} photos")
+    write_product_table()
+    print(f"wrote {HERE / 'catalog.yaml'}, {len(PERSONAL_CONCEPTS) * PHOTOS} photos and {HERE / 'products.parquet'}")
+
+
+TABLE_MANIFEST = """\
+# The example catalog again, its products read from a product table (a feed or PIM export) instead of listed
+# here: manifests/products.parquet, one row a product, its columns mapped to concept fields. Same products,
+# photos and training as catalog.yaml, so the same concept keys: after `train manifests/catalog.yaml` this
+# catalog trains nothing new (written by make_catalog.py).
+#   perfusion-batch validate manifests/catalog-table.yaml
+version: 1
+catalog: toy-catalog-table
+root: ./store
+base_model: toy
+training: {steps: 400, batch_size: 8, flip_probability: 0}
+concepts_from:
+  table: products.parquet      # relative to this file; Parquet, CSV or a Delta table; any fsspec URI
+  columns:                     # the table's column for each concept field
+    name: slug
+    superclass: category_word
+    images: photos             # a list column of URIs or globs, relative to the table's folder
+    tags: [sku, shelf]
+"""
+
+
+def write_product_table() -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "slug": concept.name,
+            "category_word": concept.superclass,
+            "photos": [f"catalog/{concept.name}/{number:02d}.png" for number in range(PHOTOS)],
+            "sku": concept.tags["sku"],
+            "shelf": concept.tags["category"],
+        }
+        for concept in PERSONAL_CONCEPTS
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), HERE / "products.parquet")
+    (HERE / "catalog-table.yaml").write_text(TABLE_MANIFEST)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@
         # training.select: {every: 25, seeds: 1, samples: 8, scorer: toy | "clip:<folder>" | none, gate: true}
         # chooses each concept's step, seed and gate with a scorer (perfusion/selection.py)
         tags: {sku: A-1001, category: toys}
+    concepts_from:                        # optional, beside or instead of concepts: a product table
+      table: products.parquet             # Parquet, CSV or a Delta table (pipeline/product_table.py)
+      columns: {name: slug, images: photos, tags: [sku]}   # the table's column per field
     renders:                              # optional: batch render jobs (perfusion-batch render)
       - name: new-scenes                  # names the job's files and rows
         prompts:                          # {a}, {b}, ... are filled with concept tokens, in order
@@ -45,12 +48,13 @@ import functools
 import os
 import re
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model
 
 from perfusion.config import (
     SelectConfig,
@@ -64,6 +68,7 @@ from perfusion.config import (
 )
 from perfusion.methods import ZERO_SHOT
 from perfusion.registry import BUILTIN_BASES
+from pipeline.product_table import ProductRows, ProductTableError, read_concepts
 from pipeline.store import ROOT_ENV
 
 MANIFEST_VERSION = 1
@@ -145,6 +150,26 @@ class ConceptSpec(_Strict):
         return self.token if self.token is not None else f"<{self.name}>"
 
 
+class ColumnMap(_Strict):
+    """The product table's column for each concept field (pipeline/product_table.py); None: the field's name
+    for name, superclass and images, no column for the rest."""
+
+    name: str | None = None
+    superclass: str | None = None
+    images: str | None = None
+    masks: str | None = None
+    token: str | None = None
+    method: str | None = None
+    tags: list[str] = []
+    training: dict[str, str] = {}  # TrainConfig field -> column: per-product overrides
+
+
+class ConceptsFrom(_Strict):
+    table: str = Field(min_length=1)
+    format: Literal["parquet", "csv", "delta"] | None = None
+    columns: ColumnMap = ColumnMap()
+
+
 class GateOverride(_Strict):
     """Inference-time gate of one concept (PERFUSION.md: sigmoid((sim - beta) / tau)); None keeps the trained."""
 
@@ -193,10 +218,20 @@ class Manifest(_Strict):
     base_model: str = "toy"
     zero_shot: ZeroShotSettings = ZeroShotSettings()
     training: TrainingSettings = TrainingSettings()
-    concepts: list[ConceptSpec] = Field(min_length=1)
+    concepts: list[ConceptSpec] = []  # the inline ones, then (after parse_manifest) the product table's rows
+    concepts_from: ConceptsFrom | None = None
     renders: list[RenderJob] = []
     # Where the manifest was read from: relative image paths and a relative root resolve against its folder.
     source: str = Field("", exclude=True)
+    _table: ProductRows | None = PrivateAttr(None)  # the rows that came from concepts_from (the last ones)
+
+    def concept_path(self, index: int, field: str = "") -> str:
+        """Where concepts[index] was given, for problems: "concepts[3].superclass" for an inline concept,
+        "products.parquet row 12, column 'category' (superclass)" for a product table's row."""
+        inline = len(self.concepts) - (len(self._table.documents) if self._table else 0)
+        if self._table is None or index < inline:
+            return f"concepts[{index}]" + (f".{field}" if field else "")
+        return self._table.where(index - inline, field)
 
     def training_config(self, concept: ConceptSpec) -> dict[str, Any]:
         """TrainConfig fields: catalog defaults, then the concept's overrides (the fields given; the rest are
@@ -318,32 +353,67 @@ def parse_manifest(text: str, source: str = "<manifest>") -> Manifest:
         manifest = Manifest.model_validate(document | {"source": source})
     except ValidationError as error:
         raise ManifestError(source, [_problem(e) for e in error.errors()]) from None
+    if manifest.concepts_from is not None:
+        manifest = _with_table_concepts(manifest)
     problems = semantic_problems(manifest)
     if problems:
         raise ManifestError(source, problems)
     return manifest
 
 
+def _with_table_concepts(manifest: Manifest) -> Manifest:
+    """The manifest with its product table's rows appended to its concepts, each row checked as an inline
+    concept would be; every problem names the table, row and column."""
+    spec = manifest.concepts_from
+    assert spec is not None
+    problems = [
+        Problem(f"concepts_from.columns.training.{name}", "not a training field (see perfusion.TrainConfig)")
+        for name in spec.columns.training
+        if name not in field_types()
+    ]
+    try:
+        rows = read_concepts(spec.table, manifest.base_dir, spec.format, spec.columns.model_dump())
+    except ProductTableError as error:
+        raise ManifestError(manifest.source, problems + [Problem(p.where, p.message) for p in error.problems]) from None
+    concepts = list(manifest.concepts)
+    for row, document in enumerate(rows.documents):
+        try:
+            concepts.append(ConceptSpec.model_validate(document))
+        except ValidationError as error:
+            for e in error.errors():
+                loc = [str(part) for part in e["loc"]]
+                field = ".".join(loc[:2]) if loc[0] in ("training", "tags") and len(loc) > 1 else loc[0]
+                problems.append(Problem(rows.where(row, field), _problem(e).message))
+    if problems:
+        raise ManifestError(manifest.source, problems)
+    if not rows.documents:
+        raise ManifestError(manifest.source, [Problem("concepts_from.table", f"{spec.table} has no rows")])
+    extended = manifest.model_copy(update={"concepts": concepts})
+    extended._table = rows
+    return extended
+
+
 def semantic_problems(manifest: Manifest) -> list[Problem]:
     """Rules across fields: names safe as file names and unique, tokens well-formed and unique, masks paired."""
     problems: list[Problem] = []
+    if not manifest.concepts:
+        problems.append(Problem("concepts", "none given: list them here, or give a product table in concepts_from"))
     if not NAME_PATTERN.match(manifest.catalog):
         problems.append(Problem("catalog", f"{manifest.catalog!r} is not a valid catalog name: use {NAME_RULE}"))
     first_by_name: dict[str, int] = {}
     first_by_token: dict[str, int] = {}
     for index, spec in enumerate(manifest.concepts):
-        at = f"concepts[{index}]"
+        path = functools.partial(manifest.concept_path, index)  # path("superclass"): "concepts[3].superclass"
         if not NAME_PATTERN.match(spec.name):
             problems.append(
                 Problem(
-                    f"{at}.name",
+                    path("name"),
                     f"{spec.name!r} is not a valid concept name (it names files in the store): use {NAME_RULE}",
                 )
             )
         elif spec.name in first_by_name:
-            problems.append(
-                Problem(f"{at}.name", f"duplicate name {spec.name!r} (also concepts[{first_by_name[spec.name]}])")
-            )
+            also = manifest.concept_path(first_by_name[spec.name])
+            problems.append(Problem(path("name"), f"duplicate name {spec.name!r} (also {also})"))
         else:
             first_by_name[spec.name] = index
         token = spec.concept_token
@@ -354,26 +424,25 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
                 if spec.token is not None
                 else " (the token is the name in angle brackets: shorten the name or give the concept a token)"
             )
-            problems.append(Problem(f"{at}.{field}", f"{wrong}{hint}"))
+            problems.append(Problem(path(field), f"{wrong}{hint}"))
         elif token in first_by_token:
-            problems.append(
-                Problem(f"{at}.token", f"duplicate token {token!r} (also concepts[{first_by_token[token]}])")
-            )
+            also = manifest.concept_path(first_by_token[token])
+            problems.append(Problem(path("token"), f"duplicate token {token!r} (also {also})"))
         else:
             first_by_token[token] = index
         if not spec.superclass.strip():
-            problems.append(Problem(f"{at}.superclass", "must name the concept's class, e.g. 'mug'"))
+            problems.append(Problem(path("superclass"), "must name the concept's class, e.g. 'mug'"))
         elif (wrong := superclass_problem(spec.superclass)) is not None:
-            problems.append(Problem(f"{at}.superclass", wrong))
+            problems.append(Problem(path("superclass"), wrong))
         for position, image in enumerate(spec.images):
             if not image.strip():
-                problems.append(Problem(f"{at}.images[{position}]", "empty path"))
+                problems.append(Problem(path(f"images[{position}]"), "empty path"))
         own = spec.training.values()
         if manifest.is_zero_shot(spec):
-            problems += _zero_shot_problems(spec, at)
-        problems += [p for p in _selection_problems(manifest, spec, at) if p not in problems]
+            problems += _zero_shot_problems(spec, path)
+        problems += [p for p in _selection_problems(manifest, spec, path) if p not in problems]
         for name, message in settings_problems(manifest.training_config(spec)):
-            problem = Problem(f"{at}.training.{name}" if name in own else f"training.{name}", message)
+            problem = Problem(path(f"training.{name}") if name in own else f"training.{name}", message)
             if problem not in problems:  # a catalog default's problem is reported once, not once per concept
                 problems.append(problem)
     first_by_job: dict[str, int] = {}
@@ -393,27 +462,27 @@ def semantic_problems(manifest: Manifest) -> list[Problem]:
     return problems
 
 
-def _zero_shot_problems(spec: ConceptSpec, at: str) -> list[Problem]:
+def _zero_shot_problems(spec: ConceptSpec, at: Callable[[str], str]) -> list[Problem]:
     """A zero-shot product is onboarded, not trained: its own training fields (but method) and masks mean
     nothing, and are refused rather than ignored."""
     problems = [
-        Problem(f"{at}.training.{name}", "a zero-shot product is not trained: remove it (only method applies)")
+        Problem(at(f"training.{name}"), "a zero-shot product is not trained: remove it (only method applies)")
         for name in spec.training.values()
         if name != "method"
     ]
     if spec.masks is not None:
-        problems.append(Problem(f"{at}.masks", "a zero-shot product's adapter reads whole photos: remove its masks"))
+        problems.append(Problem(at("masks"), "a zero-shot product's adapter reads whole photos: remove its masks"))
     return problems
 
 
-def selection_path(spec: ConceptSpec, at: str, field: str) -> str:
-    """Where a `training.select` field of a concept was set: its own block (`at` = "concepts[3]") or the
-    catalog's."""
+def selection_path(spec: ConceptSpec, at: Callable[[str], str], field: str) -> str:
+    """Where a `training.select` field of a concept was set: its own block (at("training.select.every") =
+    "concepts[3].training.select.every", Manifest.concept_path) or the catalog's."""
     own = {k for k, v in (spec.training.values().get("select") or {}).items() if v is not None}
-    return f"{at}.training.select.{field}" if field in own else f"training.select.{field}"
+    return at(f"training.select.{field}") if field in own else f"training.select.{field}"
 
 
-def _selection_problems(manifest: Manifest, spec: ConceptSpec, at: str) -> list[Problem]:
+def _selection_problems(manifest: Manifest, spec: ConceptSpec, at: Callable[[str], str]) -> list[Problem]:
     """A scorer that is well-formed and fits the base, and a cadence that scores at least once."""
     settings = manifest.selection_settings(spec)
     if not settings or manifest.is_zero_shot(spec):  # a zero-shot product's own select is refused above

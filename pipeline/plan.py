@@ -15,6 +15,7 @@ that concept's key changes. Tags are left out on purpose: relabelling a product 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob as globlib
 import hashlib
 import json
@@ -96,7 +97,7 @@ def load_images(manifest: Manifest, spec: ConceptSpec, index: int, kind: str) ->
     files: list[ImageFile] = []
     problems: list[Problem] = []
     for position, entry in enumerate(entries):
-        at = f"concepts[{index}].{kind}[{position}]"
+        at = manifest.concept_path(index, f"{kind}[{position}]")
         try:
             uris = expand(manifest, entry)
         except Exception as error:
@@ -168,7 +169,7 @@ def build_plan(
         if not zero_shot and vocabulary is not None and (token in vocabulary or token + "</w>" in vocabulary):
             catalog_problems.append(
                 Problem(
-                    f"concepts[{index}].token",
+                    manifest.concept_path(index, "token"),
                     f"{token!r} is already a word of the base model's vocabulary: pick a token it does not know, "
                     f"e.g. '<{spec.name}-1>'",
                 )
@@ -182,7 +183,7 @@ def build_plan(
             if not mask_problems and not image_problems and len(masks) != len(images):
                 problems.append(
                     Problem(
-                        f"concepts[{index}].masks",
+                        manifest.concept_path(index, "masks"),
                         f"{len(masks)} mask(s) for {len(images)} image(s): give one mask per image, in the same "
                         "(sorted) order, or no masks",
                     )
@@ -190,7 +191,7 @@ def build_plan(
         training = manifest.training_config(spec)
         selection = manifest.selection(spec)
         if selection is not None and selection.clip_folder is not None:
-            found = _clip_folder_problems(selection.clip_folder, spec, index, checked)
+            found = _clip_folder_problems(manifest, selection.clip_folder, spec, index, checked)
             catalog_problems += [p for p in found if p not in catalog_problems]  # a catalog block's: once
         base = zero_shot_fingerprint if zero_shot else fingerprint
         key = concept_key(spec, images, masks, training, base, method_for(training).version, selection)
@@ -204,7 +205,9 @@ def build_plan(
     return planned
 
 
-def _clip_folder_problems(folder: str, spec: ConceptSpec, index: int, checked: dict[str, str | None]) -> list[Problem]:
+def _clip_folder_problems(
+    manifest: Manifest, folder: str, spec: ConceptSpec, index: int, checked: dict[str, str | None]
+) -> list[Problem]:
     """A clip:<folder> scorer that is not a usable CLIP folder, as a catalog problem (before any training)."""
     if folder not in checked:
         from perfusion.clip_scoring import ClipFolderError, check_clip_folder  # imports torch: only when used
@@ -217,7 +220,7 @@ def _clip_folder_problems(folder: str, spec: ConceptSpec, index: int, checked: d
     problem = checked[folder]
     if problem is None:
         return []
-    return [Problem(selection_path(spec, f"concepts[{index}]", "scorer"), problem)]
+    return [Problem(selection_path(spec, functools.partial(manifest.concept_path, index), "scorer"), problem)]
 
 
 def check_against_base(manifest: Manifest, plan: list[PlannedConcept], base: Any) -> list[PlannedConcept]:
@@ -234,7 +237,8 @@ def check_against_base(manifest: Manifest, plan: list[PlannedConcept], base: Any
         wrong = None if resolution is None else resolution_problem(resolution, base.resolution_step)
         if wrong is not None:
             own = "resolution" in item.spec.training.values()
-            problem = Problem(f"concepts[{item.index}].training.resolution" if own else "training.resolution", wrong)
+            where = manifest.concept_path(item.index, "training.resolution") if own else "training.resolution"
+            problem = Problem(where, wrong)
             if problem not in problems:
                 problems.append(problem)
         pieces = base.superclass_pieces.get(item.spec.superclass)

@@ -32,7 +32,7 @@ def _flags_show_no_type() -> None:
     def display_type_rich(self: typer.core.TyperOption, ctx: typer.Context) -> str | None:
         return "" if self.is_flag else shown(self, ctx)
 
-    option.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    option.display_type_rich = display_type_rich  # type: ignore[method-assign,assignment]
 
 
 _flags_show_no_type()

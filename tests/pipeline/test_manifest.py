@@ -105,7 +105,7 @@ def test_version_yaml_and_shape_errors_are_clear():
     assert message.startswith("not valid YAML: line 3")
     assert problems_of("- just\n- a list\n") == ["expected a mapping with version, catalog and concepts"]
     assert problems_of("version: 1\ncatalog: x\nconcepts: []\n") == [
-        "concepts: list should have at least 1 item after validation, not 0"
+        "concepts: none given: list them here, or give a product table in concepts_from"
     ]
 
 
