@@ -48,15 +48,28 @@ def _emit(rows: list[dict[str, object]], columns: list[str], fmt: str) -> None:
         writer.writeheader()
         writer.writerows(rows)
     else:
-        from rich.console import Console
-        from rich.table import Table
+        cells = [[_cell(c, row.get(c)) for c in columns] for row in rows]
+        _print_table(columns, cells)
 
-        table = Table()
-        for column in columns:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*[_cell(c, row.get(c)) for c in columns])
-        Console().print(table)
+
+def _print_table(columns: list[str], cells: list[list[str]]) -> None:
+    """On a terminal a rich table whose cells never wrap (a value too wide for the terminal ends in '...');
+    elsewhere (a log, a pipe) plain aligned columns of any width, one line a row, never wrapped mid-word."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
+        for line in [columns, *cells]:
+            typer.echo("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)).rstrip())
+        return
+    table = Table()
+    for column in columns:
+        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
 
 
 def _cell(column: str, value: object) -> str:

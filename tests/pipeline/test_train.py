@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.cli.query import LIST_COLUMNS
 from pipeline.index import ConceptIndex
 from pipeline.manifest import load_manifest
 from pipeline.progress import summary_line
@@ -65,6 +66,9 @@ def test_one_corrupt_image_fails_one_concept_and_reruns_train_only_what_changed(
     listed = runner.invoke(app, ["concepts", "list", "--root", str(root), "--format", "json"])
     assert listed.exit_code == 0, listed.output
     assert [r["name"] for r in json.loads(listed.output)] == ["bag", "cup", "mug"]
+    # The table outside a terminal (a log): one line a row, whole words, however narrow the terminal.
+    plain = runner.invoke(app, ["concepts", "list", "--root", str(root)], terminal_width=40).output.splitlines()
+    assert plain[0].split() == LIST_COLUMNS and [line.split()[0] for line in plain[1:]] == ["bag", "cup", "mug"]
     shown = runner.invoke(app, ["concepts", "show", "cup", "--root", str(root)])
     assert shown.exit_code == 0 and json.loads(shown.output)[0]["status"] == "succeeded"
     by_tag = runner.invoke(app, ["concepts", "list", "--root", str(root), "--tag", "category=bags", "-f", "csv"])
