@@ -41,6 +41,15 @@ class Status(enum.StrEnum):
 
 
 COMMIT_ATTEMPTS = 6
+COMMIT_SECONDS_ENV = "PERFUSION_BATCH_COMMIT_SECONDS"
+
+
+def commit_seconds() -> float:
+    """How long a run holds finished rows before committing them (besides every N rows): fewer, larger
+    Delta commits against how much a killed run loses (a run stopped by a signal commits on its way out)."""
+    import os
+
+    return float(os.environ.get(COMMIT_SECONDS_ENV, "10"))
 
 
 def now() -> dt.datetime:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from perfusion.config import resolution_problem
-from pipeline.index import ConceptIndex, RenderIndex, RenderRow, Status
+from pipeline.index import ConceptIndex, RenderIndex, RenderRow, Status, commit_seconds
 from pipeline.jobs import flag
 from pipeline.leases import Leases
 from pipeline.manifest import Manifest, ManifestError, Problem, RenderJob
@@ -51,7 +51,6 @@ from pipeline.render_plan import (
 from pipeline.store import Store, sheet_files
 
 COMMIT_EVERY = 64
-COMMIT_SECONDS = 10.0
 Progress = Callable[[int, int, int], None]  # (rows done, rows to do, rows failed)
 
 
@@ -371,7 +370,7 @@ class RenderRun:
                         summary.errors.append(f"{result['render_id']}: {result['error']}")
                 if progress:
                     progress(before + len(seen), total, summary.failed)
-                if len(pending) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS:
+                if len(pending) >= COMMIT_EVERY or time.perf_counter() - last_commit > commit_seconds():
                     self.index.append(pending)
                     pending.clear()
                     last_commit = time.perf_counter()

@@ -11,7 +11,7 @@
    GPUs when the cluster has GPUs (or with --device gpu) and one CPU otherwise. Ray retries crashed
    workers and TransientError (pipeline/worker.py); a concept whose input is bad fails alone, recorded
    with its error, and the others go on.
-4. Rows are committed by the driver in batches (every COMMIT_EVERY rows or COMMIT_SECONDS), always after
+4. Rows are committed by the driver in batches (every COMMIT_EVERY rows or commit_seconds()), always after
    the task wrote its file: an index row never points at nothing.
 
 Zero-shot products (method zero-shot) are not trained: they are onboarded on the zero-shot base (the
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.index import ConceptIndex, ConceptRow, Status
+from pipeline.index import ConceptIndex, ConceptRow, Status, commit_seconds
 from pipeline.jobs import flag
 from pipeline.leases import Leases
 from pipeline.manifest import Manifest
@@ -42,7 +42,6 @@ from pipeline.tasks import TrainTask, concept_row
 from pipeline.worker import BaseInfo, TransientError
 
 COMMIT_EVERY = 16
-COMMIT_SECONDS = 10.0
 ONBOARD_CHUNK = 64  # zero-shot products per onboarding task
 LEFTOVER_SECONDS = 3600.0  # a partial or unrecorded file this old belongs to no live run
 
@@ -373,7 +372,7 @@ class TrainRun:
                             state.step = state.steps = row.steps
                         display.update(state)
                 leases.renew()
-                if rows and (len(rows) >= COMMIT_EVERY or time.perf_counter() - last_commit > COMMIT_SECONDS):
+                if rows and (len(rows) >= COMMIT_EVERY or time.perf_counter() - last_commit > commit_seconds()):
                     self._commit(rows, leases)
                     last_commit = time.perf_counter()
         finally:  # also on Ctrl-C or SIGTERM: the concepts that finished keep their rows
@@ -390,9 +389,9 @@ class TrainRun:
         rows.clear()
 
     def _done_now(self) -> set[str]:
-        """The index's succeeded concept keys, re-read at most every COMMIT_SECONDS: what other runs on
+        """The index's succeeded concept keys, re-read at most every commit_seconds(): what other runs on
         this store finished since this run planned."""
-        if self._done_read is None or time.perf_counter() - self._done_read[0] > COMMIT_SECONDS:
+        if self._done_read is None or time.perf_counter() - self._done_read[0] > commit_seconds():
             self._done_read = (time.perf_counter(), self.index.succeeded_keys())
         return self._done_read[1]
 

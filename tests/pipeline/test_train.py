@@ -253,3 +253,40 @@ def test_a_300_concept_run_shows_its_running_and_failed_first_with_an_overall_et
     body = "\n".join(lines[1:])
     assert body.index("c250") < body.index("c299") < body.index("c100")  # running, failed, then waiting
     assert "... 278 more" in body and "178 planned" in body and "100 succeeded" in body
+
+
+def test_sigterm_mid_run_keeps_the_rows_of_the_concepts_that_finished(tmp_path):
+    """A real SIGTERM (a scheduler's timeout, `kill`) to a real run: the concepts that finished keep their
+    rows, the one still training has none (a rerun trains it), and every lease is given back. Rows are held
+    for an hour before a commit here, so none is committed when the signal comes: only the way out does it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pipeline.index import COMMIT_SECONDS_ENV
+
+    root = tmp_path / "store"
+    manifest = write_catalog(tmp_path / "shop", str(root), names=("mug", "bag", "cup"))
+    text = manifest.read_text().replace(
+        "    superclass: bag\n", "    superclass: bag\n    training: {steps: 100000}\n"
+    )  # bag trains until stopped
+    manifest.write_text(text)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", str(manifest)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=os.environ | {COMMIT_SECONDS_ENV: "3600"},
+    )  # fmt: skip
+    assert run.stdout is not None
+    seen = []
+    for line in run.stdout:  # log lines (not a terminal): "  cup: succeeded 1.2s ..."
+        seen.append(line)
+        if line.startswith("  cup: succeeded"):
+            break
+    run.send_signal(signal.SIGTERM)
+    seen.append(run.communicate(timeout=120)[0])
+    assert run.returncode != 0, "".join(seen)
+    rows = ConceptIndex(Store(str(root))).rows(["name", "status"]).to_pylist()
+    assert sorted(r["name"] for r in rows) == ["cup", "mug"], "".join(seen)
+    assert {r["status"] for r in rows} == {"succeeded"}
+    assert not Store(str(root)).list("leases")
