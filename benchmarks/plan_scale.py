@@ -6,8 +6,9 @@ For each size, writes a product table (Parquet) of that many products with `--ph
 each (16x16, random: no two alike) under a temporary folder, then in a fresh process per size times the
 two driver steps of `train --dry-run` that grow with the catalog: reading the manifest with its table
 (`load_manifest`) and planning (`build_plan`: every photo read, hashed and checked to decode), and reports
-the process's peak memory. Prints one row per size, and the per-product cost and memory growth between the
-smallest and the largest size. Planning and dry-run only: nothing trains, no model loads.
+the process's peak memory; then times the whole `perfusion-batch train --dry-run` on it (embedded Ray, the
+base's fingerprint, the index compared, the plan printed). Prints one row per size, and the per-product cost
+and memory growth between the smallest and the largest size. Planning and dry-run only: nothing trains.
 Issue 27's targets: 100,000 products x 3 photos in <= 5 minutes on 2 cores, driver memory <= 2 GB, flat.
 """
 
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = [int(size) for size in args.sizes.split(",")]
     results = []
-    print(f"| products | photos | write s | load s | plan s | products/s | peak MB |\n|{' --- |' * 7}")
+    print(
+        f"| products | photos | write s | load s | plan s | products/s | peak MB | train --dry-run s |\n|{' --- |' * 8}"
+    )
     with tempfile.TemporaryDirectory(prefix="plan-scale-") as temp:
         for size in sizes:
             started = time.perf_counter()
@@ -97,10 +100,16 @@ def main(argv: list[str] | None = None) -> None:
             ).stdout  # fmt: skip
             figures = json.loads(out.strip().splitlines()[-1])
             rate = size / (figures["load_s"] + figures["plan_s"])
+            started = time.perf_counter()
+            dry = subprocess.run(
+                [sys.executable, "-m", "pipeline", "train", str(manifest), "--dry-run"], capture_output=True, text=True
+            )
+            dry_run_s = time.perf_counter() - started
+            assert dry.returncode == 0 and f"would train {size}," in dry.stdout, dry.stdout[-2000:] + dry.stderr[-2000:]
             results.append((size, figures, rate))
             print(
                 f"| {size} | {size * args.photos} | {written:.1f} | {figures['load_s']:.2f} | {figures['plan_s']:.2f} |"
-                f" {rate:.0f} | {figures['peak_mb']:.0f} |",
+                f" {rate:.0f} | {figures['peak_mb']:.0f} | {dry_run_s:.1f} |",
                 flush=True,
             )
     (small, low, _), (large, high, _) = results[0], results[-1]

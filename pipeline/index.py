@@ -15,19 +15,25 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import logging
+import posixpath
 import random
+import threading
 import time
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
-from pipeline.store import CONCEPTS_TABLE, RENDERS_TABLE, Store, redact, with_storage_retries
+from pipeline.store import CONCEPTS_LATEST, CONCEPTS_TABLE, RENDERS_TABLE, Store, redact, with_storage_retries
 
 
 class Status(enum.StrEnum):
@@ -40,7 +46,12 @@ class Status(enum.StrEnum):
     RUNNING = "running"
 
 
+logger = logging.getLogger(__name__)
 COMMIT_ATTEMPTS = 6
+# The latest-rows file (ConceptIndex.write_latest): one row per group, the filters latest() takes but tags.
+LATEST_GROUP = ("name", "catalog", "base_model", "fingerprint", "method", "superclass")
+LATEST_ROW_GROUP = 2048  # rows a lookup by name reads at most
+LATEST_FILES_KEY = "perfusion.built_from"  # its schema metadata: the table's file names it was built from
 COMMIT_SECONDS_ENV = "PERFUSION_BATCH_COMMIT_SECONDS"
 
 
@@ -260,6 +271,22 @@ class ConceptIndex(DeltaIndex):
 
     TABLE, ROW, SCHEMA, VIEW = CONCEPTS_TABLE, ConceptRow, CONCEPT_SCHEMA, "concepts"
 
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        # Lookups by name keep the table open and read only the commits since their last call (a downstream
+        # app keeps one ConceptIndex): opening it anew costs more than the lookup itself.
+        self._lookup_table: DeltaTable | None = None
+        self._lookup_lock = threading.Lock()
+
+    def _current_dataset(self) -> ds.Dataset | None:
+        """The table's current version as a dataset (a snapshot), None before the first commit."""
+        with self._lookup_lock:
+            if self._lookup_table is None:
+                self._lookup_table = self.table()
+            else:
+                with_storage_retries(self._lookup_table.update_incremental, f"reading {redact(self.uri)}")
+            return None if self._lookup_table is None else self._lookup_table.to_pyarrow_dataset()
+
     def succeeded_keys(self) -> set[str]:
         """concept_keys with a successful attempt: what a rerun skips."""
         return self.succeeded_ids("concept_key")
@@ -276,6 +303,62 @@ class ConceptIndex(DeltaIndex):
             if seen is None or row["created_at"] > seen[0]:
                 latest[row["concept_key"]] = (row["created_at"], row["file_uri"], row["sha256"])
         return {key: (uri, sha) for key, (_, uri, sha) in latest.items()}
+
+    def compact(self) -> dict[str, Any]:
+        """Merge the small files (DeltaIndex.compact), then rebuild the latest-rows file the by-name lookups
+        read (write_latest)."""
+        merged = super().compact()
+        self.write_latest()
+        return merged
+
+    def write_latest(self) -> int:
+        """Write CONCEPTS_LATEST: the latest successful row of each LATEST_GROUP (a name in one catalog, base,
+        method and superclass), sorted by name in small row groups, so a lookup by name reads a footer and
+        one row group (milliseconds at a million rows), and the table files it was built from, so a lookup
+        also scans the files committed since (the tail) and stays exact between compactions. A derived file:
+        deleting it only makes lookups scan the whole table again. Returns its row count."""
+        table = self.table()
+        if table is None:
+            return 0
+        dataset = table.to_pyarrow_dataset()
+        succeeded = dataset.to_table(filter=pc.field("status") == Status.SUCCEEDED, use_threads=False)
+        ordered = succeeded.sort_by([*((c, "ascending") for c in LATEST_GROUP), ("created_at", "descending")])
+        first = np.ones(ordered.num_rows, dtype=bool)  # the first row of each group: its latest
+        if ordered.num_rows:
+            same = np.ones(ordered.num_rows - 1, dtype=bool)
+            for column in LATEST_GROUP:
+                values = ordered.column(column).to_numpy(zero_copy_only=False)
+                same &= values[1:] == values[:-1]
+            first[1:] = ~same
+        latest = ordered.filter(pa.array(first))
+        built_from = sorted(_file_name(fragment.path) for fragment in dataset.get_fragments())
+        latest = latest.replace_schema_metadata({LATEST_FILES_KEY: json.dumps(built_from)})
+        buffer = pa.BufferOutputStream()
+        pq.write_table(latest, buffer, row_group_size=LATEST_ROW_GROUP)
+        self.store.put(CONCEPTS_LATEST, buffer.getvalue().to_pybytes())
+        return latest.num_rows
+
+    def _latest_candidates(self, names: list[str], condition: pc.Expression) -> pa.Table | None:
+        """Rows that can be the answer of a by-name lookup: the latest-rows file's rows of those names and
+        the rows of every table file committed after it was built; None when there is no such file (or it
+        cannot be read): then the whole table is scanned."""
+        dataset = self._current_dataset()
+        if dataset is None or not self.store.exists(CONCEPTS_LATEST):
+            return None
+        try:
+            with self.store.fs.open(self.store.path(CONCEPTS_LATEST), "rb") as handle:
+                latest = pq.ParquetFile(handle)
+                schema = latest.schema_arrow
+                built_from = set(json.loads((schema.metadata or {})[LATEST_FILES_KEY.encode()]))
+                known = [f for f in schema.names if f in CONCEPT_SCHEMA.names]  # built before a column was added
+                saved = latest.read_row_groups(_row_groups_of(latest, names), use_threads=False)
+        except (OSError, KeyError, ValueError, pa.ArrowException) as error:
+            logger.warning("index: %s unusable (%s); scanning the whole table", CONCEPTS_LATEST, error)
+            return None
+        tail = [f for f in dataset.get_fragments() if _file_name(f.path) not in built_from]
+        recent = ds.FileSystemDataset(tail, dataset.schema, dataset.format, dataset.filesystem)
+        pieces = [saved.select(known).filter(condition), recent.to_table(filter=condition, use_threads=False)]
+        return pa.concat_tables(pieces, promote_options="default")
 
     def latest(
         self,
@@ -308,7 +391,11 @@ class ConceptIndex(DeltaIndex):
                 return []
             term = pc.field("name").isin(names)
             condition = term if condition is None else condition & term
-        rows = self.rows(filter=condition).to_pylist()
+        candidates = None
+        if names is not None and status == Status.SUCCEEDED and not tags:  # what the latest-rows file holds
+            assert condition is not None
+            candidates = self._latest_candidates(names, condition)
+        rows = (self.rows(filter=condition) if candidates is None else candidates).to_pylist()
         latest: dict[str, dict[str, Any]] = {}
         for row in rows:
             if tags and not _tags_match(row["tags"], tags):
@@ -367,6 +454,24 @@ def delta_storage_options(store: Store) -> dict[str, str]:
     # without a DynamoDB lock table.
     options.setdefault("conditional_put", "etag")
     return options
+
+
+def _row_groups_of(latest: pq.ParquetFile, names: list[str]) -> list[int]:
+    """The row groups of the latest-rows file (sorted by name) whose name range holds one of `names`, by
+    their footer statistics: a lookup of one name reads one row group."""
+    column = latest.schema_arrow.get_field_index("name")
+    groups = []
+    for group in range(latest.metadata.num_row_groups):
+        stats = latest.metadata.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max or any(stats.min <= name <= stats.max for name in names):
+            groups.append(group)
+    return groups
+
+
+def _file_name(path: str) -> str:
+    """A table file's own name (Delta names them part-...-<uuid>.parquet): the same whatever the store's
+    root is now, so a moved store's latest-rows file still matches its table's files."""
+    return posixpath.basename(path)
 
 
 def _tags_match(tags_json: str | None, wanted: Mapping[str, Any]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import pyarrow.compute as pc
 import pytest
 
 from pipeline.index import ConceptIndex, ConceptRow, Status
@@ -15,7 +16,7 @@ def row(name: str, status: str = "succeeded", minute: int = 0, **extra):
     return ConceptRow(
         concept_key=f"key-{name}-{minute}",
         attempt_id=f"attempt-{name}-{minute}",
-        catalog="shop",
+        catalog=extra.pop("catalog", "shop"),
         name=name,
         token=f"<{name}>",
         superclass=extra.pop("superclass", "mug"),
@@ -223,3 +224,41 @@ def test_compact_then_vacuum_leave_one_copy_of_each_row(tmp_path):
     vacuumed = runner.invoke(app, ["concepts", "vacuum", "--root", str(tmp_path), "--retention-hours", "0"])
     assert vacuumed.exit_code == 0 and "4 unused file(s) deleted" in vacuumed.output, vacuumed.output
     assert len(parquet()) == 1 and len(index.rows(["name"])) == 4
+
+
+def test_lookups_by_name_read_the_latest_rows_file_and_the_tail_and_stay_exact(tmp_path, monkeypatch):
+    from pipeline.store import CONCEPTS_LATEST
+
+    store = Store(str(tmp_path))
+    index = ConceptIndex(store)
+    index.append([row("mug", minute=1), row("bag", minute=1), row("cup", minute=1)])
+    index.append([row("mug", minute=2, catalog="other"), row("bag", "failed", minute=3)])
+    index.compact()  # writes the latest-rows file
+    assert store.exists(CONCEPTS_LATEST)
+    # Committed after it was built: the tail, which lookups scan too.
+    index.append([row("cup", minute=5), row("box", minute=5), row("mug", "failed", minute=6)])
+
+    def answers() -> list:
+        asked = [
+            index.latest(["mug", "bag", "cup", "box", "nope"]),
+            index.latest(["mug"], catalog="shop"),
+            index.latest(["mug"], catalog="other"),
+            index.latest(["cup"], base_model="tiny", method="perfusion", superclass="mug"),
+        ]
+        return [[(r["name"], r["catalog"], r["created_at"].minute) for r in rows] for rows in asked]
+
+    assert index._latest_candidates(["mug"], pc.field("name").isin(["mug"])) is not None  # the file is used
+    fast = answers()
+    assert fast == [
+        [("bag", "shop", 1), ("box", "shop", 5), ("cup", "shop", 5), ("mug", "other", 2)],
+        [("mug", "shop", 1)],
+        [("mug", "other", 2)],
+        [("cup", "shop", 5)],
+    ]
+    scanned = []
+    monkeypatch.setattr(index, "_latest_candidates", lambda *a: scanned.append(a) or None)
+    assert answers() == fast and scanned  # the whole-table scan agrees
+    monkeypatch.undo()
+    store.put(CONCEPTS_LATEST, b"not parquet")  # a damaged derived file: lookups scan the table instead
+    assert answers() == fast
+    assert index.latest(["mug", "bag"], status=None)[0]["status"] == "failed"  # bag's last attempt
