@@ -6,7 +6,9 @@ For each size, writes a product table (Parquet) of that many products with `--ph
 each (16x16, random: no two alike) under a temporary folder, then in a fresh process per size times the
 two driver steps of `train --dry-run` that grow with the catalog: reading the manifest with its table
 (`load_manifest`) and planning (`build_plan`: every photo read, hashed and checked to decode), and reports
-the process's peak memory; then times the whole `perfusion-batch train --dry-run` on it (embedded Ray, the
+the process's peak memory (after the first plan), and a second plan over the unchanged photos (a rerun: the
+photo facts the first one stored, pipeline/photo_facts.py); then times the whole `perfusion-batch train
+--dry-run` on it (embedded Ray, the
 base's fingerprint, the index compared, the plan printed). Prints one row per size, and the per-product cost
 and memory growth between the smallest and the largest size. Planning and dry-run only: nothing trains.
 Issue 27's targets: 100,000 products x 3 photos in <= 5 minutes on 2 cores, driver memory <= 2 GB, flat.
@@ -63,16 +65,24 @@ def write_catalog(folder: Path, products: int, photos: int, seed: int = 0) -> Pa
 def measure(manifest_path: str) -> dict[str, float]:
     """In this process: the manifest read and the plan built, timed; the peak RSS after both."""
     from pipeline.manifest import load_manifest
+    from pipeline.photo_facts import PhotoFacts
     from pipeline.plan import build_plan
+    from pipeline.store import Store
 
     started = time.perf_counter()
     manifest = load_manifest(manifest_path)
+    store = Store(manifest.storage_root())
     loaded = time.perf_counter()
-    plan = build_plan(manifest, "f" * 32)
+    known = PhotoFacts.load(store)
+    plan = build_plan(manifest, "f" * 32, known=known)
+    known.save(store)  # as a train run does: the next plan reads only photos that changed
     planned = time.perf_counter()
     assert len(plan) == len(manifest.concepts) and all(item.ready for item in plan)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
-    return {"load_s": loaded - started, "plan_s": planned - loaded, "peak_mb": peak_mb}
+    again = build_plan(manifest, "f" * 32, known=PhotoFacts.load(store))
+    replanned = time.perf_counter()
+    assert [p.concept_key for p in again] == [p.concept_key for p in plan]
+    return {"load_s": loaded - started, "plan_s": planned - loaded, "replan_s": replanned - planned, "peak_mb": peak_mb}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,9 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = [int(size) for size in args.sizes.split(",")]
     results = []
-    print(
-        f"| products | photos | write s | load s | plan s | products/s | peak MB | train --dry-run s |\n|{' --- |' * 8}"
-    )
+    header = "| products | photos | write s | load s | plan s | products/s | peak MB | replan s | replan / plan |"
+    print(f"{header} train --dry-run s |\n|{' --- |' * 10}")
     with tempfile.TemporaryDirectory(prefix="plan-scale-") as temp:
         for size in sizes:
             started = time.perf_counter()
@@ -109,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append((size, figures, rate))
             print(
                 f"| {size} | {size * args.photos} | {written:.1f} | {figures['load_s']:.2f} | {figures['plan_s']:.2f} |"
-                f" {rate:.0f} | {figures['peak_mb']:.0f} | {dry_run_s:.1f} |",
+                f" {rate:.0f} | {figures['peak_mb']:.0f} | {figures['replan_s']:.2f} |"
+                f" {figures['replan_s'] / figures['plan_s']:.3f} | {dry_run_s:.1f} |",
                 flush=True,
             )
     (small, low, _), (large, high, _) = results[0], results[-1]

@@ -104,8 +104,13 @@ class _Strict(BaseModel):
 
 
 class _Settings(_Strict):
-    def values(self) -> dict[str, Any]:
+    @functools.cached_property
+    def _given(self) -> dict[str, Any]:  # computed once: the model is frozen (pydantic keeps it out of dumps)
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    def values(self) -> dict[str, Any]:
+        """The fields given (not None), as a new dict (planning asks a concept's settings many times)."""
+        return dict(self._given)
 
 
 # `training.select`: perfusion.SelectConfig's fields (the library owns their bounds), each optional, plus

@@ -27,6 +27,7 @@ import fsspec
 from perfusion.config import SelectConfig, resolution_problem
 from perfusion.decoding import UnusableImage, decode_picture  # Pillow and numpy: no torch on the driver
 from pipeline.manifest import ConceptSpec, Manifest, ManifestError, Problem, selection_path
+from pipeline.photo_facts import Facts, PhotoFacts, stamp
 from pipeline.store import concept_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -92,40 +93,57 @@ def check_image(data: bytes, mode: str = "RGB") -> tuple[int, int]:
     return decode_picture(data, mode).size
 
 
-def load_images(manifest: Manifest, spec: ConceptSpec, index: int, kind: str) -> tuple[list[ImageFile], list[Problem]]:
+def load_images(
+    manifest: Manifest, spec: ConceptSpec, index: int, kind: str, known: PhotoFacts | None = None
+) -> tuple[list[ImageFile], list[Problem]]:
+    """Every photo (or mask) of a concept, hashed and checked to decode; a photo `known` has seen unchanged
+    (same size and modification time) is taken from there instead of read again."""
     entries = spec.images if kind == "images" else (spec.masks or [])
+    mode = "RGB" if kind == "images" else "L"
     files: list[ImageFile] = []
     problems: list[Problem] = []
     for position, entry in enumerate(entries):
-        at = manifest.concept_path(index, f"{kind}[{position}]")
+        at = functools.partial(manifest.concept_path, index, f"{kind}[{position}]")  # made for problems only
         try:
             uris = expand(manifest, entry)
         except Exception as error:
-            problems.append(Problem(at, f"cannot list {entry!r}: {error}"))
+            problems.append(Problem(at(), f"cannot list {entry!r}: {error}"))
             continue
         if not uris:
             problems.append(
-                Problem(at, f"no image file matches {entry!r} (relative paths start at the manifest's folder)")
+                Problem(at(), f"no image file matches {entry!r} (relative paths start at the manifest's folder)")
             )
         for uri in uris:
-            try:
-                data = read_image(uri)
-            except FileNotFoundError:
-                problems.append(Problem(at, f"file not found: {uri}"))
-                continue
-            except Exception as error:
-                problems.append(Problem(at, f"cannot read {uri}: {error}"))
-                continue
+            current = stamp(uri) if known is not None else None
+            facts = known.get(uri, mode, current) if known is not None else None
+            if facts is None:
+                try:
+                    facts = photo_facts(read_image(uri), mode)
+                except FileNotFoundError:
+                    problems.append(Problem(at(), f"file not found: {uri}"))
+                    continue
+                except Exception as error:
+                    problems.append(Problem(at(), f"cannot read {uri}: {error}"))
+                    continue
+                if known is not None:
+                    known.put(uri, mode, current, facts)
             # Hashed even when it does not decode: fixing the file changes the concept key.
-            files.append(ImageFile(uri, hashlib.sha256(data).hexdigest()))
-            try:
-                width, height = check_image(data, "RGB" if kind == "images" else "L")
-            except UnusableImage as error:
-                problems.append(Problem(at, f"{uri} {error}"))
-                continue
-            if min(width, height) < 8:
-                problems.append(Problem(at, f"{uri} is {width}x{height}: too small to learn from"))
+            files.append(ImageFile(uri, facts.sha256))
+            if facts.problem is not None:
+                problems.append(Problem(at(), f"{uri} {facts.problem}"))
+            elif facts.width is not None and facts.height is not None and min(facts.width, facts.height) < 8:
+                problems.append(Problem(at(), f"{uri} is {facts.width}x{facts.height}: too small to learn from"))
     return files, problems
+
+
+def photo_facts(data: bytes, mode: str) -> Facts:
+    """A photo's content hash and decoded size, or why it does not decode (perfusion/decoding.py's rules)."""
+    sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        width, height = check_image(data, mode)
+    except UnusableImage as error:
+        return Facts(sha256, None, None, str(error))
+    return Facts(sha256, width, height, None)
 
 
 def concept_key(
@@ -153,11 +171,16 @@ def concept_key(
 
 
 def build_plan(
-    manifest: Manifest, fingerprint: str, vocabulary: set[str] | None = None, zero_shot_fingerprint: str = ""
+    manifest: Manifest,
+    fingerprint: str,
+    vocabulary: set[str] | None = None,
+    zero_shot_fingerprint: str = "",
+    known: PhotoFacts | None = None,
 ) -> list[PlannedConcept]:
     """Every concept of the manifest, planned (file problems per concept); ManifestError for catalog problems.
     A zero-shot product's key takes the zero-shot base's fingerprint, and its token is never added to a
-    tokenizer (its prompts say its superclass), so no vocabulary check applies to it."""
+    tokenizer (its prompts say its superclass), so no vocabulary check applies to it. `known`: photos seen
+    by earlier runs (pipeline/photo_facts.py), updated with the ones read now."""
     from perfusion.methods import method_for
 
     catalog_problems: list[Problem] = []
@@ -174,11 +197,11 @@ def build_plan(
                     f"e.g. '<{spec.name}-1>'",
                 )
             )
-        images, problems = load_images(manifest, spec, index, "images")
+        images, problems = load_images(manifest, spec, index, "images", known)
         image_problems = list(problems)
         masks: list[ImageFile] | None = None
         if spec.masks is not None:
-            masks, mask_problems = load_images(manifest, spec, index, "masks")
+            masks, mask_problems = load_images(manifest, spec, index, "masks", known)
             problems += mask_problems
             if not mask_problems and not image_problems and len(masks) != len(images):
                 problems.append(

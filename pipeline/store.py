@@ -44,6 +44,7 @@ SUPPORTED_PROTOCOLS = ("file", "local", "s3", "s3a", "gs", "gcs", "memory")
 
 CONCEPTS_TABLE = "index/concepts"
 CONCEPTS_LATEST = "index/concepts-latest.parquet"  # derived by `concepts compact` (pipeline/index.py)
+PHOTO_FACTS = "plan/photos.parquet"  # what planning learned about each photo (pipeline/photo_facts.py)
 RENDERS_TABLE = "index/renders"
 
 

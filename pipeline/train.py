@@ -36,6 +36,7 @@ from pipeline.index import ConceptIndex, ConceptRow, Status, commit_seconds
 from pipeline.jobs import flag
 from pipeline.leases import Leases
 from pipeline.manifest import Manifest
+from pipeline.photo_facts import PhotoFacts
 from pipeline.plan import PlannedConcept, build_plan, check_against_base
 from pipeline.store import Store, concept_file
 from pipeline.tasks import TrainTask, concept_row
@@ -123,14 +124,20 @@ class TrainRun:
                 manifest.source, [Problem("--only", f"no concept named {n!r} in the manifest") for n in unknown]
             )
 
-    def plan(self, base: BaseInfo | None, zero_shot: BaseInfo | None = None) -> list[tuple[PlannedConcept, Status]]:
+    def plan(
+        self, base: BaseInfo | None, zero_shot: BaseInfo | None = None, *, remember: bool = True
+    ) -> list[tuple[PlannedConcept, Status]]:
         """The selected concepts, each with what this run does with it: PLANNED (would train), SKIPPED
         (already trained under its key) or FAILED (its files have problems). `validate` and `--dry-run` stop
-        here; both write nothing. `base` is None when no selected concept trains (zero-shot products only),
-        `zero_shot` when none is zero-shot."""
+        here; both write nothing (remember=False: `validate`). `base` is None when no selected concept trains
+        (zero-shot products only), `zero_shot` when none is zero-shot. A run remembers what it learned about
+        the photos (pipeline/photo_facts.py), so the next plan reads only the photos that changed."""
         fingerprint, words = (base.fingerprint, set(base.vocabulary)) if base is not None else ("", None)
         zero_shot_fingerprint = zero_shot.fingerprint if zero_shot is not None else ""
-        plan = build_plan(self.manifest, fingerprint, words, zero_shot_fingerprint)
+        known = PhotoFacts.load(self.store)  # photos earlier runs read: unchanged ones are not read again
+        plan = build_plan(self.manifest, fingerprint, words, zero_shot_fingerprint, known)
+        if remember and not self.options.dry_run:
+            known.save(self.store)
         if base is not None:
             plan = check_against_base(self.manifest, plan, base)
         if self.options.only:
@@ -180,7 +187,7 @@ class TrainRun:
         self.store.check_readable()
         words = self.superclasses()
         base = prepare_base(self.base_model, self.store.root, False, words) if trains else None
-        return self.plan(base, prepare_zero_shot(self.zero_shot_model) if onboards else None)
+        return self.plan(base, prepare_zero_shot(self.zero_shot_model) if onboards else None, remember=False)
 
     def execute(self, display: Display | None = None) -> RunSummary:
         import ray
