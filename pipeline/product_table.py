@@ -30,7 +30,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.types as pat
 
-FIELDS = ("name", "superclass", "images", "masks", "token", "method")
 REQUIRED = ("name", "superclass", "images")
 LIST_FIELDS = ("images", "masks")
 
@@ -131,7 +130,11 @@ def _read(location: str, format: str, table: str) -> pa.Table:
 def _column_map(column_map: dict[str, Any]) -> dict[str, str]:
     """Concept field -> table column: the map's entries, the required fields by their own names otherwise."""
     columns = {field: column_map.get(field) or field for field in REQUIRED}
-    columns |= {field: column_map[field] for field in FIELDS if field not in REQUIRED and column_map.get(field)}
+    columns |= {
+        field: column
+        for field, column in column_map.items()
+        if field not in (*REQUIRED, "tags", "training") and column  # manifest.ColumnMap's one-column fields
+    }
     columns |= {f"tags.{column}": column for column in column_map.get("tags") or []}
     columns |= {f"training.{name}": column for name, column in (column_map.get("training") or {}).items()}
     return columns
