@@ -30,6 +30,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,12 +38,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+from transformers.utils import logging as hf_logging
 
 from perfusion.toyworld.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from perfusion.toyworld.clip_objectives import AttributeTargets, ConsistencyLoss
 from perfusion.toyworld.language import caption, caption_corpus, vocabulary
 from perfusion.toyworld.world import MARKS, PALETTE, SHAPES, SIZE, TEXTURES, Scene, render, sample_scene
 from perfusion.vocab import MAX_LENGTH, build_vocab, clip_tokenizer
+
+T = TypeVar("T")
 
 TOY_CLIP_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy-clip"
 CHECKPOINT_MINUTES = 5.0
@@ -317,6 +321,20 @@ def save_toy_clip(model: CLIPModel, tokenizer: CLIPTokenizer, recipe: ClipRecipe
     }
     (out_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     (out_dir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+
+
+def load_tower(tower_class: type[T], folder: Path) -> T:
+    """One tower of the CLIP folder (CLIPTextModel or CLIPVisionModel), fp32. The other tower's weights are
+    "unexpected" for it by design, so transformers' load report is silenced here rather than printed."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a few MB load in milliseconds: a bar is noise in every log
+    try:
+        return tower_class.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)  # type: ignore[attr-defined,no-any-return]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_recipe(folder: Path) -> ClipRecipe:

@@ -26,7 +26,7 @@ from perfusion.errors import BaseModelError
 from perfusion.mmdit import MMDiTPipeline
 from perfusion.models import BuiltinBase, fingerprint
 from perfusion.toyworld.autoencoder import HaarAutoencoder
-from perfusion.toyworld.clip import TOY_CLIP_DIR
+from perfusion.toyworld.clip import TOY_CLIP_DIR, load_tower
 from perfusion.toyworld.model import CAPTIONS_FILE, TEMPLATES_FILE, read_lines, toy_text_encoder
 from perfusion.zero_shot import ImagePromptKit
 
@@ -50,7 +50,7 @@ def build_toy_mmdit_base() -> BuiltinBase:
 
 def toy_vision_tower(clip_dir: Path = TOY_CLIP_DIR) -> CLIPVisionModel:
     """The toy CLIP's vision tower (32x32 photos, 4 layers of width 128), frozen: what the adapter reads."""
-    vision = CLIPVisionModel.from_pretrained(clip_dir, dtype=torch.float32, use_safetensors=True)
+    vision = load_tower(CLIPVisionModel, clip_dir)
     return vision.requires_grad_(False).eval()
 
 
