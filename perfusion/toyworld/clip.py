@@ -330,7 +330,7 @@ def load_tower(tower_class: type[T], folder: Path) -> T:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # a few MB load in milliseconds: a bar is noise in every log
     try:
-        return tower_class.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)  # type: ignore[attr-defined,no-any-return]
+        return tower_class.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)  # type: ignore[attr-defined]
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

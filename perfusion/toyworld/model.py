@@ -12,6 +12,10 @@ Why cross-attention at 16x16: in v3 (8x8 and 4x4 only) an object of a two-object
 cells of the finest map that reads the prompt, too few to give each object its own words.
 The UNet is pretrained by `python -m perfusion.toyworld.pretrain` and shipped as
 perfusion/assets/toy/toy.safetensors (fp16 EMA weights, UNet only: the text encoder is the CLIP folder's).
+
+Which text states the UNet reads is a property of the weights (their metadata's "text_states", written by
+the pretraining that made them): "all" (77 states, as Stable Diffusion) or "words" (BOS and the words; the
+EOS and the padding after it are zeros, see silence_after_words).
 """
 
 from __future__ import annotations
@@ -20,15 +24,15 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
-from transformers.utils import logging as hf_logging
 
 from perfusion.corpus import NEUTRAL_TEMPLATES
 from perfusion.errors import BaseModelError
 from perfusion.models import BuiltinBase, assemble_pipeline
 from perfusion.toyworld.autoencoder import HaarAutoencoder
-from perfusion.toyworld.clip import TOY_CLIP_DIR, load_recipe
+from perfusion.toyworld.clip import TOY_CLIP_DIR, load_recipe, load_tower
 from perfusion.toyworld.language import caption_corpus, vocabulary
 
 TOY_DIR = Path(__file__).resolve().parent.parent / "assets" / "toy"
@@ -62,22 +66,47 @@ def language_files() -> dict[Path, str]:
     }
 
 
-def toy_text_encoder(clip_dir: Path = TOY_CLIP_DIR) -> tuple[CLIPTextModel, CLIPTokenizer]:
+TEXT_STATES = ("all", "words")
+
+
+def silence_after_words(text_encoder: CLIPTextModel) -> CLIPTextModel:
+    """Make `text_encoder`'s output zero from the first EOS on, so the UNet reads BOS and the words only
+    (text_states "words"); it is marked `text_states = "words"`.
+
+    Why: a causal encoder's EOS and its padding copies each summarise the whole prompt, and a UNet pretrained
+    on all 77 states learns to read the prompt there (on the "all" toy, 78% of the cross-attention goes to the
+    padding, ~6% to an object's word: benchmarks/attention_share.py). A concept's key-locked edit lives at
+    its own token, so it reaches only that 6%. Zero states have zero keys and values (SD's to_k/to_v have no
+    bias): each is an attention sink that adds nothing, the role SD's BOS plays. A forward hook, not a
+    subclass: transformers maps checkpoint keys by the model class. Output (b, 77, d), as before."""
+
+    def zero_from_eos(module, args, kwargs, output):  # type: ignore[no-untyped-def]
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        before_eos = ((ids == module.config.eos_token_id).int().cumsum(dim=1) == 0).unsqueeze(-1)  # (b, m, 1)
+        output["last_hidden_state"] = output.last_hidden_state * before_eos.to(output.last_hidden_state.dtype)
+        return output
+
+    text_encoder.register_forward_hook(zero_from_eos, with_kwargs=True)
+    text_encoder.text_states = "words"
+    return text_encoder
+
+
+def toy_text_encoder(clip_dir: Path = TOY_CLIP_DIR, text_states: str = "all") -> tuple[CLIPTextModel, CLIPTokenizer]:
     """The toy CLIP's text tower, cut after the layer its recipe says the base reads (read_layer -2: the
-    penultimate); its output is then final_layer_norm(hidden_states[read_layer]), as SD2's."""
+    penultimate); its output is then final_layer_norm(hidden_states[read_layer]), as SD2's. `text_states`
+    "words": zeros from the EOS on (silence_after_words)."""
+    if text_states not in TEXT_STATES:
+        raise BaseModelError(f"text_states must be one of {TEXT_STATES}, not {text_states!r}")
     if not (Path(clip_dir) / "config.json").is_file():
         raise BaseModelError(
             f"the toy CLIP is missing ({clip_dir}); pretrain it with `python -m perfusion.toyworld.clip`"
         )
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the folder's vision tower is "unexpected" for a text model: by design
-    try:
-        text_encoder = CLIPTextModel.from_pretrained(clip_dir, dtype=torch.float32, use_safetensors=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    text_encoder = load_tower(CLIPTextModel, clip_dir)
     keep = text_encoder.config.num_hidden_layers + 1 + load_recipe(clip_dir).read_layer
     text_encoder.encoder.layers = text_encoder.encoder.layers[:keep]
     text_encoder.config.num_hidden_layers = keep
+    if text_states == "words":
+        silence_after_words(text_encoder)
     return text_encoder, CLIPTokenizer.from_pretrained(clip_dir)
 
 
@@ -112,22 +141,31 @@ def toy_scheduler() -> DDIMScheduler:
 
 
 def build_toy_pipeline(
-    weights: Path | None = TOY_WEIGHTS, clip_dir: Path = TOY_CLIP_DIR, seed: int = 0
+    weights: Path | None = TOY_WEIGHTS, clip_dir: Path = TOY_CLIP_DIR, seed: int = 0, text_states: str | None = None
 ) -> StableDiffusionPipeline:
-    """The toy pipeline; `weights=None` gives the random UNet pretraining starts from (on the trained CLIP)."""
-    text_encoder, tokenizer = toy_text_encoder(clip_dir)
+    """The toy pipeline; `weights=None` gives the random UNet pretraining starts from (on the trained CLIP).
+    `text_states`: which states the UNet reads; None: what the weights were pretrained on ("all" without them)."""
+    if weights is not None and not Path(weights).is_file():
+        raise BaseModelError(
+            f"the toy model's weights are missing ({weights}); pretrain them with "
+            "`python -m perfusion.toyworld.pretrain` (see its docstring for the time it takes)"
+        )
+    if text_states is None:
+        text_states = weights_text_states(weights) if weights is not None else "all"
+    text_encoder, tokenizer = toy_text_encoder(clip_dir, text_states)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = toy_unet(text_encoder.config.hidden_size)
     if weights is not None:
-        if not Path(weights).is_file():
-            raise BaseModelError(
-                f"the toy model's weights are missing ({weights}); pretrain them with "
-                "`python -m perfusion.toyworld.pretrain` (see its docstring for the time it takes)"
-            )
         state = load_file(str(weights))
         unet.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("unet.")})
     return assemble_pipeline(HaarAutoencoder(), text_encoder, tokenizer, unet, toy_scheduler())
+
+
+def weights_text_states(weights: Path) -> str:
+    """The text states these UNet weights were pretrained to read (their metadata; "all" when unsaid)."""
+    with safe_open(str(weights), framework="pt") as handle:
+        return (handle.metadata() or {}).get("text_states", "all")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     python -m perfusion.toyworld.pretrain --steps 2200 --device cuda  # a fixed number of steps instead
     python -m perfusion.toyworld.pretrain --init perfusion/assets/toy/toy.safetensors --steps 1800 --lr 5e-4 --out DIR
                                                                   # a second stage from saved weights
+    python -m perfusion.toyworld.pretrain --init ... --text-states words --steps 1500 --out DIR
+                                                                  # a stage whose UNet reads BOS and the words only
 
 A time budget makes the 2-core CPU recipe fit its hour; a step count makes a run reproducible on any device
 (on 2 CPU cores one step of batch 64 takes about 2 s: the shipped first stage, 2,200 steps, took 72 minutes).
@@ -41,7 +43,7 @@ from tqdm import tqdm
 from perfusion.toyworld.autoencoder import haar_encode
 from perfusion.toyworld.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from perfusion.toyworld.language import NO_BACKGROUND_RATE, caption
-from perfusion.toyworld.model import TOY_DIR, build_toy_pipeline
+from perfusion.toyworld.model import TEXT_STATES, TOY_DIR, build_toy_pipeline
 from perfusion.toyworld.world import MARK_RATE, SHAPES, render, sample_scene
 
 CHECKPOINT_MINUTES = 5.0
@@ -108,15 +110,18 @@ def pretrain(
     device: str = "cpu",
     precision: str = "auto",
     init: Path | None = None,
+    text_states: str | None = None,
 ) -> dict[str, object]:
     """Train until the time budget (`minutes`) or, when given, the step count (`steps`) is spent.
 
     `init`: start from these shipped weights (a toy.safetensors) instead of a random UNet, with a fresh
     optimizer, EMA and schedule: a second stage when the first one's checkpoint is gone.
+    `text_states`: which text states the UNet reads (model.TEXT_STATES); None: those of `init`, else "all".
     """
     precision = resolve_precision(precision, device)
     init_steps = int(read_metadata(init).get("steps", 0)) if init is not None else 0
-    pipeline = build_toy_pipeline(weights=init, seed=seed)
+    pipeline = build_toy_pipeline(weights=init, seed=seed, text_states=text_states)
+    text_states = getattr(pipeline.text_encoder, "text_states", "all")
     pipeline.to(device)
     unet, text_encoder, tokenizer, scheduler = (
         pipeline.unet,
@@ -168,7 +173,7 @@ def pretrain(
         ids = ids.to(device)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=precision == "bf16"):
             with torch.no_grad():
-                encodings = text_encoder(ids)[0]  # (b, 77, d): the frozen CLIP's states, padding included
+                encodings = text_encoder(ids)[0]  # (b, 77, d): the frozen CLIP's states (text_states: which)
             prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, encodings).sample
         prediction = prediction.float()
         target = scheduler.get_velocity(latents, noise, timesteps)  # v = sqrt(ab) eps - sqrt(1 - ab) x0
@@ -190,7 +195,7 @@ def pretrain(
     save_state(checkpoint, models, ema, optimizer, step, time.perf_counter() - started, rng)
     out_dir.mkdir(parents=True, exist_ok=True)
     shipped = {k: v.half().cpu().contiguous() for k, v in ema.items() if not k.endswith("position_ids")}
-    metadata = {"steps": str(init_steps + step), "seed": str(seed)}  # steps: over every stage
+    metadata = {"steps": str(init_steps + step), "seed": str(seed), "text_states": text_states}  # steps: all stages
     save_file(shipped, str(out_dir / "toy.safetensors"), metadata=metadata)
     summary: dict[str, object] = {
         "steps": step,
@@ -200,6 +205,7 @@ def pretrain(
         "batch": batch,
         "two_objects": two_objects,
         "precision": precision,
+        "text_states": text_states,
         "unknown_word_rate": UNKNOWN_WORD_RATE,
         "mark_rate": MARK_RATE,
         "no_background_rate": NO_BACKGROUND_RATE,
@@ -259,6 +265,12 @@ def main() -> None:
     parser.add_argument(
         "--init", type=Path, default=None, help="start from these weights (fresh optimizer and schedule)"
     )
+    parser.add_argument(
+        "--text-states",
+        choices=TEXT_STATES,
+        default=None,
+        help="the text states the UNet reads: all 77 (as SD) or BOS and the words only; default: those of --init",
+    )
     args = parser.parse_args()
     summary = pretrain(
         args.out,
@@ -272,6 +284,7 @@ def main() -> None:
         args.device,
         args.precision,
         args.init,
+        args.text_states,
     )
     print(json.dumps(summary))
 

@@ -81,3 +81,29 @@ def test_the_shipped_toy_model_loads_and_renders():
     )
     image = np.asarray(out.images)[0]
     assert image.shape == (32, 32, 3) and image.min() >= 0.0 and image.max() <= 1.0
+
+
+def test_a_words_only_encoder_is_zero_from_the_eos_on_and_the_same_before_it():
+    text_encoder, tokenizer = toy_text_encoder()
+    words_only, _ = toy_text_encoder(text_states="words")
+    prompts = ["a red star on a blue background", "a ring", ""]
+    ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        everything, words = text_encoder(ids)[0], words_only(input_ids=ids).last_hidden_state
+    for row, prompt in enumerate(prompts):
+        real = len(prompt.split()) + 1  # BOS and the words; the EOS is next
+        torch.testing.assert_close(words[row, :real], everything[row, :real], rtol=0, atol=0)
+        assert words[row, real:].abs().max() == 0 and everything[row, real:].abs().min() > 0
+    assert words_only.text_states == "words" and not hasattr(text_encoder, "text_states")
+
+
+def test_the_weights_say_which_text_states_their_unet_reads(tmp_path):
+    from safetensors.torch import save_file
+
+    unet = {f"unet.{k}": v.half() for k, v in build_toy_pipeline(weights=None).unet.state_dict().items()}
+    save_file(unet, str(tmp_path / "words.safetensors"), metadata={"steps": "1", "text_states": "words"})
+    save_file(unet, str(tmp_path / "plain.safetensors"), metadata={"steps": "1"})  # written before the field
+    assert build_toy_pipeline(weights=tmp_path / "words.safetensors").text_encoder.text_states == "words"
+    assert not hasattr(build_toy_pipeline(weights=tmp_path / "plain.safetensors").text_encoder, "text_states")
+    with pytest.raises(BaseModelError, match=r"text_states must be one of \('all', 'words'\), not 'some'"):
+        build_toy_pipeline(weights=None, text_states="some")

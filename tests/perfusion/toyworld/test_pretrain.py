@@ -83,3 +83,16 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(monkeypatch: pyte
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
         assert resolve_precision("auto", "cpu") == expected
+
+
+def test_a_stage_can_switch_the_unet_to_the_words_and_its_weights_say_so(tmp_path):
+    settings = {"minutes": 60.0, "batch": 2, "lr": 1e-3, "resume": False, "seed": 1}
+    pretrain(tmp_path / "first", steps=1, **settings)
+    summary = pretrain(
+        tmp_path / "second", steps=1, init=tmp_path / "first" / "toy.safetensors", text_states="words", **settings
+    )
+    assert summary["text_states"] == "words"
+    with safe_open(str(tmp_path / "second" / "toy.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["text_states"] == "words"
+    third = pretrain(tmp_path / "third", steps=1, init=tmp_path / "second" / "toy.safetensors", **settings)
+    assert third["text_states"] == "words"  # a later stage keeps what its init reads unless told otherwise
