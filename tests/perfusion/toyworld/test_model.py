@@ -107,3 +107,12 @@ def test_the_weights_say_which_text_states_their_unet_reads(tmp_path):
     assert not hasattr(build_toy_pipeline(weights=tmp_path / "plain.safetensors").text_encoder, "text_states")
     with pytest.raises(BaseModelError, match=r"text_states must be one of \('all', 'words'\), not 'some'"):
         build_toy_pipeline(weights=None, text_states="some")
+
+
+def test_the_text_states_are_part_of_the_fingerprint():
+    from perfusion.models import fingerprint
+
+    plain = build_toy_pipeline(weights=None)
+    words = build_toy_pipeline(weights=None, text_states="words")  # the same weights, other encodings
+    assert fingerprint(plain) != fingerprint(words)
+    assert fingerprint(plain) == fingerprint(build_toy_pipeline(weights=None))
