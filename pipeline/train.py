@@ -45,6 +45,7 @@ from pipeline.worker import BaseInfo, TransientError
 COMMIT_EVERY = 16
 ONBOARD_CHUNK = 64  # zero-shot products per onboarding task
 LEFTOVER_SECONDS = 3600.0  # a partial or unrecorded file this old belongs to no live run
+CHECK_THREADS = 16  # stored files a rerun checks at once (on an object store each check is a GET's latency)
 
 
 @dataclass(frozen=True)
@@ -143,10 +144,11 @@ class TrainRun:
         if self.options.only:
             plan = [p for p in plan if p.name in self.options.only]
         done = {} if self.options.force else self.index.succeeded_files()
+        damages = self._damages({p.concept_key: done[p.concept_key] for p in plan if p.concept_key in done})
         planned = []
         for item in plan:
-            if item.concept_key in done:
-                damage = self._damage(*done[item.concept_key])
+            if item.concept_key in damages:
+                damage = damages[item.concept_key]
                 if damage is None:
                     planned.append((item, Status.SKIPPED))
                     continue
@@ -154,6 +156,17 @@ class TrainRun:
                 self.damaged.add(item.concept_key)
             planned.append((item, Status.PLANNED if item.ready else Status.FAILED))
         return planned
+
+    def _damages(self, files: dict[str, tuple[str | None, str | None]]) -> dict[str, str | None]:
+        """concept key -> what is wrong with its stored file (`_damage`), the files checked CHECK_THREADS at a
+        time: every byte is still read and hashed, but a rerun over many trained concepts on an object store
+        waits for one round trip per CHECK_THREADS files, not per file."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not files:
+            return {}
+        with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, len(files))) as pool:
+            return dict(zip(files, pool.map(lambda recorded: self._damage(*recorded), files.values()), strict=True))
 
     def _damage(self, file_uri: str | None, sha256: str | None) -> str | None:
         """What is wrong with a successful row's concept file (missing, or not the bytes it recorded), or None."""

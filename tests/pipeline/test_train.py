@@ -187,6 +187,37 @@ def test_a_damaged_stored_file_is_retrained_not_skipped(tmp_path, ray_local):
     assert "trained 0, skipped 2" in train(manifest).output
 
 
+def test_a_rerun_checks_the_stored_files_concurrently_and_still_reads_each_whole(tmp_path, ray_local, monkeypatch):
+    import threading
+    import time
+
+    root = tmp_path / "store"
+    manifest = write_catalog(tmp_path / "shop", str(root))  # mug, bag, cup
+    assert train(manifest).exit_code == 0
+    running, most, checked = [0], [0], []
+    lock = threading.Lock()
+    real_read = Store.read
+
+    def slow_read(store, relative, sha256=None):  # type: ignore[no-untyped-def]
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)  # an object store's round trip
+        try:
+            return real_read(store, relative, sha256)
+        finally:
+            with lock:
+                running[0] -= 1
+                checked.append((relative, sha256 is not None))
+
+    monkeypatch.setattr(Store, "read", slow_read)
+    plan = TrainRun(load_manifest(manifest)).local_plan()
+    assert [status.value for _, status in plan] == ["skipped"] * 3
+    concept_checks = [c for c in checked if c[0].startswith("concepts/")]
+    assert len(concept_checks) == 3 and all(verified for _, verified in concept_checks)  # every file, by sha256
+    assert most[0] >= 3  # the three checks overlapped
+
+
 def test_a_decompression_bomb_fails_its_concept_alone(tmp_path, monkeypatch):
     from PIL import Image
 
