@@ -378,7 +378,11 @@ def test_a_regular_install_carries_the_toy_model(tmp_path):
     for asset in ("toy.safetensors", "oracle.safetensors", "pretrain.json"):
         assert f"perfusion/assets/toy/{asset}" in names
     assert "perfusion/assets/tokenizer/vocab.json" in names
+    assert "perfusion/assets/toy-clip/model.safetensors" in names
+    for asset in ("toy-mmdit.safetensors", "dynaip-adapter.safetensors", "pretrain.json", "train_dynaip.json"):
+        assert f"perfusion/assets/toy-mmdit/{asset}" in names  # the zero-shot base and its adapter
     assert "perfusion/assets/toy/checkpoint.safetensors" not in names
+    assert not [n for n in names if n.startswith("perfusion/assets/toy/words/")]  # a candidate, not shipped
     assert "pipeline/cli/__init__.py" in names
 
 
