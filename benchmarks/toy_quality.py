@@ -89,8 +89,16 @@ def main() -> None:
     parser.add_argument("--base", choices=("toy", "toy-mmdit"), default="toy", help="which toy base to score")
     parser.add_argument("--weights", type=Path, default=None, help="toy weights to score (default: the shipped ones)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sheet", type=Path, default=RESULTS / "toy_samples.png", help="where the sample grid goes")
+    parser.add_argument(
+        "--sheet",
+        type=Path,
+        default=None,
+        help="where the sample grid goes (default: benchmarks/results/<base>_samples.png for the shipped weights, "
+        "none for --weights: a candidate must not replace the shipped base's picture)",
+    )
     args = parser.parse_args()
+    if args.sheet is None and args.weights is None:
+        args.sheet = RESULTS / f"{args.base.replace('-', '_')}_samples.png"
     if args.weights is None:
         base = perfusion.load_base(args.base, device=args.device)
     else:
@@ -132,6 +140,8 @@ def main() -> None:
             f"{name:16} {int(row['n']):>4} {row['shape']:>7.1%} {row['object color']:>7.1%} "
             f"{row['background']:>8.1%} {row['all right']:>10.1%} {mark:>7}"
         )
+    if args.sheet is None:
+        return
     args.sheet.parent.mkdir(parents=True, exist_ok=True)
     sheet = Image.new("RGB", (8 * 100, 4 * 118), "white")
     draw = ImageDraw.Draw(sheet)
