@@ -290,8 +290,10 @@ def fingerprint(pipeline: StableDiffusionPipeline) -> str:
     digest.update(json.dumps(vocab).encode())
     for name, tensor in sorted(pipeline.text_encoder.state_dict().items()):
         _hash_tensor(digest, name, tensor)
-    if getattr(pipeline.text_encoder, "text_states", None):  # an encoder that zeroes some states (the toy's
-        digest.update(f"text_states={pipeline.text_encoder.text_states}".encode())  # "words"): other encodings
+    # An encoder marked with text_states (the toy's "words": states zeroed from the EOS on) encodes otherwise
+    # with the same weights; unmarked encoders keep the fingerprints they always had.
+    if getattr(pipeline.text_encoder, "text_states", None):
+        digest.update(f"text_states={pipeline.text_encoder.text_states}".encode())
     if hasattr(pipeline, "transformer"):  # an MM-DiT: an image-prompt adapter depends on every weight of it
         for name, tensor in sorted(pipeline.transformer.state_dict().items()):
             if ".processor." not in name:  # an installed adapter's weights (dynaip.py) are not the base's

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -32,6 +31,7 @@ from perfusion.corpus import NEUTRAL_TEMPLATES
 from perfusion.errors import BaseModelError
 from perfusion.models import BuiltinBase, assemble_pipeline
 from perfusion.toyworld.autoencoder import HaarAutoencoder
+from perfusion.toyworld.checkpoint import read_metadata
 from perfusion.toyworld.clip import TOY_CLIP_DIR, load_recipe, load_tower
 from perfusion.toyworld.language import caption_corpus, vocabulary
 
@@ -164,8 +164,13 @@ def build_toy_pipeline(
 
 def weights_text_states(weights: Path) -> str:
     """The text states these UNet weights were pretrained to read (their metadata; "all" when unsaid)."""
-    with safe_open(str(weights), framework="pt") as handle:
-        return (handle.metadata() or {}).get("text_states", "all")
+    text_states = read_metadata(Path(weights)).get("text_states", "all")
+    if text_states not in TEXT_STATES:
+        raise BaseModelError(
+            f"{weights}: its metadata says text_states {text_states!r}, not one of {TEXT_STATES}; "
+            "these weights were not written by `python -m perfusion.toyworld.pretrain`"
+        )
+    return text_states
 
 
 if __name__ == "__main__":

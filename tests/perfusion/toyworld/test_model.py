@@ -107,6 +107,9 @@ def test_the_weights_say_which_text_states_their_unet_reads(tmp_path):
     assert not hasattr(build_toy_pipeline(weights=tmp_path / "plain.safetensors").text_encoder, "text_states")
     with pytest.raises(BaseModelError, match=r"text_states must be one of \('all', 'words'\), not 'some'"):
         build_toy_pipeline(weights=None, text_states="some")
+    save_file(unet, str(tmp_path / "odd.safetensors"), metadata={"text_states": "some"})
+    with pytest.raises(BaseModelError, match=r"odd\.safetensors: its metadata says text_states 'some'"):
+        build_toy_pipeline(weights=tmp_path / "odd.safetensors")
 
 
 def test_the_text_states_are_part_of_the_fingerprint():
